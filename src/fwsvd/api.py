@@ -1,0 +1,427 @@
+"""The small public API: calibrate, compress, save, load, inspect.
+
+Typical use::
+
+    import fwsvd
+    lm = fwsvd.load_model("my-bert-sst2")
+    stats = fwsvd.calibrate(lm, "train.tsv", kinds={"fisher"})
+    report = fwsvd.compress(lm.model, fwsvd.CompressConfig(method="fwsvd", keep=0.3), stats, task=lm.task)
+    fwsvd.save(lm.model, "out", tokenizer=lm.tokenizer)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import __version__
+from .core import dense_parameters, factorized_parameters, rank_for_kept_fraction
+from .errors import DataError, FwsvdError, ModelError
+from .fsutil import atomic_dir
+from .hf import FwsvdQuantizationConfig, compression_record
+from .methods import METHODS, Method, get_method
+from .models import TASKS, LoadedModel, load_model
+from .nn import LowRankLinear, find_targets, linear_bias, linear_weight, swap_module
+from .stats import Statistics, collect_statistics
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CalibrationConfig",
+    "CompressConfig",
+    "CompressionReport",
+    "LayerReport",
+    "calibrate",
+    "calibration_batches",
+    "compress",
+    "count_parameters",
+    "inspect",
+    "load",
+    "save",
+]
+
+
+def _help(text: str, **kw: Any) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class CompressConfig:
+    """What to compress and how. Every field's help text is reused by the command line."""
+
+    method: str = _help(f"compression method: {', '.join(METHODS)}", default="fwsvd")
+    keep: float = _help(
+        "fraction of the targeted layers' parameters that STAYS after factorization, in (0, 1]; "
+        "e.g. 0.3 keeps 30 percent and removes 70 percent",
+        default=0.5,
+    )
+    include: tuple[str, ...] = _help("glob/regex patterns of module names to target instead of the transformer blocks' linears", default=())
+    exclude: tuple[str, ...] = _help("glob/regex patterns of module names to leave dense", default=())
+    fisher_reduction: str = _help(
+        "fwsvd: reduce Fisher to one weight per output feature ('out'), input feature ('in'), both, or 'auto' "
+        "(measured best per task: out for encoders, in for causal LMs)",
+        default="auto",
+    )
+    asvd_alpha: float = _help("asvd: exponent of the mean absolute activation scaling", default=0.5)
+    damping: float = _help("svd-llm: damping added to the covariance, as a fraction of its mean diagonal", default=0.01)
+
+    def __post_init__(self) -> None:
+        self.include = tuple(self.include or ())
+        self.exclude = tuple(self.exclude or ())
+        if self.method not in METHODS:
+            raise FwsvdError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
+        if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)) or not math.isfinite(self.keep) or not 0 < self.keep <= 1:
+            raise FwsvdError(f"--keep {self.keep!r} must be a fraction in (0, 1]: the share of the targeted parameters that stays")
+        self.build_method("sequence-classification")  # validates the method's options early
+
+    def build_method(self, task: str) -> Method:
+        """The configured method, with ``auto`` options resolved for ``task``."""
+        return get_method(self.method, reduction=self.fisher_reduction, alpha=self.asvd_alpha, damping=self.damping).configure(task)
+
+
+@dataclass
+class CalibrationConfig:
+    """Which calibration data to use and how to batch it."""
+
+    data: str | None = _help("calibration data: .tsv/.csv/.jsonl with labels, .txt for causal LMs, or a datasets hub name", default=None)
+    samples: int | None = _help("calibration rows (classification, default 512) or token blocks (causal LM, default 32)", default=None)
+    batch_size: int = _help("calibration batch size", default=16)
+    max_length: int | None = _help("tokens per example (default 128) or per causal-LM block (default 512)", default=None)
+    seed: int = _help("seed for drawing the calibration samples", default=0)
+    text_column: str | None = _help("name of the text column (detected when omitted)", default=None)
+    pair_column: str | None = _help("name of the second text column of a pair task (detected when omitted)", default=None)
+    label_column: str | None = _help("name of the label column (detected when omitted)", default=None)
+
+    def __post_init__(self) -> None:
+        for name in ("samples", "batch_size", "max_length"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise FwsvdError(f"--{name.replace('_', '-')} {value!r} must be a positive integer")
+
+    def resolved(self, task: str) -> CalibrationConfig:
+        causal = task == "causal-lm"
+        return CalibrationConfig(
+            data=self.data,
+            samples=self.samples or (32 if causal else 512),
+            batch_size=self.batch_size,
+            max_length=self.max_length or (512 if causal else 128),
+            seed=self.seed,
+            text_column=self.text_column,
+            pair_column=self.pair_column,
+            label_column=self.label_column,
+        )
+
+
+@dataclass
+class LayerReport:
+    """One targeted layer before and after compression."""
+
+    name: str
+    shape: tuple[int, int]
+    rank: int | None  # None: kept dense (factorizing would not save parameters)
+    parameters_before: int
+    parameters_after: int
+    seconds: float
+
+
+@dataclass
+class CompressionReport:
+    """What :func:`compress` did, with whole-model and targeted-layer figures."""
+
+    method: str
+    keep: float
+    layers: list[LayerReport]
+    parameters_before: int
+    parameters_after: int
+    calibration: dict[str, Any]
+    seconds_factorize: float
+    method_options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def target_parameters_before(self) -> int:
+        return sum(r.parameters_before for r in self.layers)
+
+    @property
+    def target_parameters_after(self) -> int:
+        return sum(r.parameters_after for r in self.layers)
+
+    @property
+    def target_keep(self) -> float:
+        return self.target_parameters_after / self.target_parameters_before
+
+    @property
+    def model_keep(self) -> float:
+        return self.parameters_after / self.parameters_before
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "method_options": self.method_options,
+            "keep": self.keep,
+            "target_keep": self.target_keep,
+            "model_keep": self.model_keep,
+            "parameters": self.parameters_after,
+            "dense_parameters": self.parameters_before,
+            "target_parameters": self.target_parameters_after,
+            "target_dense_parameters": self.target_parameters_before,
+            "seconds_calibration": self.calibration.get("seconds", 0.0),
+            "seconds_factorize": self.seconds_factorize,
+            "calibration": self.calibration,
+            "layers": [asdict(r) for r in self.layers],
+        }
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Parameters of a model, each shared (tied) tensor counted once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def _draw(n: int, k: int, seed: int) -> list[int]:
+    """``k`` of ``range(n)`` drawn without replacement with ``seed``, in their original order."""
+    if k >= n:
+        return list(range(n))
+    return sorted(random.Random(seed).sample(range(n), k))
+
+
+def calibration_batches(loaded: LoadedModel, config: CalibrationConfig, *, labels: bool = True) -> tuple[list[dict[str, torch.Tensor]], dict[str, Any]]:
+    """Tokenized calibration batches for the model's task, and a summary of where they came from.
+
+    Raises:
+        DataError: for missing, empty or unusable data.
+        ModelError: when the model has no tokenizer.
+    """
+    from . import data as d
+
+    if config.data is None:
+        raise DataError("this method needs calibration data: pass --data with a training file")
+    if loaded.tokenizer is None:
+        raise ModelError(f"{loaded.source} has no tokenizer: save the tokenizer files into the model folder")
+    cfg = config.resolved(loaded.task)
+    tok = loaded.tokenizer
+    summary: dict[str, Any] = {"data": str(cfg.data), "seed": cfg.seed, "max_length": cfg.max_length, "batch_size": cfg.batch_size}
+    if loaded.task == "causal-lm":
+        ids = d.causal_blocks(tok, d.read_text(cfg.data), cfg.max_length, samples=cfg.samples, seed=cfg.seed)
+        batches = [
+            {"input_ids": chunk, "attention_mask": torch.ones_like(chunk), **({"labels": chunk} if labels else {})}
+            for chunk in ids.split(cfg.batch_size)
+        ]
+        return batches, summary
+    if loaded.task == "token-classification":
+        examples = d.read_token_labelled(cfg.data)
+        keep = _draw(len(examples), cfg.samples, cfg.seed)
+        items, targets = d.encode_token_examples(tok, examples.subset(keep), cfg.max_length, num_labels=loaded.model.config.num_labels)
+        return list(d.batches(items, cfg.batch_size, tok.pad_token_id, labels=targets if labels else None)), summary
+    examples = d.read_labelled(cfg.data, text_column=cfg.text_column, pair_column=cfg.pair_column, label_column=cfg.label_column)
+    keep = _draw(len(examples), cfg.samples, cfg.seed)
+    examples = _subset(examples, keep)
+    items = d.encode_examples(tok, examples, cfg.max_length)
+    targets = None
+    if labels:
+        if examples.labels is None:
+            raise DataError(f"{cfg.data} has no label column: Fisher calibration needs labels (or pass --label-column)")
+        mc = loaded.model.config
+        targets, _, _ = d.label_mapping(
+            examples.labels,
+            label2id=getattr(mc, "label2id", None),
+            num_labels=mc.num_labels,
+            regression=(mc.problem_type == "regression") or mc.num_labels == 1,
+        )
+    return list(d.batches(items, cfg.batch_size, tok.pad_token_id, labels=targets)), summary
+
+
+def _subset(examples: Any, keep: list[int]) -> Any:
+    from dataclasses import replace
+
+    pick = lambda xs: None if xs is None else [xs[i] for i in keep]  # noqa: E731
+    return replace(examples, texts=pick(examples.texts), text_pairs=pick(examples.text_pairs), labels=pick(examples.labels))
+
+
+def calibrate(
+    loaded: LoadedModel,
+    config: CalibrationConfig,
+    kinds: set[str] | frozenset[str],
+    *,
+    include: tuple[str, ...] = (),
+    exclude: tuple[str, ...] = (),
+    keep_full_fisher: bool = False,
+    progress: bool = True,
+) -> Statistics:
+    """Collect the statistics ``kinds`` for the targeted layers in one pass over the calibration data."""
+    targets = find_targets(loaded.model, include, exclude)
+    need_labels = "fisher" in kinds
+    batches, summary = calibration_batches(loaded, config, labels=need_labels)
+    summary["task"] = loaded.task
+    return collect_statistics(
+        loaded.model,
+        [t.name for t in targets],
+        batches,
+        kinds,
+        keep_full_fisher=keep_full_fisher,
+        total=len(batches),
+        progress=progress,
+        summary=summary,
+    )
+
+
+def compress(
+    model: nn.Module,
+    config: CompressConfig,
+    statistics: Statistics | None = None,
+    *,
+    task: str = "sequence-classification",
+    progress: bool = True,
+) -> CompressionReport:
+    """Factorize the targeted linear layers of ``model`` in place.
+
+    Each targeted layer gets the rank whose factors keep ``config.keep`` of its parameters (see
+    :func:`fwsvd.core.rank_for_kept_fraction`); a layer whose factorization would not save
+    parameters stays dense. The compression record is stored in ``model.config`` so that
+    :func:`save` writes it to ``config.json``.
+
+    Args:
+        model: a transformers model (dense).
+        config: method and budget.
+        statistics: calibration statistics, required when the method needs any.
+        task: model task (resolves ``auto`` method options).
+        progress: show a progress bar over layers.
+
+    Returns:
+        A :class:`CompressionReport`.
+
+    Raises:
+        FwsvdError: on an already-compressed model, missing statistics, or non-finite weights.
+    """
+    if task not in TASKS:
+        raise FwsvdError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
+    if compression_record(getattr(model, "config", None)) is not None or any(isinstance(m, LowRankLinear) for m in model.modules()):
+        raise FwsvdError("this model is already compressed: compress the original dense model instead")
+    method = config.build_method(task)
+    needs = method.needs_for(task)
+    have = statistics.kinds if statistics is not None else frozenset()
+    if needs - have:
+        raise FwsvdError(f"method {method.name} needs calibration statistics {sorted(needs - have)}: pass --data")
+    targets = find_targets(model, config.include, config.exclude)
+    for info in targets:
+        w = linear_weight(model.get_submodule(info.name))
+        if not torch.isfinite(w).all():
+            raise ModelError(f"weight of {info.name} contains NaN or infinite values: the model is corrupt; re-export it")
+    before = count_parameters(model)
+    rows: list[LayerReport] = []
+    start = time.perf_counter()
+    for info in tqdm(targets, desc=f"{method.name} keep={config.keep:g}", unit="layer", disable=not progress, leave=False):
+        t0 = time.perf_counter()
+        dense = dense_parameters(info.out_features, info.in_features, info.bias)
+        rank = rank_for_kept_fraction(info.out_features, info.in_features, config.keep, bias=info.bias)
+        if rank is None:
+            rows.append(LayerReport(info.name, (info.out_features, info.in_features), None, dense, dense, 0.0))
+            continue
+        module = model.get_submodule(info.name)
+        weight = linear_weight(module).detach()
+        stats = statistics.for_module(info.name) if statistics is not None else {}
+        with torch.no_grad():
+            a, b = method.factorize(weight, rank, stats)
+            bias = linear_bias(module)
+            new = LowRankLinear.from_factors(a.to(weight.dtype), b.to(weight.dtype), None if bias is None else bias.detach())
+        new.train(module.training)
+        swap_module(model, info.name, new)
+        rows.append(
+            LayerReport(
+                info.name,
+                (info.out_features, info.in_features),
+                rank,
+                dense,
+                factorized_parameters(info.out_features, info.in_features, rank, info.bias),
+                round(time.perf_counter() - t0, 4),
+            )
+        )
+    seconds = time.perf_counter() - start
+    report = CompressionReport(
+        method=method.name,
+        keep=config.keep,
+        layers=rows,
+        parameters_before=before,
+        parameters_after=count_parameters(model),
+        calibration=dict(statistics.summary) if statistics is not None else {},
+        seconds_factorize=round(seconds, 3),
+        method_options=method.options(),
+    )
+    record = report.to_dict()
+    model.config.quantization_config = FwsvdQuantizationConfig(
+        ranks={r.name: r.rank for r in rows if r.rank is not None},
+        method=method.name,
+        library_version=__version__,
+        method_options=record["method_options"],
+        keep=config.keep,
+        include=list(config.include),
+        exclude=list(config.exclude),
+        dense_layers=[r.name for r in rows if r.rank is None],
+        parameters=record["parameters"],
+        dense_parameters=record["dense_parameters"],
+        target_parameters=record["target_parameters"],
+        target_dense_parameters=record["target_dense_parameters"],
+        target_keep=record["target_keep"],
+        calibration=record["calibration"],
+    )
+    logger.info("%s: kept %.3f of targeted parameters, %.3f of the model", method.name, report.target_keep, report.model_keep)
+    return report
+
+
+def save(model: nn.Module, out: str | Path, tokenizer: Any = None, *, overwrite: bool = False) -> Path:
+    """Write ``model`` (and ``tokenizer``) as a Hugging Face folder with safetensors weights, atomically.
+
+    Raises:
+        FwsvdError: when ``out`` exists, is not empty and ``overwrite`` is false.
+    """
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(out)
+
+
+def load(path: str | Path, task: str | None = None, **kwargs: Any) -> nn.Module:
+    """Load a compressed (or dense) model folder; the task comes from its config when omitted.
+
+    Equivalent to ``AutoModelFor<Task>.from_pretrained(path)`` after ``import fwsvd``.
+
+    Raises:
+        ModelError: for a missing or unreadable folder.
+    """
+    return load_model(path, task, **kwargs).model
+
+
+def inspect(model: nn.Module) -> dict[str, Any]:
+    """Parameter counts and ranks of a model, from its live modules and its compression record."""
+    record = compression_record(model.config) or {}
+    params = count_parameters(model)
+    ranks = {name: m.rank for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    return {
+        "compressed": bool(record),
+        "method": record.get("method"),
+        "library_version": record.get("library_version"),
+        "parameters": params,
+        "dense_parameters": record.get("dense_parameters", params),
+        "model_keep": params / record.get("dense_parameters", params),
+        "target_keep": record.get("target_keep", 1.0),
+        "keep": record.get("keep"),
+        "target_parameters": record.get("target_parameters"),
+        "target_dense_parameters": record.get("target_dense_parameters"),
+        "ranks": ranks,
+        "calibration": record.get("calibration", {}),
+    }
+
+
+def iter_config_fields(cls: type) -> Iterator[tuple[str, Any, str]]:
+    """``(name, default, help)`` of a config dataclass, for the command line."""
+    for f in fields(cls):
+        yield f.name, f.default, f.metadata.get("help", "")

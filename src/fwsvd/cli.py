@@ -1,0 +1,263 @@
+"""The ``fwsvd`` command line: a thin wrapper over :mod:`fwsvd.api`.
+
+Human tables by default, one JSON object with ``--json``. A problem the user can fix prints one
+line on stderr and exits with status 2; nothing already on disk is touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, NoReturn
+
+from . import __version__
+from .errors import FwsvdError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (no usage dump)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _help(cls: type, name: str) -> str:
+    for f in fields(cls):
+        if f.name == name:
+            return f.metadata.get("help", "")
+    raise KeyError(name)
+
+
+def _add_data_options(p: argparse.ArgumentParser, *, calibration: bool) -> None:
+    from .api import CalibrationConfig
+
+    p.add_argument("--max-length", type=int, default=None, help=_help(CalibrationConfig, "max_length"))
+    p.add_argument("--batch-size", type=int, default=None, help="batch size (calibration 16, evaluation 32)")
+    for name in ("text_column", "pair_column", "label_column"):
+        p.add_argument("--" + name.replace("_", "-"), default=None, help=_help(CalibrationConfig, name))
+    if calibration:
+        p.add_argument("--samples", type=int, default=None, help=_help(CalibrationConfig, "samples"))
+        p.add_argument("--seed", type=int, default=0, help=_help(CalibrationConfig, "seed"))
+
+
+def _add_output_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or log messages")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .api import CompressConfig
+    from .methods import METHODS
+    from .models import TASKS
+
+    parser = _Parser(prog="fwsvd", description="Low-rank compression of Hugging Face transformers (FWSVD, ASVD, SVD-LLM).")
+    parser.add_argument("--version", action="version", version=f"fwsvd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    c = sub.add_parser("compress", help="factorize a model's linear layers and save it", description="Factorize a model's linear layers and save it as a Hugging Face folder.")
+    c.add_argument("model", metavar="MODEL", help="model folder (config.json + safetensors, or one .gguf) or hub id")
+    c.add_argument("--out", required=True, help="output folder (written atomically)")
+    c.add_argument("--method", choices=list(METHODS), default="fwsvd", help=_help(CompressConfig, "method"))
+    c.add_argument("--keep", type=float, required=True, help=_help(CompressConfig, "keep"))
+    c.add_argument("--data", default=None, help="calibration data: .tsv/.csv/.jsonl with labels, .txt for causal LMs, or a datasets hub name")
+    _add_data_options(c, calibration=True)
+    c.add_argument("--include", action="append", default=[], metavar="PATTERN", help=_help(CompressConfig, "include"))
+    c.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help=_help(CompressConfig, "exclude"))
+    c.add_argument("--fisher-reduction", choices=["auto", "out", "in", "both"], default="auto", help=_help(CompressConfig, "fisher_reduction"))
+    c.add_argument("--asvd-alpha", type=float, default=0.5, help=_help(CompressConfig, "asvd_alpha"))
+    c.add_argument("--damping", type=float, default=0.01, help=_help(CompressConfig, "damping"))
+    c.add_argument("--task", choices=list(TASKS), default=None, help="model task (detected from config.json when omitted)")
+    c.add_argument("--save-stats", default=None, metavar="FILE", help="also write the calibration statistics to this .safetensors file")
+    c.add_argument("--stats", default=None, metavar="FILE", help="reuse statistics saved with --save-stats instead of calibrating")
+    c.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    _add_output_options(c)
+
+    e = sub.add_parser("eval", help="task metric (accuracy, F1, MCC, correlation) or perplexity", description="Evaluate a dense or compressed model.")
+    e.add_argument("model", metavar="MODEL", help="model folder or hub id")
+    e.add_argument("--data", required=True, help="labelled .tsv/.csv/.jsonl, or .txt for causal-LM perplexity")
+    e.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows (or N blocks of text)")
+    e.add_argument("--task", choices=list(TASKS), default=None, help="model task (detected when omitted)")
+    _add_data_options(e, calibration=False)
+    _add_output_options(e)
+
+    i = sub.add_parser("inspect", help="parameters, kept fraction and ranks of a model", description="Show a model's parameters and ranks.")
+    i.add_argument("model", metavar="MODEL", help="model folder or hub id")
+    i.add_argument("--task", choices=list(TASKS), default=None, help="model task (detected when omitted)")
+    _add_output_options(i)
+    return parser
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+    import transformers
+
+    # transformers' own load-time chatter (unused weights, tied keys) is noise for this tool.
+    transformers.logging.set_verbosity_error()
+    if quiet:
+        transformers.logging.disable_progress_bar()
+
+
+def _fmt_int(n: int | None) -> str:
+    return "-" if n is None else f"{n:,}"
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
+    for n, r in enumerate(cells):
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def format_compression(report: dict[str, Any]) -> str:
+    rows = [
+        [r["name"], f"{r['shape'][0]}x{r['shape'][1]}", r["rank"] if r["rank"] is not None else "dense", _fmt_int(r["parameters_before"]), _fmt_int(r["parameters_after"]), f"{r['seconds']:.3f}"]
+        for r in report["layers"]
+    ]
+    out = [_table(["layer", "shape", "rank", "params before", "params after", "seconds"], rows), ""]
+    summary = [
+        ["targeted layers", _fmt_int(report["target_dense_parameters"]), _fmt_int(report["target_parameters"]), f"{report['target_keep']:.4f}"],
+        ["whole model", _fmt_int(report["dense_parameters"]), _fmt_int(report["parameters"]), f"{report['model_keep']:.4f}"],
+    ]
+    out.append(_table(["", "params before", "params after", "kept"], summary))
+    cal = report.get("calibration") or {}
+    timing = f"method {report['method']}, keep {report['keep']:g}; factorization {report['seconds_factorize']:.2f} s"
+    if cal:
+        timing += f", calibration {cal.get('seconds', 0):.2f} s on {cal.get('samples')} samples ({cal.get('tokens')} tokens)"
+    out.append(timing)
+    if report.get("out"):
+        out.append(f"saved to {report['out']}")
+    return "\n".join(out)
+
+
+def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
+    from . import api
+    from .fsutil import check_output_dir
+    from .models import load_model, model_source
+    from .stats import Statistics
+
+    config = api.CompressConfig(
+        method=args.method, keep=args.keep, include=tuple(args.include), exclude=tuple(args.exclude),
+        fisher_reduction=args.fisher_reduction, asvd_alpha=args.asvd_alpha, damping=args.damping,
+    )
+    calibration = api.CalibrationConfig(
+        data=args.data, samples=args.samples, batch_size=args.batch_size or 16, max_length=args.max_length, seed=args.seed,
+        text_column=args.text_column, pair_column=args.pair_column, label_column=args.label_column,
+    )
+    out = check_output_dir(args.out, args.overwrite)
+    source, _ = model_source(args.model)
+    if Path(source).exists() and Path(source).resolve() == out.resolve():
+        raise FwsvdError(f"--out {args.out} is the input model folder: write the compressed model to another folder")
+    if args.stats and args.save_stats:
+        raise FwsvdError("--stats and --save-stats together make no sense: --stats reuses a file, --save-stats writes one")
+    loaded = load_model(args.model, args.task)
+    method = config.build_method(loaded.task)
+    needs = method.needs_for(loaded.task)
+    statistics = None
+    if args.stats:
+        statistics = Statistics.load(args.stats)
+    elif needs:
+        statistics = api.calibrate(loaded, calibration, needs, include=config.include, exclude=config.exclude, progress=not args.quiet)
+        if args.save_stats:
+            statistics.save(args.save_stats)
+    report = api.compress(loaded.model, config, statistics, task=loaded.task, progress=not args.quiet)
+    api.save(loaded.model, out, loaded.tokenizer, overwrite=args.overwrite)
+    result = report.to_dict()
+    result["out"] = str(out)
+    result["task"] = loaded.task
+    return result
+
+
+def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
+    from .evaluate import EvalConfig, evaluate
+    from .models import load_model
+
+    loaded = load_model(args.model, args.task, need_tokenizer=True)
+    config = EvalConfig(
+        data=args.data, limit=args.limit, batch_size=args.batch_size or 32, max_length=args.max_length,
+        text_column=args.text_column, pair_column=args.pair_column, label_column=args.label_column,
+    )
+    result = evaluate(loaded, config, progress=not args.quiet)
+    result["task"] = loaded.task
+    return result
+
+
+def format_eval(result: dict[str, Any]) -> str:
+    keys = [k for k in ("accuracy", "f1", "mcc", "pearson", "spearman", "mse", "perplexity", "nll") if k in result]
+    rows = [[k + (" *" if k == result.get("metric") else ""), f"{result[k]:.4f}"] for k in keys]
+    rows.append(["n", str(result["n"])])
+    return _table(["metric", "value"], rows) + f"\n(* headline metric; {result['seconds']:.1f} s)"
+
+
+def cmd_inspect(args: argparse.Namespace) -> dict[str, Any]:
+    from . import api
+    from .models import load_model
+
+    loaded = load_model(args.model, args.task)
+    result = api.inspect(loaded.model)
+    result["task"] = loaded.task
+    return result
+
+
+def format_inspect(result: dict[str, Any]) -> str:
+    lines = [
+        f"task              {result['task']}",
+        f"compressed        {result['compressed']}" + (f" ({result['method']}, fwsvd {result['library_version']})" if result["compressed"] else ""),
+        f"parameters        {_fmt_int(result['parameters'])}",
+        f"dense parameters  {_fmt_int(result['dense_parameters'])}",
+        f"model keep        {result['model_keep']:.4f}",
+        f"target keep       {result['target_keep']:.4f}",
+    ]
+    if result["ranks"]:
+        lines += ["", _table(["layer", "rank"], sorted(result["ranks"].items(), key=lambda kv: kv[0]))]
+    return "\n".join(lines)
+
+
+COMMANDS = {
+    "compress": (cmd_compress, format_compression),
+    "eval": (cmd_eval, format_eval),
+    "inspect": (cmd_inspect, format_inspect),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fwsvd`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.quiet)
+    run, fmt = COMMANDS[args.command]
+    start = time.perf_counter()
+    try:
+        result = run(args)
+    except FwsvdError as err:
+        print(f"fwsvd: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as err:
+        # Disk full, permission denied and the like: one line, the files already on disk untouched.
+        print(f"fwsvd: error: {err.strerror or err} ({err.filename or 'file system'})", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("fwsvd: interrupted", file=sys.stderr)
+        return 130
+    result.setdefault("wall_seconds", round(time.perf_counter() - start, 3))
+    if args.json:
+        print(json.dumps(result, default=str))
+    else:
+        print(fmt(result))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

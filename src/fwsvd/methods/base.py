@@ -1,0 +1,46 @@
+"""What every compression method is: the statistics it needs and how it factorizes one weight."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import ClassVar
+
+import torch
+
+
+class Method(ABC):
+    """A low-rank compression method.
+
+    Subclasses are small dataclasses: their fields are the method's options, ``name`` is its
+    registry key and ``needs`` names the statistics (see :mod:`fwsvd.stats`) that one calibration
+    pass must collect for it.
+    """
+
+    name: ClassVar[str]
+    needs: ClassVar[frozenset[str]] = frozenset()
+    description: ClassVar[str] = ""
+
+    def needs_for(self, task: str) -> frozenset[str]:
+        """Statistics needed for ``task`` (most methods need the same for every task)."""
+        return self.needs
+
+    def configure(self, task: str) -> Method:
+        """Resolve ``auto`` options for a task; returns ``self`` or a resolved copy."""
+        return self
+
+    @abstractmethod
+    def factorize(
+        self, weight: torch.Tensor, rank: int, stats: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Factors ``(A [out, rank], B [rank, in])`` of the ``[out, in]`` weight.
+
+        Args:
+            weight: dense weight in ``nn.Linear`` layout.
+            rank: components to keep.
+            stats: this module's statistics (keys as in :mod:`fwsvd.stats`).
+        """
+
+    def options(self) -> dict[str, object]:
+        """The method's options, for the record in the compressed model's config."""
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}

@@ -1,0 +1,223 @@
+"""One generic low-rank layer and the functions that find and swap linear layers in a model."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+# GPT-2 family keeps its projections in a transposed ``Conv1D`` layout ([in, out]).
+from transformers.pytorch_utils import Conv1D
+
+from .errors import ModelError
+
+__all__ = [
+    "LinearInfo",
+    "LowRankLinear",
+    "find_blocks",
+    "find_targets",
+    "get_submodule_parent",
+    "linear_bias",
+    "linear_weight",
+    "low_rank_skeleton",
+    "swap_module",
+]
+
+LINEAR_TYPES: tuple[type, ...] = (nn.Linear, Conv1D)
+
+
+class LowRankLinear(nn.Module):
+    """``y = x B^T A^T + bias``: a linear layer stored as two thin factors.
+
+    ``weight_in`` (``B``, ``[rank, in_features]``) is applied first, then ``weight_out``
+    (``A``, ``[out_features, rank]``) and the dense layer's bias, so ``A @ B`` plays the part of the
+    dense ``weight``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if not 1 <= rank <= min(in_features, out_features):
+            raise ValueError(f"rank {rank} is outside [1, {min(in_features, out_features)}]")
+        kw = {"device": device, "dtype": dtype}
+        self.in_features = in_features
+        self.out_features = out_features
+        self.rank = rank
+        self.weight_in = nn.Parameter(torch.empty(rank, in_features, **kw))
+        self.weight_out = nn.Parameter(torch.empty(out_features, rank, **kw))
+        self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
+        if self.weight_in.device.type != "meta":
+            nn.init.kaiming_uniform_(self.weight_in, a=5**0.5)
+            nn.init.kaiming_uniform_(self.weight_out, a=5**0.5)
+
+    @classmethod
+    def from_factors(cls, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> LowRankLinear:
+        """Build from ``A: [out, rank]``, ``B: [rank, in]`` and an optional bias, keeping device and dtype."""
+        layer = cls(b.shape[1], a.shape[0], a.shape[1], bias=bias is not None, device=a.device, dtype=a.dtype)
+        with torch.no_grad():
+            layer.weight_out.copy_(a)
+            layer.weight_in.copy_(b)
+            if bias is not None:
+                layer.bias.copy_(bias)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.weight_in), self.weight_out, self.bias)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The ``[out, in]`` product ``A @ B`` (for checks and export, not for inference)."""
+        return self.weight_out @ self.weight_in
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={self.bias is not None}"
+
+
+@dataclass(frozen=True)
+class LinearInfo:
+    """Shape facts of a targeted linear layer."""
+
+    name: str
+    out_features: int
+    in_features: int
+    bias: bool
+    kind: str  # "linear" or "conv1d"
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The weight of a linear-like module in ``[out, in]`` layout (a view, no copy)."""
+    if isinstance(module, LowRankLinear):
+        return module.dense_weight()
+    if isinstance(module, nn.Linear):
+        return module.weight
+    if isinstance(module, Conv1D):
+        return module.weight.t()
+    raise TypeError(f"{type(module).__name__} is not a supported linear layer")
+
+
+def linear_bias(module: nn.Module) -> torch.Tensor | None:
+    """The bias of a linear-like module, or ``None``."""
+    return getattr(module, "bias", None)
+
+
+def _info(name: str, module: nn.Module) -> LinearInfo:
+    w = linear_weight(module)
+    kind = "linear" if isinstance(module, nn.Linear) else "conv1d"
+    return LinearInfo(name, int(w.shape[0]), int(w.shape[1]), linear_bias(module) is not None, kind)
+
+
+def find_blocks(model: nn.Module) -> list[str]:
+    """Names of the model's repeated transformer blocks.
+
+    The blocks are found structurally, never by model-family name: the largest ``nn.ModuleList``
+    whose children all share one class (``encoder.layer`` in BERT, ``model.layers`` in Llama,
+    ``transformer.h`` in GPT-2, ``model.decoder.layers`` in OPT).
+    """
+    best: tuple[int, str] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            classes = {type(child) for child in module}
+            if len(classes) == 1:
+                size = sum(p.numel() for p in module.parameters())
+                if best is None or size > best[0]:
+                    best = (size, name)
+    if best is None:
+        return []
+    prefix = best[1]
+    return [f"{prefix}.{i}" for i in range(len(model.get_submodule(prefix)))]
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    """A pattern matches a module name as a glob (``*.attention.*``) or as a regular expression."""
+    for pattern in patterns:
+        if fnmatch.fnmatchcase(name, pattern):
+            return True
+        try:
+            if re.fullmatch(pattern, name):
+                return True
+        except re.error:
+            continue
+    return False
+
+
+def find_targets(
+    model: nn.Module,
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] | None = None,
+) -> list[LinearInfo]:
+    """Leaf linear layers to factorize, in model order.
+
+    By default every ``nn.Linear`` / ``Conv1D`` inside the transformer blocks (attention and
+    feed-forward); embeddings, poolers, classifier heads and ``lm_head`` sit outside the blocks and
+    are left alone. ``include`` patterns (globs or regexes on module names) replace the default
+    selection with any matching linear layer; ``exclude`` patterns then remove matches.
+
+    Raises:
+        ModelError: when nothing is left to factorize.
+    """
+    include = list(include or [])
+    exclude = list(exclude or [])
+    blocks = find_blocks(model)
+    block_prefixes = tuple(f"{b}." for b in blocks)
+    found: list[LinearInfo] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, LINEAR_TYPES):
+            continue
+        selected = _matches(name, include) if include else name.startswith(block_prefixes)
+        if selected and not _matches(name, exclude):
+            found.append(_info(name, module))
+    if not found:
+        hint = f" (include={include}, exclude={exclude})" if include or exclude else ""
+        raise ModelError(
+            f"{type(model).__name__} has no supported linear layers to factorize{hint}: "
+            "fwsvd needs nn.Linear or GPT-2 Conv1D layers inside repeated transformer blocks, or --include patterns"
+        )
+    return found
+
+
+def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The parent module of ``name`` and the attribute under which it holds the child."""
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def swap_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Replace the submodule ``name`` with ``new`` in place and return the old one."""
+    parent, child = get_submodule_parent(model, name)
+    old = getattr(parent, child)
+    setattr(parent, child, new)
+    return old
+
+
+def low_rank_skeleton(model: nn.Module, ranks: dict[str, int]) -> None:
+    """Swap each named linear layer for an uninitialised :class:`LowRankLinear` of the recorded rank.
+
+    Keeps each layer's device and dtype (``meta`` during ``from_pretrained``). Used when loading a
+    saved compressed model, before its weights are read.
+
+    Raises:
+        ModelError: when a recorded module is missing or is not a linear layer.
+    """
+    for name, rank in ranks.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError as err:
+            raise ModelError(f"compressed module {name!r} is not in this model: the config does not match the weights") from err
+        if isinstance(module, LowRankLinear):
+            continue
+        if not isinstance(module, LINEAR_TYPES):
+            raise ModelError(f"compressed module {name!r} is a {type(module).__name__}, not a linear layer")
+        info = _info(name, module)
+        w = linear_weight(module)
+        swap_module(model, name, LowRankLinear(info.in_features, info.out_features, int(rank), bias=info.bias, device=w.device, dtype=w.dtype))
