@@ -246,8 +246,9 @@ def collect_statistics(
                         if loss is None or not torch.isfinite(loss):
                             raise FwsvdError(f"calibration loss is {loss}: check the labels and the model weights for NaN/inf")
                         loss.backward()
-                    loss_sum += float(loss)
-                    bar.set_postfix(loss=f"{float(loss):.4f}")
+                    loss_value = loss.item()
+                    loss_sum += loss_value
+                    bar.set_postfix(loss=f"{loss_value:.4f}")
                     for n, p in params.items():
                         g2 = _as_out_in(modules[n], p.grad).float().square()
                         p.grad = None
