@@ -219,7 +219,10 @@ def calibration_batches(loaded: LoadedModel, config: CalibrationConfig, *, label
     if loaded.task == "token-classification":
         examples = d.read_token_labelled(cfg.data)
         keep = _draw(len(examples), cfg.samples, cfg.seed)
-        items, targets = d.encode_token_examples(tok, examples.subset(keep), cfg.max_length, num_labels=loaded.model.config.num_labels)
+        mc = loaded.model.config
+        items, targets = d.encode_token_examples(
+            tok, examples.subset(keep), cfg.max_length, num_labels=mc.num_labels, label2id=getattr(mc, "label2id", None)
+        )
         return list(d.batches(items, cfg.batch_size, tok.pad_token_id, labels=targets if labels else None)), summary
     examples = d.read_labelled(cfg.data, text_column=cfg.text_column, pair_column=cfg.pair_column, label_column=cfg.label_column)
     keep = _draw(len(examples), cfg.samples, cfg.seed)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -103,7 +102,10 @@ def _setup_logging(quiet: bool) -> None:
     # transformers' own load-time chatter (unused weights, tied keys) is noise for this tool.
     transformers.logging.set_verbosity_error()
     if quiet:
+        from huggingface_hub.utils import disable_progress_bars
+
         transformers.logging.disable_progress_bar()
+        disable_progress_bars()
 
 
 def _fmt_int(n: int | None) -> str:

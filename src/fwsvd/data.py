@@ -40,12 +40,15 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "Examples",
+    "TokenExamples",
     "batches",
     "causal_blocks",
     "encode_examples",
     "label_mapping",
+    "encode_token_examples",
     "read_labelled",
     "read_text",
+    "read_token_labelled",
 ]
 
 # Column-name candidates, in order of preference. Matching is case-insensitive.
@@ -901,7 +904,8 @@ def batches(
     if labels is not None and len(labels) != len(items):
         raise DataError(f"got {len(labels)} labels for {len(items)} examples: pass one label per example")
     label_dtype = torch.long
-    if labels is not None and any(isinstance(value, float) for value in labels):
+    per_token = labels is not None and any(isinstance(value, (list, tuple)) for value in labels)
+    if labels is not None and not per_token and any(isinstance(value, float) for value in labels):
         label_dtype = torch.float32
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
@@ -917,6 +921,111 @@ def batches(
                 values = item[key] if key in item else [1] * len(item["input_ids"])
                 rows.append(list(values) + [fill] * (longest - len(values)))
             batch[key] = torch.tensor(rows, dtype=torch.long)
-        if labels is not None:
+        if per_token:
+            # Token labels are padded with -100, the index the loss ignores.
+            rows = [list(row) + [-100] * (longest - len(row)) for row in labels[start : start + batch_size]]
+            batch["labels"] = torch.tensor(rows, dtype=torch.long)
+        elif labels is not None:
             batch["labels"] = torch.tensor(labels[start : start + batch_size], dtype=label_dtype)
         yield batch
+
+
+# ---------------------------------------------------------------------------------------------
+# Token classification (NER/POS style): JSON lines with a word list and one tag per word
+# ---------------------------------------------------------------------------------------------
+
+_TOKEN_COLUMNS: tuple[str, ...] = ("tokens", "words")
+_TAG_COLUMNS: tuple[str, ...] = ("ner_tags", "tags", "labels", "pos_tags", "chunk_tags", "label")
+
+
+@dataclass
+class TokenExamples:
+    """Pre-split words with one raw tag (int or str) per word."""
+
+    tokens: list[list[str]]
+    tags: list[list]
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def subset(self, indices: Sequence[int]) -> TokenExamples:
+        return TokenExamples([self.tokens[i] for i in indices], [self.tags[i] for i in indices], self.source)
+
+
+def read_token_labelled(path: str | os.PathLike, *, limit: int | None = None, split: str = "train") -> TokenExamples:
+    """Read token-classification data: ``.jsonl``/``.json`` records (or a hub dataset) with a word
+    list (``tokens`` or ``words``) and a tag list of the same length (``ner_tags``, ``tags``,
+    ``labels``, ``pos_tags``).
+
+    Raises:
+        DataError: for a missing/empty source, missing columns or tag lists of the wrong length.
+    """
+    source = os.fspath(path)
+    file = Path(source).expanduser()
+    if file.is_file():
+        if file.suffix.lower() not in (".jsonl", ".json"):
+            raise DataError(f"token-classification data {source} must be .jsonl or .json with 'tokens' and 'ner_tags' lists")
+        table = _read_json(file, source)
+    elif isinstance(path, os.PathLike) or _looks_like_file(source):
+        raise DataError(f"data file {source} not found: check the path")
+    else:
+        table, _ = _read_hub(source, split)
+    tok_i = next((i for i, c in enumerate(table.columns) if c.lower() in _TOKEN_COLUMNS), None)
+    tag_i = next((i for c in _TAG_COLUMNS for i, col in enumerate(table.columns) if col.lower() == c), None)
+    if tok_i is None or tag_i is None:
+        raise DataError(
+            f"{source} needs a word-list column (tokens/words) and a tag-list column (ner_tags/tags/labels); "
+            f"it has {', '.join(table.columns)}"
+        )
+    tokens: list[list[str]] = []
+    tags: list[list] = []
+    for number, row in enumerate(table.rows):
+        words, labels = row[tok_i], row[tag_i]
+        if not isinstance(words, list) or not isinstance(labels, list) or len(words) != len(labels):
+            raise DataError(f"row {number} of {source} needs equally long lists of words and tags")
+        if words:
+            tokens.append([str(w) for w in words])
+            tags.append(list(labels))
+        if limit is not None and len(tokens) >= limit:
+            break
+    if not tokens:
+        raise DataError(f"{source} has no rows: pass a file with at least one example")
+    return TokenExamples(tokens, tags, source)
+
+
+def encode_token_examples(
+    tokenizer: Any,
+    examples: TokenExamples,
+    max_length: int,
+    *,
+    num_labels: int | None = None,
+    label2id: Mapping[str, int] | None = None,
+) -> tuple[list[dict[str, list[int]]], list[list[int]]]:
+    """Tokenize word lists and align tags to the first sub-token of each word (others get -100).
+
+    Returns:
+        ``(items, targets)``: encoded examples and per-token targets.
+
+    Raises:
+        DataError: for tags outside the model's classes.
+    """
+    _check_positive(max_length, "max_length", "pass --max-length ≥ 1")
+    flat = [tag for row in examples.tags for tag in row]
+    ids, _, used = label_mapping(flat, label2id=label2id, num_labels=num_labels, regression=False, source=examples.source)
+    encoded = tokenizer(examples.tokens, is_split_into_words=True, truncation=True, max_length=max_length, padding=False)
+    items: list[dict[str, list[int]]] = []
+    targets: list[list[int]] = []
+    offset = 0
+    for index, row in enumerate(examples.tags):
+        row_ids = ids[offset : offset + len(row)]
+        offset += len(row)
+        word_ids = encoded.word_ids(index)
+        target, previous = [], None
+        for word in word_ids:
+            target.append(row_ids[word] if word is not None and word != previous else -100)
+            previous = word
+        item = {k: list(v[index]) for k, v in encoded.items()}
+        items.append(item)
+        targets.append(target)
+    return items, targets

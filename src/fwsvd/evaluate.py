@@ -129,7 +129,9 @@ def _sequence_classification(loaded: LoadedModel, config: EvalConfig, progress: 
 def _token_classification(loaded: LoadedModel, config: EvalConfig, progress: bool) -> dict[str, Any]:
     examples = d.read_token_labelled(config.data, limit=config.limit)
     mc = loaded.model.config
-    items, targets = d.encode_token_examples(loaded.tokenizer, examples, config.max_length or 128, num_labels=mc.num_labels)
+    items, targets = d.encode_token_examples(
+        loaded.tokenizer, examples, config.max_length or 128, num_labels=mc.num_labels, label2id=getattr(mc, "label2id", None)
+    )
     y_true: list[int] = []
     y_pred: list[int] = []
     for i, logits in enumerate(_logits(loaded, items, config.batch_size, progress)):
