@@ -80,6 +80,16 @@ class LowRankLinear(nn.Module):
         """The ``[out, in]`` product ``A @ B`` (for checks and export, not for inference)."""
         return self.weight_out @ self.weight_in
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense product :meth:`dense_weight`, computed on each access; writing into it changes nothing.
+
+        Exists for code written against ``nn.Linear``: transformers' weight-initialisation routines
+        run on every load and touch ``child.weight`` of attention and MLP modules (GPT-2's scaled
+        ``c_proj`` initialisation), which would otherwise fail on a reloaded compressed model.
+        """
+        return self.dense_weight()
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={self.bias is not None}"
 
@@ -124,18 +134,20 @@ def find_blocks(model: nn.Module) -> list[str]:
     whose children all share one class (``encoder.layer`` in BERT, ``model.layers`` in Llama,
     ``transformer.h`` in GPT-2, ``model.decoder.layers`` in OPT).
     """
-    best: tuple[int, str] | None = None
+    stacks: list[tuple[int, str]] = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0:
-            classes = {type(child) for child in module}
-            if len(classes) == 1:
-                size = sum(p.numel() for p in module.parameters())
-                if best is None or size > best[0]:
-                    best = (size, name)
-    if best is None:
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and len({type(child) for child in module}) == 1:
+            stacks.append((sum(p.numel() for p in module.parameters()), name))
+    if not stacks:
         return []
-    prefix = best[1]
-    return [f"{prefix}.{i}" for i in range(len(model.get_submodule(prefix)))]
+    largest = max(size for size, _ in stacks)
+    # Encoder-decoder models have two stacks of similar size; expert lists nested inside a block
+    # belong to that block already.
+    chosen: list[str] = []
+    for size, name in stacks:
+        if size >= largest / 4 and not any(name.startswith(f"{c}.") for c in chosen):
+            chosen.append(name)
+    return [f"{prefix}.{i}" for prefix in chosen for i in range(len(model.get_submodule(prefix)))]
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:
