@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest -q
 
 # The main job: fine-tune all-MiniLM-L6-v2 on BBC News topics, compress it with svd and fwsvd,
 # recover with a short fine-tuning, and write demo-out/ (table, results.json, plot, best model).

@@ -31,7 +31,7 @@ from .fsutil import atomic_dir
 from .hf import FwsvdQuantizationConfig, compression_record
 from .methods import METHODS, Method, get_method
 from .models import TASKS, LoadedModel, load_model
-from .nn import LowRankLinear, find_targets, linear_bias, linear_weight, swap_module
+from .nn import LinearInfo, LowRankLinear, find_targets, linear_bias, linear_weight, swap_module
 from .stats import Statistics, collect_statistics
 
 logger = logging.getLogger(__name__)
@@ -238,6 +238,7 @@ def calibration_batches(loaded: LoadedModel, config: CalibrationConfig, *, label
             label2id=getattr(mc, "label2id", None),
             num_labels=mc.num_labels,
             regression=(mc.problem_type == "regression") or mc.num_labels == 1,
+            source=str(cfg.data),
         )
     return list(d.batches(items, cfg.batch_size, tok.pad_token_id, labels=targets)), summary
 
@@ -306,25 +307,70 @@ def compress(
     """
     if task not in TASKS:
         raise FwsvdError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
-    if compression_record(getattr(model, "config", None)) is not None or any(isinstance(m, LowRankLinear) for m in model.modules()):
-        raise FwsvdError("this model is already compressed: compress the original dense model instead")
+    _refuse_compressed(model)
     method = config.build_method(task)
     needs = method.needs_for(task)
     have = statistics.kinds if statistics is not None else frozenset()
     if needs - have:
         raise FwsvdError(f"method {method.name} needs calibration statistics {sorted(needs - have)}: pass --data")
     targets = find_targets(model, config.include, config.exclude)
+    _check_finite(model, targets)
+    uncovered = statistics.uncovered([t.name for t in targets], needs) if statistics is not None else []
+    if uncovered:
+        raise FwsvdError(
+            f"the calibration statistics do not cover {len(uncovered)} targeted layers (e.g. {uncovered[0]}): "
+            "recalibrate with the same --include/--exclude, or drop --stats"
+        )
+    before = count_parameters(model)
+    start = time.perf_counter()
+    rows = _factorize_targets(model, targets, method, config.keep, statistics, progress=progress)
+    return _record_compression(
+        model,
+        config,
+        method,
+        rows,
+        parameters_before=before,
+        calibration=dict(statistics.summary) if statistics is not None else {},
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _refuse_compressed(model: nn.Module) -> None:
+    """Raise :class:`FwsvdError` when ``model`` already holds low-rank layers or a compression record."""
+    if compression_record(getattr(model, "config", None)) is not None or any(isinstance(m, LowRankLinear) for m in model.modules()):
+        raise FwsvdError("this model is already compressed: compress the original dense model instead")
+
+
+def _check_finite(model: nn.Module, targets: list[LinearInfo]) -> None:
+    """Raise :class:`ModelError` when a targeted weight holds NaN or infinite values."""
     for info in targets:
         w = linear_weight(model.get_submodule(info.name))
         if not torch.isfinite(w).all():
             raise ModelError(f"weight of {info.name} contains NaN or infinite values: the model is corrupt; re-export it")
-    before = count_parameters(model)
+
+
+def _factorize_targets(
+    model: nn.Module,
+    targets: list[LinearInfo],
+    method: Method,
+    keep: float,
+    statistics: Statistics | None,
+    *,
+    progress: bool = True,
+) -> list[LayerReport]:
+    """Swap each of ``targets`` for a :class:`LowRankLinear` that keeps ``keep`` of its parameters.
+
+    The shared per-layer step of :func:`compress` and :func:`fwsvd.sequential.compress_sequential`.
+    A layer whose factorization would not save parameters stays dense (rank ``None`` in its row).
+
+    Returns:
+        One :class:`LayerReport` per target, in the order given.
+    """
     rows: list[LayerReport] = []
-    start = time.perf_counter()
-    for info in tqdm(targets, desc=f"{method.name} keep={config.keep:g}", unit="layer", disable=not progress, leave=False):
+    for info in tqdm(targets, desc=f"{method.name} keep={keep:g}", unit="layer", disable=not progress, leave=False):
         t0 = time.perf_counter()
         dense = dense_parameters(info.out_features, info.in_features, info.bias)
-        rank = rank_for_kept_fraction(info.out_features, info.in_features, config.keep, bias=info.bias)
+        rank = rank_for_kept_fraction(info.out_features, info.in_features, keep, bias=info.bias)
         if rank is None:
             rows.append(LayerReport(info.name, (info.out_features, info.in_features), None, dense, dense, 0.0))
             continue
@@ -347,14 +393,27 @@ def compress(
                 round(time.perf_counter() - t0, 4),
             )
         )
-    seconds = time.perf_counter() - start
+    return rows
+
+
+def _record_compression(
+    model: nn.Module,
+    config: CompressConfig,
+    method: Method,
+    rows: list[LayerReport],
+    *,
+    parameters_before: int,
+    calibration: dict[str, Any],
+    seconds: float,
+) -> CompressionReport:
+    """Build the :class:`CompressionReport` and store the compression record in ``model.config``."""
     report = CompressionReport(
         method=method.name,
         keep=config.keep,
         layers=rows,
-        parameters_before=before,
+        parameters_before=parameters_before,
         parameters_after=count_parameters(model),
-        calibration=dict(statistics.summary) if statistics is not None else {},
+        calibration=calibration,
         seconds_factorize=round(seconds, 3),
         method_options=method.options(),
     )

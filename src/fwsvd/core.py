@@ -27,6 +27,10 @@ __all__ = [
 #: (zero Fisher, zero activation) never leads to a division by zero or an ill-posed scaling.
 IMPORTANCE_FLOOR = 1e-6
 
+#: Eigenvalues of a covariance are raised to at least this fraction of its mean diagonal before
+#: whitening: far below any useful damping, far above float64 round-off of the eigendecomposition.
+EIGENVALUE_FLOOR = 1e-10
+
 
 def floor_relative(values: torch.Tensor, fraction: float = IMPORTANCE_FLOOR) -> torch.Tensor:
     """Raise every entry to at least ``fraction`` times the mean of ``values``.
@@ -180,7 +184,9 @@ def whitened_svd(
         # No signal at all: whitening carries no information, fall back to plain SVD.
         return weighted_svd(weight, rank)
     evals, evecs = torch.linalg.eigh(cov)
-    evals = evals.clamp_min(0) + damping * scale
+    # Negative eigenvalues are round-off; the floor keeps S invertible even with damping=0 and a
+    # singular covariance (directions the data never visits then carry almost no weight).
+    evals = (evals.clamp_min(0) + damping * scale).clamp_min(EIGENVALUE_FLOOR * scale)
     sqrt_e = evals.sqrt()
     w = weight.detach().to(torch.float64)
     # W S with S = Q diag(sqrt(e)); S^{-1} = diag(1/sqrt(e)) Q^T.
@@ -224,7 +230,8 @@ def factorized_parameters(out_features: int, in_features: int, rank: int, bias: 
 def rank_for_kept_fraction(out_features: int, in_features: int, keep: float, bias: bool = False) -> int | None:
     """Rank whose factorization keeps ``keep`` of the layer's parameters (bias included).
 
-    ``keep`` is the fraction of parameters that **stays** (1.0 = nothing removed). The rank is
+    ``keep`` is the fraction of parameters that **stays** (1.0 = nothing removed, so every layer
+    stays dense). The rank is
     rounded to the nearest integer, so the kept parameters land within half a rank's worth of the
     target, and is at least 1.
 
@@ -237,6 +244,8 @@ def rank_for_kept_fraction(out_features: int, in_features: int, keep: float, bia
     """
     if not (isinstance(keep, (int, float)) and math.isfinite(keep) and 0 < keep <= 1):
         raise ValueError(f"keep={keep!r} must be a fraction in (0, 1]: the share of parameters that stays")
+    if keep >= 1:
+        return None  # everything stays: no layer is factorized
     dense = dense_parameters(out_features, in_features, bias)
     bias_n = out_features if bias else 0
     rank = max(1, round((keep * dense - bias_n) / (out_features + in_features)))

@@ -114,6 +114,7 @@ def _sequence_classification(loaded: LoadedModel, config: EvalConfig, progress: 
         label2id=getattr(mc, "label2id", None),
         num_labels=mc.num_labels,
         regression=(mc.problem_type == "regression") or mc.num_labels == 1,
+        source=str(config.data),
     )
     items = d.encode_examples(loaded.tokenizer, examples, config.max_length or 128)
     logits = torch.cat(_logits(loaded, items, config.batch_size, progress))

@@ -42,6 +42,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["STAT_KINDS", "Statistics", "collect_statistics"]
 
 STAT_KINDS = frozenset({"fisher", "act", "cov"})
+#: The tensors each kind of statistic leaves per module.
+STAT_KEYS = {"fisher": ("fisher_out", "fisher_in"), "act": ("act_abs_mean",), "cov": ("cov",)}
 _FORMAT = "fwsvd-statistics/1"
 
 
@@ -68,6 +70,11 @@ class Statistics:
         if owner is not None and "cov" in self.tensors.get(owner, {}):
             stats.setdefault("cov", self.tensors[owner]["cov"])
         return stats
+
+    def uncovered(self, names: Iterable[str], kinds: Iterable[str]) -> list[str]:
+        """Modules among ``names`` that lack a statistic of ``kinds`` (e.g. other --include patterns)."""
+        keys = [key for kind in kinds for key in STAT_KEYS[kind]]
+        return [n for n in names if any(key not in self.for_module(n) for key in keys)]
 
     @property
     def kinds(self) -> frozenset[str]:
@@ -146,6 +153,15 @@ class _ActivationHooks:
         self.mask = mask
         self._seen.clear()
 
+    def entries(self, name: str) -> dict[str, torch.Tensor]:
+        """The ``act_abs_mean`` and ``cov`` collected for ``name`` (those it has)."""
+        entry: dict[str, torch.Tensor] = {}
+        if name in self.abs_sum:
+            entry["act_abs_mean"] = self.abs_sum[name] / max(self.tokens[name], 1)
+        if name in self.cov:
+            entry["cov"] = self.cov[name]
+        return entry
+
     def _hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             x = args[0].detach()
@@ -163,7 +179,8 @@ class _ActivationHooks:
                         return
                 self._seen[id(args[0])] = (weakref.ref(args[0]), name)
                 # Accumulate in float64: sums over many tokens lose precision in float32.
-                xtx = (rows.T @ rows).double()
+                rows64 = rows.double()
+                xtx = rows64.T @ rows64
                 self.cov[name] = self.cov[name] + xtx if name in self.cov else xtx
 
         return hook
@@ -209,7 +226,7 @@ def collect_statistics(
     modules = {n: model.get_submodule(n) for n in names}
     params = {n: _weight_param(m) for n, m in modules.items()}
 
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}
     saved_flags = {p: p.requires_grad for p in model.parameters()}
     saved_grads = {p: p.grad for p in model.parameters()}
     fisher_out: dict[str, torch.Tensor] = {}
@@ -260,7 +277,8 @@ def collect_statistics(
                     with torch.no_grad():
                         model(**{k: v for k, v in batch.items() if k != "labels"})
     finally:
-        model.train(was_training)
+        for m, mode in modes.items():
+            m.training = mode
         for p, flag in saved_flags.items():
             p.requires_grad_(flag)
             p.grad = saved_grads[p]
@@ -276,10 +294,7 @@ def collect_statistics(
             entry["fisher_in"] = fisher_in[n]
             if keep_full_fisher:
                 entry["fisher_full"] = fisher_full[n]
-        if n in hooks.abs_sum:
-            entry["act_abs_mean"] = hooks.abs_sum[n] / max(hooks.tokens[n], 1)
-        if n in hooks.cov:
-            entry["cov"] = hooks.cov[n]
+        entry.update(hooks.entries(n))
         for key, t in entry.items():
             if not torch.isfinite(t).all():
                 raise FwsvdError(f"statistic {key} of {n} is not finite: the model or data produce NaN/inf")

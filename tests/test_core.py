@@ -1,0 +1,321 @@
+"""Tests for fwsvd.core: the pure math, on hand-made matrices whose right answer is known."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fwsvd.core import (
+    balance_factors,
+    dense_parameters,
+    factorized_parameters,
+    floor_relative,
+    reduce_importance,
+    rank_for_kept_fraction,
+    weighted_svd,
+    whitened_svd,
+)
+
+
+def randn(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=dtype)
+
+
+def positive(n: int, seed: int) -> torch.Tensor:
+    """Positive weights spread over two orders of magnitude, so weighting really matters."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.exp(2.5 * torch.rand(n, generator=g, dtype=torch.float64) - 1.0)
+
+
+def weighted_error(w, a, b, row=None, col=None) -> float:
+    """``|| diag(row) (W - A B) diag(col) ||_F`` in float64."""
+    diff = (w.double() - a.double() @ b.double())
+    if row is not None:
+        diff = row.double()[:, None] * diff
+    if col is not None:
+        diff = diff * col.double()[None, :]
+    return float(torch.linalg.matrix_norm(diff))
+
+
+SHAPES = [(12, 8), (8, 12), (16, 16), (5, 30)]
+
+
+# --- weighted_svd --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("weights", ["none", "row", "col", "both"])
+def test_full_rank_reproduces_weight(shape, weights):
+    w = randn(*shape, seed=1)
+    row = positive(shape[0], 2).float() if weights in ("row", "both") else None
+    col = positive(shape[1], 3).float() if weights in ("col", "both") else None
+    a, b = weighted_svd(w, min(shape), row_weight=row, col_weight=col)
+    assert a.shape == (shape[0], min(shape)) and b.shape == (min(shape), shape[1])
+    assert a.dtype == b.dtype == torch.float32
+    # float32 SVD round-off: relative error 1e-4 of the matrix norm (observed ~1e-6).
+    assert torch.linalg.matrix_norm(a @ b - w) <= 1e-4 * torch.linalg.matrix_norm(w)
+
+
+@pytest.mark.parametrize("rank", [1, 3, 6])
+def test_unit_weights_reproduce_plain_svd(rank):
+    w = randn(10, 7, seed=4, dtype=torch.float64)
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    best = u[:, :rank] @ torch.diag(s[:rank]) @ vh[:rank]
+    ones_r, ones_c = torch.ones(10, dtype=torch.float64), torch.ones(7, dtype=torch.float64)
+    for kw in ({}, {"row_weight": ones_r}, {"col_weight": ones_c}, {"row_weight": ones_r, "col_weight": ones_c}):
+        a, b = weighted_svd(w, rank, **kw)
+        # float64 throughout: the products agree to round-off (1e-10 absolute on O(1) entries).
+        torch.testing.assert_close(a @ b, best, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("rank", [1, 2, 4])
+def test_plain_svd_error_is_eckart_young(shape, rank):
+    w = randn(*shape, seed=5, dtype=torch.float64)
+    s = torch.linalg.svdvals(w)
+    a, b = weighted_svd(w, rank)
+    expected = float(s[rank:].square().sum())
+    # Squared Frobenius error equals the discarded squared singular values (float64: rel 1e-9).
+    assert torch.linalg.matrix_norm(w - a @ b).square().item() == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("side", ["row", "col", "both"])
+@pytest.mark.parametrize("rank", [1, 2, 3, 5])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_weighted_svd_beats_plain_svd_under_its_norm(side, rank, seed):
+    """The closed form is the optimum of the weighted norm, so plain SVD can never do better."""
+    w = randn(12, 9, seed=10 + seed, dtype=torch.float64)
+    row = positive(12, 20 + seed) if side in ("row", "both") else None
+    col = positive(9, 30 + seed) if side in ("col", "both") else None
+    a_w, b_w = weighted_svd(w, rank, row_weight=row, col_weight=col)
+    a_p, b_p = weighted_svd(w, rank)
+    err_weighted = weighted_error(w, a_w, b_w, row, col)
+    err_plain = weighted_error(w, a_p, b_p, row, col)
+    # Optimum vs. a feasible point, float64: allow 1e-9 relative round-off only.
+    assert err_weighted <= err_plain * (1 + 1e-9)
+    # And it reaches the known optimum: the discarded singular values of the scaled matrix.
+    scaled = w * (row[:, None] if row is not None else 1) * (col[None, :] if col is not None else 1)
+    s = torch.linalg.svdvals(scaled)
+    assert err_weighted**2 == pytest.approx(float(s[rank:].square().sum()), rel=1e-8)
+
+
+def test_weighted_svd_keeps_dtype_and_rejects_bad_input():
+    w = randn(6, 4, seed=1).to(torch.bfloat16)
+    a, b = weighted_svd(w, 2)
+    assert a.dtype == b.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="rank"):
+        weighted_svd(randn(6, 4), 0)
+    with pytest.raises(ValueError, match="rank"):
+        weighted_svd(randn(6, 4), 5)
+    with pytest.raises(ValueError, match="NaN"):
+        weighted_svd(torch.full((3, 3), math.nan), 1)
+    with pytest.raises(ValueError, match="row_weight"):
+        weighted_svd(randn(6, 4), 2, row_weight=torch.zeros(6))
+    with pytest.raises(ValueError, match="col_weight"):
+        weighted_svd(randn(6, 4), 2, col_weight=torch.ones(5))
+
+
+# --- floor_relative / reduce_importance ----------------------------------------------------------
+
+
+def test_floor_relative_never_leaves_zero():
+    v = torch.tensor([0.0, 0.0, 4.0, 8.0])
+    out = floor_relative(v, fraction=1e-3)
+    assert (out > 0).all()
+    assert out[0] == pytest.approx(3.0 * 1e-3)  # floor = fraction * mean (mean 3.0)
+    assert torch.equal(out[2:], v[2:])
+    assert torch.equal(floor_relative(torch.zeros(5)), torch.ones(5))  # no information -> uniform
+    with pytest.raises(ValueError):
+        floor_relative(torch.tensor([1.0, -1.0]))
+    with pytest.raises(ValueError):
+        floor_relative(torch.tensor([1.0, math.nan]))
+
+
+@pytest.mark.parametrize("side", ["row", "col", "both"])
+def test_zero_importance_gives_finite_factors(side):
+    """Dead rows/columns (zero Fisher) go through floor_relative and never produce inf/NaN."""
+    w = randn(10, 8, seed=3)
+    fisher_out = positive(10, 1).float()
+    fisher_out[[0, 4]] = 0.0
+    fisher_in = positive(8, 2).float()
+    fisher_in[3] = 0.0
+    row = floor_relative(fisher_out).sqrt() if side in ("row", "both") else None
+    col = floor_relative(fisher_in).sqrt() if side in ("col", "both") else None
+    for rank in (1, 4, 8):
+        a, b = weighted_svd(w, rank, row_weight=row, col_weight=col)
+        assert torch.isfinite(a).all() and torch.isfinite(b).all()
+    # At full rank the weighting is irrelevant: W comes back (float32, rel 1e-3 with a 1e-6 floor ratio).
+    a, b = weighted_svd(w, 8, row_weight=row, col_weight=col)
+    assert torch.linalg.matrix_norm(a @ b - w) <= 1e-3 * torch.linalg.matrix_norm(w)
+
+
+def test_reduce_importance():
+    f = torch.arange(6.0).view(2, 3)
+    assert torch.equal(reduce_importance(f, "out"), torch.tensor([3.0, 12.0]))
+    assert torch.equal(reduce_importance(f, "in"), torch.tensor([3.0, 5.0, 7.0]))
+    with pytest.raises(ValueError):
+        reduce_importance(f, "rows")
+
+
+# --- balance_factors -----------------------------------------------------------------------------
+
+
+def test_balance_factors_keeps_product_and_balances_norms():
+    a = randn(7, 3, seed=1, dtype=torch.float64) * torch.tensor([100.0, 1.0, 0.01], dtype=torch.float64)
+    b = randn(3, 5, seed=2, dtype=torch.float64)
+    a2, b2 = balance_factors(a, b)
+    torch.testing.assert_close(a2 @ b2, a @ b, rtol=1e-12, atol=1e-12)  # float64 round-off only
+    torch.testing.assert_close(a2.norm(dim=0), b2.norm(dim=1), rtol=1e-12, atol=0)
+    # A zero component stays zero and does not turn into NaN.
+    a[:, 1] = 0
+    a3, b3 = balance_factors(a, b)
+    assert torch.isfinite(a3).all() and torch.isfinite(b3).all()
+    torch.testing.assert_close(a3 @ b3, a @ b, rtol=1e-12, atol=1e-12)
+
+
+# --- whitened_svd --------------------------------------------------------------------------------
+
+
+def output_error(w, a, b, x) -> float:
+    """``||(W - A B) X^T||_F``: the error on the calibration outputs."""
+    return float(torch.linalg.matrix_norm((w.double() - a.double() @ b.double()) @ x.double().T))
+
+
+@pytest.mark.parametrize("rank", [1, 2, 4, 6])
+def test_whitened_svd_output_error_is_optimal(rank):
+    w = randn(10, 8, seed=7, dtype=torch.float64)
+    # Inputs with very unequal feature scales: whitening must matter.
+    x = randn(50, 8, seed=8, dtype=torch.float64) * torch.logspace(-1, 1, 8, dtype=torch.float64)
+    a, b = whitened_svd(w, rank, x.T @ x, damping=0.0)
+    a_p, b_p = weighted_svd(w, rank)
+    err = output_error(w, a, b, x)
+    # With damping 0 and X of full column rank the discarded singular values of W S (S S^T = X^T X)
+    # are exactly the output error; they are those of W X^T. float64: rel 1e-7.
+    s = torch.linalg.svdvals(w @ x.T)
+    assert err**2 == pytest.approx(float(s[rank:].square().sum()), rel=1e-7)
+    assert err <= output_error(w, a_p, b_p, x) * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("rank", [1, 3, 5])
+def test_whitened_svd_with_default_damping_still_beats_plain_svd(rank):
+    w = randn(10, 8, seed=11)
+    x = randn(64, 8, seed=12) * torch.logspace(-1, 1, 8)
+    a, b = whitened_svd(w, rank, (x.T @ x).double())
+    a_p, b_p = weighted_svd(w, rank)
+    # Damping 1e-2 moves the optimum a little; it must still beat task-blind SVD on outputs.
+    assert output_error(w, a, b, x) <= output_error(w, a_p, b_p, x)
+    assert a.dtype == b.dtype == torch.float32
+
+
+def _rank_deficient_covariances() -> dict[str, torch.Tensor]:
+    dup = randn(30, 8, seed=13, dtype=torch.float64)
+    dup[:, 7] = dup[:, 6]  # duplicated input feature
+    few = randn(3, 8, seed=14, dtype=torch.float64)  # fewer samples than features
+    return {"duplicated": dup.T @ dup, "few_samples": few.T @ few, "all_zero": torch.zeros(8, 8, dtype=torch.float64)}
+
+
+@pytest.mark.parametrize("case", ["duplicated", "few_samples", "all_zero"])
+def test_whitened_svd_rank_deficient_covariance_is_finite(case):
+    cov = _rank_deficient_covariances()[case]
+    w = randn(6, 8, seed=15)
+    for rank in (1, 3, 6):
+        a, b = whitened_svd(w, rank, cov)  # default relative damping
+        assert torch.isfinite(a).all() and torch.isfinite(b).all()
+
+
+@pytest.mark.parametrize("case", ["duplicated", "few_samples"])
+def test_whitened_svd_rank_deficient_covariance_is_finite_without_damping(case):
+    """``damping=0`` is allowed; a singular covariance must still not divide by a zero eigenvalue."""
+    cov = _rank_deficient_covariances()[case]
+    w = randn(6, 8, seed=15)
+    for rank in (1, 3, 6):
+        a, b = whitened_svd(w, rank, cov, damping=0.0)
+        assert torch.isfinite(a).all() and torch.isfinite(b).all()
+    x = randn(3, 8, seed=14, dtype=torch.float64) if case == "few_samples" else None
+    if x is not None:
+        # Rank 3 covers every direction the 3 samples visit: the output error is ~0 (rel 1e-6).
+        a, b = whitened_svd(w.double(), 3, cov, damping=0.0)
+        assert output_error(w, a, b, x) <= 1e-6 * float(torch.linalg.matrix_norm(w.double() @ x.T))
+
+
+def test_whitened_svd_rejects_bad_input():
+    w = randn(6, 8, seed=1)
+    with pytest.raises(ValueError, match="covariance"):
+        whitened_svd(w, 2, torch.eye(6))
+    with pytest.raises(ValueError, match="damping"):
+        whitened_svd(w, 2, torch.eye(8), damping=-0.1)
+    with pytest.raises(ValueError, match="NaN"):
+        whitened_svd(w, 2, torch.full((8, 8), math.nan))
+    with pytest.raises(ValueError, match="rank"):
+        whitened_svd(w, 7, torch.eye(8))
+
+
+# --- rank budgets --------------------------------------------------------------------------------
+
+GRID_SHAPES = [(8, 8), (16, 64), (64, 16), (100, 37), (3, 200), (768, 768), (768, 3072), (4096, 11008)]
+GRID_KEEPS = [0.01, 0.05, 0.1, 0.25, 0.3, 0.5, 0.7, 0.9, 0.99, 1.0]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_rank_for_kept_fraction_grid(bias):
+    for out_f, in_f in GRID_SHAPES:
+        dense = dense_parameters(out_f, in_f, bias)
+        per_rank = out_f + in_f
+        for keep in GRID_KEEPS:
+            target = keep * dense
+            rank = rank_for_kept_fraction(out_f, in_f, keep, bias=bias)
+            where = f"{out_f}x{in_f} keep={keep} bias={bias}"
+            if rank is None:
+                # Stays dense only when factorizing saves nothing: the target is within half a
+                # rank of the dense count, or even rank 1 would not be smaller.
+                assert dense - target <= per_rank / 2 or factorized_parameters(out_f, in_f, 1, bias) >= dense, where
+                continue
+            assert 1 <= rank < min(out_f, in_f), where
+            kept = factorized_parameters(out_f, in_f, rank, bias)
+            assert kept < dense, where
+            if rank > 1:
+                # Rounded to the nearest rank: within half a rank's worth (out + in) of the target.
+                assert abs(kept - target) <= per_rank / 2 + 1e-9, where
+            else:
+                assert kept >= target or abs(kept - target) <= per_rank / 2 + 1e-9, where  # floor at rank 1
+
+
+@pytest.mark.parametrize("shape", [(8, 8), (32, 32), (768, 768)])
+def test_rank_for_kept_fraction_keep_one_stays_dense_when_nothing_is_saved(shape):
+    assert rank_for_kept_fraction(*shape, 1.0) is None
+    assert rank_for_kept_fraction(*shape, 1.0, bias=True) is None
+
+
+@pytest.mark.parametrize("shape", [(33, 33), (64, 32), (768, 3072)])
+def test_rank_for_kept_fraction_keep_one_removes_nothing(shape):
+    """SRC BUG: ``keep=1.0`` is documented as "nothing removed", yet many layers get a lossy rank
+    because nearest rounding lands just under the dense count: 33x33 -> rank 16 of 33, 768x3072 ->
+    rank 614 of 768 (saving 0.07 % of its parameters), BERT's 64x32 FFN with bias -> rank 21 of 32."""
+    assert rank_for_kept_fraction(*shape, 1.0) is None
+    assert rank_for_kept_fraction(*shape, 1.0, bias=True) is None
+
+
+def test_rank_for_kept_fraction_known_values():
+    # 768x768, keep 0.5: 0.5 * 589824 / 1536 = 192 exactly.
+    assert rank_for_kept_fraction(768, 768, 0.5) == 192
+    # Half the break-even rank is 8 for a 32x32 layer; 0.99 of it cannot be reached by factors.
+    assert rank_for_kept_fraction(32, 32, 0.25) == 4
+    assert rank_for_kept_fraction(32, 32, 0.99) is None
+    # A 1xN layer never gains from factors.
+    assert rank_for_kept_fraction(1, 100, 0.5) is None
+
+
+@pytest.mark.parametrize("keep", [0, 0.0, 1.5, math.nan, -0.1, math.inf, "0.5", None])
+def test_rank_for_kept_fraction_rejects_bad_keep(keep):
+    with pytest.raises(ValueError, match="keep"):
+        rank_for_kept_fraction(32, 32, keep)
+
+
+def test_parameter_counts():
+    assert dense_parameters(3, 5, bias=False) == 15
+    assert dense_parameters(3, 5, bias=True) == 18
+    assert factorized_parameters(3, 5, 2, bias=False) == 16
+    assert factorized_parameters(3, 5, 2, bias=True) == 19

@@ -1,0 +1,249 @@
+"""Decoder LLMs end to end: Llama (grouped-query attention), GPT-2 (Conv1D) and OPT.
+
+Tiny models are built offline from configs with a word-level tokenizer from the ``tokenizers``
+library; nothing is downloaded and nothing under ``../shared`` is read.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+import fwsvd
+from fwsvd.api import CalibrationConfig, CompressConfig
+from fwsvd.core import whitened_svd
+from fwsvd.errors import FwsvdError
+from fwsvd.evaluate import EvalConfig, evaluate
+from fwsvd.methods import get_method
+from fwsvd.models import LoadedModel
+from fwsvd.nn import LowRankLinear
+from fwsvd.sequential import compress_sequential
+
+WORDS = [f"w{i}" for i in range(61)]
+SPECIALS = ["<unk>", "<s>", "</s>"]
+VOCAB = len(SPECIALS) + len(WORDS)  # 64
+FAMILIES = ["llama", "gpt2", "opt"]
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIALS + WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>")
+
+
+def _model(family: str) -> torch.nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    special = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
+    if family == "llama":
+        # 4 query heads sharing 2 key/value heads: k_proj and v_proj are 16x32, q_proj 32x32.
+        config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, **special)
+        model = LlamaForCausalLM(config)
+    elif family == "gpt2":
+        config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128, **special)
+        model = GPT2LMHeadModel(config)
+    else:
+        config = OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                           max_position_embeddings=128, word_embed_proj_dim=32, **special)
+        model = OPTForCausalLM(config)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return _tokenizer()
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    rng = random.Random(0)
+    # A little structure (repeated bigrams) so that the statistics are not white noise.
+    words = []
+    for _ in range(1200):
+        w = rng.choice(WORDS)
+        words += [w, WORDS[(WORDS.index(w) * 7) % len(WORDS)]]
+    path = tmp_path_factory.mktemp("text") / "train.txt"
+    path.write_text("\n".join(" ".join(words[i : i + 20]) for i in range(0, len(words), 20)), encoding="utf-8")
+    return path
+
+
+def _calibration(text_file: Path, samples: int = 8, max_length: int = 32) -> CalibrationConfig:
+    return CalibrationConfig(data=str(text_file), samples=samples, max_length=max_length, batch_size=4)
+
+
+def _loaded(family: str, tokenizer) -> LoadedModel:
+    return LoadedModel(_model(family), tokenizer, "causal-lm", f"tiny-{family}")
+
+
+# --- end to end: calibrate, compress, save, reload, generate ------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compress_save_reload_generate(family, tokenizer, text_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    lm = _loaded(family, tokenizer)
+    # One pass collects every kind; Fisher uses the input ids as labels.
+    stats = fwsvd.calibrate(lm, _calibration(text_file), {"fisher", "act", "cov"}, progress=False)
+    assert stats.summary["mean_loss"] > 0
+    if family == "llama":
+        # q/k/v read the same normalised input, and so do gate/up: one covariance each.
+        assert stats.shared["model.layers.0.self_attn.k_proj"] == "model.layers.0.self_attn.q_proj"
+        assert stats.shared["model.layers.0.mlp.up_proj"] == "model.layers.0.mlp.gate_proj"
+    x = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    for method in ("fwsvd", "svd-llm"):
+        model = copy.deepcopy(lm.model)
+        report = fwsvd.compress(model, CompressConfig(method=method, keep=0.5), stats, task="causal-lm", progress=False)
+        assert report.target_keep < 0.6
+        assert any(isinstance(m, LowRankLinear) for m in model.modules())
+        out = fwsvd.save(model, tmp_path / method, tokenizer)
+        reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+        assert sum(isinstance(m, LowRankLinear) for m in reloaded.modules()) == sum(r.rank is not None for r in report.layers)
+        with torch.no_grad():
+            expected, got = model(x).logits, reloaded(x).logits
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        generated = reloaded.generate(x, max_new_tokens=4, do_sample=False, pad_token_id=2)
+        assert generated.shape == (1, x.shape[1] + 4)
+
+
+def test_gqa_key_value_projections_are_factorized(tokenizer):
+    lm = _loaded("llama", tokenizer)
+    report = fwsvd.compress(lm.model, CompressConfig(method="svd", keep=0.5), task="causal-lm", progress=False)
+    shapes = {r.name.rsplit(".", 1)[-1]: r.shape for r in report.layers}
+    assert shapes["k_proj"] == (16, 32) and shapes["q_proj"] == (32, 32)
+    assert all(r.rank is not None for r in report.layers)
+
+
+# --- svd-llm on singular and indefinite covariances ---------------------------------------------
+
+
+@pytest.mark.parametrize("damping", [0.0, 1e-2])
+def test_whitened_svd_rank_deficient_covariance_is_finite(damping):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 16, generator=g)
+    x = torch.randn(10, 16, generator=g)  # 10 tokens < 16 features: rank-deficient
+    x[:, 5] = x[:, 4]  # duplicated input feature
+    x[:, 7] = 0.0  # dead feature
+    cov = (x.T @ x).double()
+    # Round-off can make a singular covariance slightly indefinite; make it so on purpose.
+    evals, evecs = torch.linalg.eigh(cov)
+    evals[0] = -1e-9 * evals[-1]
+    cov = evecs @ torch.diag(evals) @ evecs.T
+    a, b = whitened_svd(w, 6, cov, damping=damping)
+    assert torch.isfinite(a).all() and torch.isfinite(b).all()
+    # Still the point of whitening: output error on the calibration inputs no worse than plain SVD's
+    # (tolerance 1e-6 relative for float round-off).
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    plain = (u[:, :6] * s[:6]) @ vh[:6]
+    err_white = ((w - a @ b) @ x.T).norm()
+    err_plain = ((w - plain) @ x.T).norm()
+    assert err_white <= err_plain * (1 + 1e-6)
+
+
+def test_svd_llm_method_on_few_tokens_gives_finite_weights(tokenizer, text_file):
+    # 4 tokens for 32- and 64-dimensional inputs: every covariance is singular.
+    lm = _loaded("llama", tokenizer)
+    stats = fwsvd.calibrate(lm, _calibration(text_file, samples=1, max_length=4), {"cov"}, progress=False)
+    method = get_method("svd-llm", damping=0.0)
+    for name, entry in stats.tensors.items():
+        cov = stats.for_module(name)["cov"]
+        # Rank 4 up to the float32 round-off of the accumulation.
+        assert torch.linalg.matrix_rank(cov, rtol=1e-5) <= 4
+        weight = lm.model.get_submodule(name).weight
+        a, b = method.factorize(weight, 3, {"cov": cov})
+        assert torch.isfinite(a).all() and torch.isfinite(b).all(), name
+    fwsvd.compress(lm.model, CompressConfig(method="svd-llm", keep=0.5), stats, task="causal-lm", progress=False)
+    with torch.no_grad():
+        assert torch.isfinite(lm.model(torch.tensor([[1, 4, 8]])).logits).all()
+
+
+# --- perplexity ---------------------------------------------------------------------------------
+
+
+def test_perplexity_matches_manual_computation(tokenizer, text_file):
+    lm = _loaded("llama", tokenizer)
+    result = evaluate(lm, EvalConfig(data=str(text_file), limit=3, max_length=16, batch_size=8), progress=False)
+    ids = tokenizer(text_file.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(3):
+            block = torch.tensor([ids[i * 16 : (i + 1) * 16]])
+            logp = torch.log_softmax(lm.model(block).logits[0].double(), dim=-1)
+            for t in range(15):
+                nll -= float(logp[t, block[0, t + 1]])
+                count += 1
+    assert result["n"] == 3 and result["tokens"] == count == 45
+    assert result["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-5)
+
+
+# --- layer-sequential mode ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sequential_replays_blocks_exactly(family, tokenizer, text_file):
+    """With block 0 left dense, block 1 sees exactly the dense model's inputs (masks and rotary
+    embeddings replayed correctly), so its factors equal those of one-pass compression."""
+    config = CompressConfig(method="svd-llm", keep=0.5, exclude=(r".*\.0\..*",))
+    seq = _loaded(family, tokenizer)
+    report = compress_sequential(seq, config, _calibration(text_file), progress=False)
+    ref = _loaded(family, tokenizer)
+    stats = fwsvd.calibrate(ref, _calibration(text_file), {"cov"}, include=(), exclude=config.exclude, progress=False)
+    ref_report = fwsvd.compress(ref.model, config, stats, task="causal-lm", progress=False)
+    assert [r.name for r in report.layers] == [r.name for r in ref_report.layers]
+    for row in report.layers:
+        assert ".1." in row.name
+        got = seq.model.get_submodule(row.name).dense_weight()
+        want = ref.model.get_submodule(row.name).dense_weight()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_sequential_record_matches_one_pass_and_reloads(tokenizer, text_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    seq = _loaded("llama", tokenizer)
+    report = compress_sequential(seq, CompressConfig(method="asvd", keep=0.5), _calibration(text_file), progress=False)
+    ref = _loaded("llama", tokenizer)
+    stats = fwsvd.calibrate(ref, _calibration(text_file), {"act"}, progress=False)
+    ref_report = fwsvd.compress(ref.model, CompressConfig(method="asvd", keep=0.5), stats, task="causal-lm", progress=False)
+    seq_dict, ref_dict = report.to_dict(), ref_report.to_dict()
+    assert seq_dict.keys() == ref_dict.keys()
+    assert [(r["name"], r["rank"]) for r in seq_dict["layers"]] == [(r["name"], r["rank"]) for r in ref_dict["layers"]]
+    assert seq_dict["calibration"]["sequential"] is True
+    assert seq_dict["calibration"]["tokens"] == ref_dict["calibration"]["tokens"] == 8 * 32
+    seq_record = seq.model.config.quantization_config.to_dict()
+    assert seq_record.keys() == ref.model.config.quantization_config.to_dict().keys()
+    out = fwsvd.save(seq.model, tmp_path / "seq", tokenizer)
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    x = torch.tensor([[1, 3, 5, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x).logits, seq.model(x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_sequential_svd_equals_one_pass_svd(tokenizer, text_file):
+    seq = _loaded("gpt2", tokenizer)
+    compress_sequential(seq, CompressConfig(method="svd", keep=0.4), _calibration(text_file), progress=False)
+    ref = _loaded("gpt2", tokenizer)
+    fwsvd.compress(ref.model, CompressConfig(method="svd", keep=0.4), task="causal-lm", progress=False)
+    x = torch.tensor([[1, 3, 5, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(seq.model(x).logits, ref.model(x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_sequential_refuses_fisher_and_targets_outside_blocks(tokenizer, text_file):
+    lm = _loaded("llama", tokenizer)
+    with pytest.raises(FwsvdError, match="Fisher"):
+        compress_sequential(lm, CompressConfig(method="fwsvd", keep=0.5), _calibration(text_file), progress=False)
+    with pytest.raises(FwsvdError, match="lm_head"):
+        compress_sequential(lm, CompressConfig(method="svd-llm", keep=0.5, include=("lm_head", r".*q_proj")), _calibration(text_file), progress=False)
+    assert not any(isinstance(m, LowRankLinear) for m in lm.model.modules())

@@ -1,0 +1,215 @@
+"""Tests for fwsvd.stats: Fisher, activation and covariance statistics collected through hooks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from fwsvd import api
+from fwsvd.models import load_model
+from fwsvd.errors import FwsvdError
+from fwsvd.nn import find_targets
+from fwsvd.stats import Statistics, collect_statistics
+
+
+def batches_for(loaded, data, *, labels=True, samples=16):
+    cfg = api.CalibrationConfig(data=str(data), samples=samples, batch_size=8, max_length=16)
+    batches, _ = api.calibration_batches(loaded, cfg, labels=labels)
+    return batches
+
+
+def hook_counts(model) -> int:
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) + len(m._backward_hooks) for m in model.modules())
+
+
+@pytest.fixture(scope="module")
+def bert_fisher(bert_dir, sst2_tsv):
+    """Fisher + act + cov statistics of the tiny BERT, with the model and batches they came from."""
+    loaded = load_model(bert_dir)
+    names = [t.name for t in find_targets(loaded.model)]
+    batches = batches_for(loaded, sst2_tsv)
+    stats = collect_statistics(loaded.model, names, batches, {"fisher", "act", "cov"}, keep_full_fisher=True, progress=False)
+    return loaded, names, batches, stats
+
+
+def test_fisher_shapes_and_values(bert_fisher):
+    loaded, names, _, stats = bert_fisher
+    assert set(stats.tensors) == set(names)
+    for target in find_targets(loaded.model):
+        entry = stats.tensors[target.name]
+        fo, fi = entry["fisher_out"], entry["fisher_in"]
+        assert fo.shape == (target.out_features,) and fi.shape == (target.in_features,)
+        for t in (fo, fi, entry["fisher_full"]):
+            assert torch.isfinite(t).all() and (t >= 0).all()
+        assert fo.sum() > 0
+        # One pass serves both reductions of the same elementwise Fisher (float32 sums: rel 1e-5).
+        torch.testing.assert_close(entry["fisher_full"].sum(1), fo, rtol=1e-5, atol=0)
+        torch.testing.assert_close(entry["fisher_full"].sum(0), fi, rtol=1e-5, atol=0)
+    assert stats.summary["batches"] == 2 and stats.summary["samples"] == 16
+    assert stats.summary["kinds"] == ["act", "cov", "fisher"]
+    assert stats.summary["mean_loss"] > 0
+
+
+def test_fisher_equals_squared_gradients(bert_dir, sst2_tsv, fresh):
+    """Fisher is the sum over batches of squared weight gradients (checked against autograd)."""
+    loaded = fresh(bert_dir)
+    name = "bert.encoder.layer.1.intermediate.dense"
+    batches = batches_for(loaded, sst2_tsv)
+    stats = collect_statistics(loaded.model, [name], batches, {"fisher"}, progress=False)
+    weight = loaded.model.get_submodule(name).weight
+    expected = torch.zeros_like(weight)
+    loaded.model.eval()
+    for batch in batches:
+        (grad,) = torch.autograd.grad(loaded.model(**batch).loss, weight)
+        expected += grad.square()
+    # Same float32 computation in a different order: rel 1e-5.
+    torch.testing.assert_close(stats.tensors[name]["fisher_out"], expected.sum(1), rtol=1e-5, atol=1e-12)
+    torch.testing.assert_close(stats.tensors[name]["fisher_in"], expected.sum(0), rtol=1e-5, atol=1e-12)
+
+
+def test_fisher_gpt2_conv1d_layout(gpt2_dir, corpus_txt, fresh):
+    loaded = fresh(gpt2_dir)
+    batches = batches_for(loaded, corpus_txt, samples=4)
+    stats = collect_statistics(loaded.model, ["transformer.h.0.attn.c_attn"], batches, {"fisher"}, progress=False)
+    entry = stats.tensors["transformer.h.0.attn.c_attn"]
+    assert entry["fisher_out"].shape == (96,) and entry["fisher_in"].shape == (32,)  # [out, in], not Conv1D's [in, out]
+
+
+def test_act_and_cov_skip_padding(bert_fisher):
+    """act/cov are over real tokens only: checked against inputs captured by an independent hook."""
+    loaded, _, batches, stats = bert_fisher
+    name = "bert.encoder.layer.0.intermediate.dense"
+    assert any((b["attention_mask"] == 0).any() for b in batches), "fixture data should need padding"
+    rows = []
+    module = loaded.model.get_submodule(name)
+    handle = module.register_forward_pre_hook(lambda m, args: rows.append(args[0].detach()))
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                loaded.model(**{k: v for k, v in batch.items() if k != "labels"})
+    finally:
+        handle.remove()
+    x = torch.cat([r[b["attention_mask"].bool()] for r, b in zip(rows, batches)]).double()
+    # Each batch's X^T X is a float32 product (only the sum over batches is float64): compare in
+    # norm, relative 1e-6 (elementwise, cancellation makes near-zero entries differ by ~1e-5 relative).
+    ref = x.T @ x
+    assert torch.linalg.matrix_norm(stats.tensors[name]["cov"] - ref) <= 1e-6 * torch.linalg.matrix_norm(ref)
+    torch.testing.assert_close(stats.tensors[name]["act_abs_mean"].double(), x.abs().mean(0), rtol=1e-5, atol=1e-8)
+    assert stats.tensors[name]["cov"].dtype == torch.float64
+
+
+def test_qkv_covariance_is_shared(bert_fisher):
+    _, _, _, stats = bert_fisher
+    for layer in (0, 1):
+        prefix = f"bert.encoder.layer.{layer}.attention.self."
+        owner = prefix + "query"
+        assert stats.shared.get(prefix + "key") == owner
+        assert stats.shared.get(prefix + "value") == owner
+        assert owner not in stats.shared
+        assert "cov" in stats.tensors[owner] and "cov" not in stats.tensors[prefix + "key"]
+        assert stats.for_module(prefix + "value")["cov"] is stats.tensors[owner]["cov"]
+    # Modules reading different inputs are not shared.
+    assert "bert.encoder.layer.0.intermediate.dense" not in stats.shared
+
+
+def test_llama_shares_qkv_and_gate_up(llama_dir, corpus_txt, fresh):
+    loaded = fresh(llama_dir)
+    names = [t.name for t in find_targets(loaded.model)]
+    stats = collect_statistics(loaded.model, names, batches_for(loaded, corpus_txt, labels=False, samples=4), {"cov"}, progress=False)
+    for layer in (0, 1):
+        p = f"model.layers.{layer}."
+        assert stats.shared[p + "self_attn.k_proj"] == p + "self_attn.q_proj"
+        assert stats.shared[p + "self_attn.v_proj"] == p + "self_attn.q_proj"
+        assert stats.shared[p + "mlp.up_proj"] == p + "mlp.gate_proj"
+        assert p + "mlp.down_proj" not in stats.shared
+        assert stats.for_module(p + "self_attn.k_proj")["cov"].shape == (32, 32)
+
+
+def test_model_state_is_left_as_found(bert_dir, sst2_tsv, fresh):
+    loaded = fresh(bert_dir)
+    model = loaded.model
+    model.train()
+    model.bert.embeddings.word_embeddings.weight.requires_grad_(False)
+    sentinel = torch.full_like(model.classifier.weight, 7.0)
+    model.classifier.weight.grad = sentinel
+    target = "bert.encoder.layer.0.attention.self.query"
+    target_grad = torch.ones_like(model.get_submodule(target).weight)
+    model.get_submodule(target).weight.grad = target_grad
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    hooks_before = hook_counts(model)
+
+    names = [t.name for t in find_targets(model)]
+    collect_statistics(model, names, batches_for(loaded, sst2_tsv), {"fisher", "act", "cov"}, progress=False)
+
+    assert model.training and all(m.training for m in model.modules())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    for n, p in model.named_parameters():
+        assert p.grad is grads[n], n
+    assert torch.equal(model.classifier.weight.grad, torch.full_like(sentinel, 7.0))
+    assert torch.equal(model.get_submodule(target).weight.grad, torch.ones_like(target_grad))  # not accumulated into
+    assert hook_counts(model) == hooks_before
+
+
+def test_mixed_training_modes_are_restored(bert_dir, sst2_tsv, fresh):
+    """SRC BUG: collect_statistics restores the mode with ``model.train(was_training)``, which
+    overwrites per-submodule modes (here a frozen, eval-mode embedding inside a training model)."""
+    loaded = fresh(bert_dir)
+    model = loaded.model
+    model.train()
+    model.bert.embeddings.eval()
+    modes = {n: m.training for n, m in model.named_modules()}
+    collect_statistics(model, ["bert.encoder.layer.0.output.dense"], batches_for(loaded, sst2_tsv), {"act"}, progress=False)
+    assert {n: m.training for n, m in model.named_modules()} == modes
+
+
+def test_hooks_and_flags_restored_after_failure(bert_dir, sst2_tsv, fresh):
+    loaded = fresh(bert_dir)
+    model = loaded.model
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    hooks_before = hook_counts(model)
+    names = [t.name for t in find_targets(model)]
+    unlabelled = batches_for(loaded, sst2_tsv, labels=False)
+    with pytest.raises(FwsvdError, match="labels"):
+        collect_statistics(model, names, unlabelled, {"fisher", "cov"}, progress=False)
+    assert hook_counts(model) == hooks_before
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+    assert not model.training
+
+
+def test_bad_arguments(bert_dir, fresh):
+    loaded = fresh(bert_dir)
+    with pytest.raises(FwsvdError, match="no calibration batches"):
+        collect_statistics(loaded.model, ["bert.encoder.layer.0.output.dense"], [], {"act"}, progress=False)
+    with pytest.raises(ValueError, match="unknown statistics"):
+        collect_statistics(loaded.model, ["bert.encoder.layer.0.output.dense"], [], {"hessian"}, progress=False)
+    assert hook_counts(loaded.model) == 0
+
+
+def test_save_load_roundtrip_is_exact(bert_fisher, tmp_path):
+    _, names, _, stats = bert_fisher
+    path = tmp_path / "stats.safetensors"
+    stats.save(path)
+    assert not list(tmp_path.glob("*.tmp"))
+    back = Statistics.load(path)
+    assert back.shared == stats.shared
+    assert back.summary == stats.summary
+    assert back.kinds == stats.kinds == frozenset({"fisher", "act", "cov"})
+    for name in names:
+        mine, theirs = stats.for_module(name), back.for_module(name)
+        assert mine.keys() == theirs.keys(), name
+        for key in mine:
+            assert theirs[key].dtype == mine[key].dtype and torch.equal(theirs[key], mine[key]), (name, key)
+    stored = {n: e for n, e in stats.tensors.items() if e}
+    assert back.tensors.keys() == stored.keys()
+
+
+def test_load_rejects_missing_and_foreign_files(tmp_path):
+    with pytest.raises(FwsvdError, match="does not exist"):
+        Statistics.load(tmp_path / "missing.safetensors")
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"x": torch.zeros(2)}, str(foreign))
+    with pytest.raises(FwsvdError, match="not an fwsvd statistics file"):
+        Statistics.load(foreign)
