@@ -166,6 +166,20 @@ def test_causal_compress_and_perplexity(capsys, tmp_path, llama_dir, corpus_txt)
     assert result["nll"] == pytest.approx(math.log(result["perplexity"]), rel=1e-6)
 
 
+def test_sequential_compress_reloads_with_same_ranks(capsys, tmp_path, llama_dir, corpus_txt):
+    one_pass, sequential = tmp_path / "one", tmp_path / "seq"
+    for out, extra in ((one_pass, ()), (sequential, ("--sequential",))):
+        status, stdout, err = run(capsys, "compress", llama_dir, "--out", out, "--method", "svd-llm", "--keep", "0.4", "--data", corpus_txt, "--json", *CAUSAL, *extra)
+        assert status == 0, err
+    status, stdout, err = run(capsys, "inspect", sequential, "--json")
+    assert status == 0, err
+    seq = json.loads(stdout)
+    status, stdout, _ = run(capsys, "inspect", one_pass, "--json")
+    assert seq["ranks"] == json.loads(stdout)["ranks"] and seq["calibration"].get("sequential") is True
+    status, _, err = run(capsys, "compress", llama_dir, "--out", tmp_path / "f", "--method", "fwsvd", "--keep", "0.4", "--data", corpus_txt, "--sequential", *CAUSAL)
+    assert_one_line_error(status, err, "fwsvd")
+
+
 def test_saved_statistics_are_reused(capsys, tmp_path, bert_dir, sst2_tsv):
     stats = tmp_path / "stats.safetensors"
     first, second = tmp_path / "a", tmp_path / "b"

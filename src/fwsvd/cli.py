@@ -77,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--task", choices=list(TASKS), default=None, help="model task (detected from config.json when omitted)")
     c.add_argument("--save-stats", default=None, metavar="FILE", help="also write the calibration statistics to this .safetensors file")
     c.add_argument("--stats", default=None, metavar="FILE", help="reuse statistics saved with --save-stats instead of calibrating")
+    c.add_argument(
+        "--sequential", action="store_true",
+        help="calibrate and compress one transformer block at a time, each fitted to the compressed blocks before it "
+        "(peak memory near one block's statistics; svd, asvd and svd-llm)",
+    )
     c.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     _add_compress_finetune_options(c)
     _add_output_options(c)
@@ -205,18 +210,25 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         raise FwsvdError(f"--out {args.out} is the input model folder: write the compressed model to another folder")
     if args.stats and args.save_stats:
         raise FwsvdError("--stats and --save-stats together make no sense: --stats reuses a file, --save-stats writes one")
+    if args.sequential and (args.stats or args.save_stats):
+        raise FwsvdError("--sequential collects each block's statistics on the fly: drop --stats/--save-stats")
     recovery = _recovery_config(args)
     loaded = load_model(args.model, args.task)
     method = config.build_method(loaded.task)
     needs = method.needs_for(loaded.task)
     statistics = None
-    if args.stats:
-        statistics = Statistics.load(args.stats)
-    elif needs:
-        statistics = api.calibrate(loaded, calibration, needs, include=config.include, exclude=config.exclude, progress=not args.quiet)
-        if args.save_stats:
-            statistics.save(args.save_stats)
-    report = api.compress(loaded.model, config, statistics, task=loaded.task, progress=not args.quiet)
+    if args.sequential:
+        from .sequential import compress_sequential
+
+        report = compress_sequential(loaded, config, calibration, progress=not args.quiet)
+    else:
+        if args.stats:
+            statistics = Statistics.load(args.stats)
+        elif needs:
+            statistics = api.calibrate(loaded, calibration, needs, include=config.include, exclude=config.exclude, progress=not args.quiet)
+            if args.save_stats:
+                statistics.save(args.save_stats)
+        report = api.compress(loaded.model, config, statistics, task=loaded.task, progress=not args.quiet)
     finetuned = None
     if recovery is not None:
         from .finetune import finetune
