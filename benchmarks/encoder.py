@@ -48,6 +48,9 @@ def _machine() -> dict[str, Any]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "fwsvd": fwsvd.__version__,
+        # Other work on the machine slows every timing here; the 1-minute load average says how much.
+        "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
     }
 
 

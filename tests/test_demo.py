@@ -107,3 +107,19 @@ def test_format_table_has_one_row_per_model():
     text = demo.format_table({"metric": "accuracy", "rows": [row, small]})
     lines = text.splitlines()
     assert len(lines) == 4 and "fwsvd+ft" in lines[3] and "0.3" in lines[3] and "accuracy" in lines[0]
+
+
+def test_prepare_data_writes_once_into_a_fixed_folder(corpus, tmp_path):
+    import argparse
+
+    args = argparse.Namespace(train=None, test=None, corpus=str(corpus))
+    cache = tmp_path / "cache"
+    train, test, info = demo._prepare_data(args, demo.DemoSettings(), cache)
+    assert (train.parent, test.parent) == (cache / "data", cache / "data")
+    assert info["articles"] == 20 and info["train_rows"] + info["test_rows"] == 20 and info["classes"] == ["business", "sport", "tech"]
+    stamp = test.stat().st_mtime_ns
+    assert demo._prepare_data(args, demo.DemoSettings(), cache)[1].stat().st_mtime_ns == stamp  # reused
+    other = demo._prepare_data(args, demo.DemoSettings(seed=1), cache)[1]
+    assert other == test and json.loads((cache / "data" / "split.json").read_text())["seed"] == 1
+    with pytest.raises(DataError, match="both"):
+        demo._prepare_data(argparse.Namespace(train=str(train), test=None, corpus=None), demo.DemoSettings(), cache)

@@ -226,8 +226,8 @@ def test_cli_compress_with_recovery_finetune(classifier_dir, data, tmp_path, cap
     assert record["finetune"]["steps"] == 2 * 2 and record["finetune"]["batch_size"] == 16  # 32 rows
     # The table form mentions the fine-tuning too.
     assert main(["compress", str(classifier_dir), "--out", str(tmp_path / "svd"), "--method", "svd", "--keep", "0.4", "--quiet",
-                 "--finetune-data", str(data["sst2"]), "--max-length", "16"]) == 0
-    assert "fine-tuned 1 epoch(s)" in capsys.readouterr().out
+                 "--finetune-data", str(data["sst2"]), "--finetune-limit", "20", "--max-length", "16"]) == 0
+    assert "fine-tuned 1 epoch(s) on 20 rows" in capsys.readouterr().out
 
 
 def test_cli_errors_are_one_line(classifier_dir, encoder_dir, data, tmp_path, capsys):

@@ -111,6 +111,7 @@ def _add_compress_finetune_options(c: argparse.ArgumentParser) -> None:
     )
     c.add_argument("--finetune-epochs", type=int, default=None, metavar="N", help="epochs of the recovery fine-tuning (needs --finetune-data)")
     c.add_argument("--finetune-lr", type=float, default=None, metavar="LR", help=_help(FinetuneConfig, "lr"))
+    c.add_argument("--finetune-limit", type=int, default=None, metavar="N", help=_help(FinetuneConfig, "limit"))
 
 
 def _add_finetune_parser(sub: Any) -> None:
@@ -248,11 +249,11 @@ def _recovery_config(args: argparse.Namespace) -> Any:
     from .finetune import FinetuneConfig
 
     if args.finetune_data is None:
-        if args.finetune_epochs is not None or args.finetune_lr is not None:
-            raise FwsvdError("--finetune-epochs/--finetune-lr need --finetune-data TRAIN: the labelled data to fine-tune on")
+        if args.finetune_epochs is not None or args.finetune_lr is not None or args.finetune_limit is not None:
+            raise FwsvdError("--finetune-epochs/--finetune-lr/--finetune-limit need --finetune-data TRAIN: the labelled data to fine-tune on")
         return None
     return FinetuneConfig(
-        data=args.finetune_data, epochs=args.finetune_epochs, lr=args.finetune_lr, max_length=args.max_length or 128, seed=args.seed,
+        data=args.finetune_data, epochs=args.finetune_epochs, lr=args.finetune_lr, limit=args.finetune_limit, max_length=args.max_length or 128, seed=args.seed,
         text_column=args.text_column, pair_column=args.pair_column, label_column=args.label_column,
     )
 
