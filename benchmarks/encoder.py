@@ -18,11 +18,12 @@ import datetime as dt
 import json
 import logging
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from fwsvd.demo import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SHARED = ROOT.parent / "shared"
@@ -31,27 +32,6 @@ RECOVERY_KEEPS = (0.5, 0.3)
 NAME = "encoder-sst2"
 
 logger = logging.getLogger("benchmarks.encoder")
-
-
-def _machine() -> dict[str, Any]:
-    import torch
-    import transformers
-
-    import fwsvd
-
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "fwsvd": fwsvd.__version__,
-        # Other work on the machine slows every timing here; the 1-minute load average says how much.
-        "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-    }
 
 
 def _variants(keeps: list[float], recovery_keeps: list[float]) -> list[tuple[str, str, float, bool]]:
@@ -124,7 +104,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         "benchmark": NAME,
         "command": " ".join(["python", "benchmarks/encoder.py", *sys.argv[1:]]),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": _machine(),
+        "machine": machine_info(),
         "model": str(model_dir),
         "calibration": dict(statistics.summary),
         "compress_timing": {

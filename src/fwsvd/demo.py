@@ -248,15 +248,22 @@ class _Row:
         return self.method + ("+ft" if self.finetuned else "")
 
 
-def _machine() -> dict[str, Any]:
+def machine_info() -> dict[str, Any]:
+    """Facts about this machine and software, recorded beside every measured figure."""
     import torch
     import transformers
 
     from . import __version__
 
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
     return {
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": cpu,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
@@ -448,7 +455,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         "format": _MARK,
         "command": " ".join(["python", "-m", "fwsvd.demo", *(sys.argv[1:] if args.argv is None else args.argv)]),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": _machine(),
+        "machine": machine_info(),
         "model": str(model_dir),
         "data": data_info,
         "classifier": {"folder": str(classifier_dir), **classifier_info},
