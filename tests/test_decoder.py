@@ -266,3 +266,13 @@ def test_sequential_refuses_fisher_and_targets_outside_blocks(tokenizer, text_fi
     with pytest.raises(FwsvdError, match="lm_head"):
         compress_sequential(lm, CompressConfig(method="svd-llm", keep=0.5, include=("lm_head", r".*q_proj")), _calibration(text_file), progress=False)
     assert not any(isinstance(m, LowRankLinear) for m in lm.model.modules())
+
+
+def test_sequential_refuses_encoder_decoder_models(tokenizer, text_file):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(T5Config(vocab_size=VOCAB, d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4)).eval()
+    lm = LoadedModel(model, tokenizer, "causal-lm", "tiny-t5")
+    with pytest.raises(FwsvdError, match="stacks of blocks"):
+        compress_sequential(lm, CompressConfig(method="svd-llm", keep=0.5), _calibration(text_file), progress=False)

@@ -186,7 +186,8 @@ def compress_sequential(
 
     Raises:
         FwsvdError: for a method that needs Fisher information, an already-compressed model, targets
-            outside the transformer blocks, or a model whose blocks cannot be replayed.
+            outside the transformer blocks, an encoder-decoder model, or a model whose blocks cannot
+            be replayed.
         DataError: for missing or empty calibration data.
     """
     model = loaded.model
@@ -209,6 +210,14 @@ def compress_sequential(
     block_names = find_blocks(model)
     if not block_names:
         raise FwsvdError(f"{type(model).__name__} has no repeated transformer blocks to compress one at a time: run without sequential mode")
+    stacks = sorted({name.rpartition(".")[0] for name in block_names})
+    if len(stacks) > 1:
+        # Each block's output must be the next block's input; an encoder-decoder's decoder starts
+        # from its own embeddings and reads the encoder's output through cross-attention instead.
+        raise FwsvdError(
+            f"{type(model).__name__} has {len(stacks)} stacks of blocks ({', '.join(stacks)}); sequential mode follows "
+            "one chain of blocks (decoder-only or encoder-only models): run without sequential mode"
+        )
     by_block: dict[str, list[LinearInfo]] = {name: [] for name in block_names}
     outside: list[str] = []
     for info in targets:
