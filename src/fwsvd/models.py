@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -135,6 +136,10 @@ def load_model(
     hf.register()
     source, gguf_file = model_source(model)
     extra = {"gguf_file": gguf_file} if gguf_file else {}
+    if gguf_file:
+        missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+        if missing:
+            raise ModelError(f"reading {gguf_file} needs the {' and '.join(missing)} package(s): pip install {' '.join(missing)}")
     try:
         config = AutoConfig.from_pretrained(source, **extra)
     except (OSError, ValueError, KeyError) as err:
