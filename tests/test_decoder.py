@@ -276,3 +276,87 @@ def test_sequential_refuses_encoder_decoder_models(tokenizer, text_file):
     lm = LoadedModel(model, tokenizer, "causal-lm", "tiny-t5")
     with pytest.raises(FwsvdError, match="stacks of blocks"):
         compress_sequential(lm, CompressConfig(method="svd-llm", keep=0.5), _calibration(text_file), progress=False)
+
+
+# --- GGUF input ---------------------------------------------------------------------------------
+
+
+def _write_tiny_gguf(path: Path) -> None:
+    """A 2-layer Llama with grouped-query attention as an unquantized GGUF file, with a byte-level
+    tokenizer of single characters (no merges needed)."""
+    import numpy as np
+    import gguf
+
+    rng = np.random.default_rng(0)
+    vocab, hidden, ffn, layers, heads, kv_heads = 64, 32, 64, 2, 4, 2
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(128)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_freq_base(10000.0)
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789") + ["Ġ", "Ċ"]  # byte-level space and newline
+    tokens = ["<unk>", "<s>", "</s>"] + chars + [f"tok{i}" for i in range(vocab - 3 - len(chars))]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3, 3, 3] + [1] * (vocab - 3))
+    writer.add_token_scores([0.0] * vocab)
+    writer.add_token_merges([])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+
+    def tensor(name: str, *shape: int) -> None:
+        writer.add_tensor(name, (rng.standard_normal(shape) * 0.05).astype(np.float32))
+
+    tensor("token_embd.weight", vocab, hidden)
+    kv = kv_heads * hidden // heads
+    for i in range(layers):
+        tensor(f"blk.{i}.attn_q.weight", hidden, hidden)
+        tensor(f"blk.{i}.attn_k.weight", kv, hidden)
+        tensor(f"blk.{i}.attn_v.weight", kv, hidden)
+        tensor(f"blk.{i}.attn_output.weight", hidden, hidden)
+        tensor(f"blk.{i}.ffn_gate.weight", ffn, hidden)
+        tensor(f"blk.{i}.ffn_up.weight", ffn, hidden)
+        tensor(f"blk.{i}.ffn_down.weight", hidden, ffn)
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(hidden, np.float32))
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(hidden, np.float32))
+    writer.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
+    tensor("output.weight", vocab, hidden)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_gguf_folder_compresses_to_a_plain_safetensors_folder(text_file, tmp_path, capsys):
+    pytest.importorskip("gguf")
+    pytest.importorskip("accelerate")
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from fwsvd.cli import main
+
+    folder = tmp_path / "gguf-model"
+    folder.mkdir()
+    _write_tiny_gguf(folder / "tiny.gguf")
+    dense = fwsvd.load_model(folder, need_tokenizer=True)
+    assert dense.task == "causal-lm"  # GGUF configs name no architecture
+    assert getattr(dense.model, "hf_quantizer", None) is None  # nothing ties it to the GGUF loader
+    out = tmp_path / "compressed"
+    common = ["--data", str(text_file), "--max-length", "16", "--json", "--quiet"]
+    assert main(["compress", str(folder), "--out", str(out), "--method", "svd-llm", "--keep", "0.5", "--samples", "4", *common]) == 0
+    capsys.readouterr()
+    assert (out / "model.safetensors").is_file() and not list(out.glob("*.gguf"))
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    assert config["quantization_config"]["quant_method"] == "fwsvd"
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert sum(isinstance(m, LowRankLinear) for m in reloaded.modules()) == 14
+    assert main(["eval", str(folder), "--limit", "2", *common]) == 0
+    dense_ppl = json.loads(capsys.readouterr().out)["perplexity"]
+    assert main(["eval", str(out), "--limit", "2", *common]) == 0
+    assert math.isfinite(json.loads(capsys.readouterr().out)["perplexity"]) and math.isfinite(dense_ppl)

@@ -145,13 +145,13 @@ def load_model(
     except (OSError, ValueError, KeyError) as err:
         raise ModelError(f"cannot load the config of {model} ({_first_line(err)}): pass a local model folder or check the hub id and network") from err
     if task is None:
-        task = detect_task(config)
+        # A GGUF file's config names no architecture; the format carries causal language models.
+        task = "causal-lm" if gguf_file and not getattr(config, "architectures", None) else detect_task(config)
     elif task not in TASKS:
         raise ModelError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
-    if gguf_file:
-        extra.update(_gguf_dense_options(gguf_file))
+    model_extra = {**extra, **_gguf_dense_options(gguf_file)} if gguf_file else extra
     try:
-        loaded = _auto_class(task).from_pretrained(source, dtype=dtype or torch.float32, **extra)
+        loaded = _auto_class(task).from_pretrained(source, dtype=dtype or torch.float32, **model_extra)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
         raise ModelError(f"cannot load model {model} ({_first_line(err)}): check that the folder holds complete safetensors weights") from err
     if gguf_file:
