@@ -12,7 +12,8 @@ from .base import Method
 
 #: Default Fisher reduction per task family, chosen by measurement (README, "Fisher reduction"):
 #: output-side importance serves the fine-tuned encoders; decoders need both sides (SmolLM2-135M,
-#: WikiText-2, keep 0.8 / 0.6: perplexity both 239 / 1.3e3, in 2.6e3 / 3.3e4, out 5.7e5, dense 27.6).
+#: WikiText-2, keep 0.8 / 0.6: perplexity both 254 / 1455, in 3003 / 3.9e4, out 4.4e5 / 1.6e7,
+#: dense 27.4; benchmarks/results/decoder-smollm2.md).
 DEFAULT_REDUCTION = {"causal-lm": "both"}
 FALLBACK_REDUCTION = "out"
 
