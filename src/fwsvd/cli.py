@@ -112,6 +112,7 @@ def _add_compress_finetune_options(c: argparse.ArgumentParser) -> None:
     c.add_argument("--finetune-epochs", type=int, default=None, metavar="N", help="epochs of the recovery fine-tuning (needs --finetune-data)")
     c.add_argument("--finetune-lr", type=float, default=None, metavar="LR", help=_help(FinetuneConfig, "lr"))
     c.add_argument("--finetune-limit", type=int, default=None, metavar="N", help=_help(FinetuneConfig, "limit"))
+    c.add_argument("--finetune-ema", type=float, default=None, metavar="DECAY", help=_help(FinetuneConfig, "ema"))
 
 
 def _add_finetune_parser(sub: Any) -> None:
@@ -134,6 +135,7 @@ def _add_finetune_parser(sub: Any) -> None:
     f.add_argument("--seed", type=int, default=0, help=_help(FinetuneConfig, "seed"))
     f.add_argument("--limit", type=int, default=None, help=_help(FinetuneConfig, "limit"))
     f.add_argument("--warmup", type=float, default=0.1, help=_help(FinetuneConfig, "warmup"))
+    f.add_argument("--ema", type=float, default=None, metavar="DECAY", help=_help(FinetuneConfig, "ema"))
     for name in ("text_column", "pair_column", "label_column"):
         f.add_argument("--" + name.replace("_", "-"), default=None, help=_help(FinetuneConfig, name))
     f.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
@@ -249,11 +251,11 @@ def _recovery_config(args: argparse.Namespace) -> Any:
     from .finetune import FinetuneConfig
 
     if args.finetune_data is None:
-        if args.finetune_epochs is not None or args.finetune_lr is not None or args.finetune_limit is not None:
-            raise FwsvdError("--finetune-epochs/--finetune-lr/--finetune-limit need --finetune-data TRAIN: the labelled data to fine-tune on")
+        if any(v is not None for v in (args.finetune_epochs, args.finetune_lr, args.finetune_limit, args.finetune_ema)):
+            raise FwsvdError("--finetune-epochs/--finetune-lr/--finetune-limit/--finetune-ema need --finetune-data TRAIN: the labelled data to fine-tune on")
         return None
     return FinetuneConfig(
-        data=args.finetune_data, epochs=args.finetune_epochs, lr=args.finetune_lr, limit=args.finetune_limit, max_length=args.max_length or 128, seed=args.seed,
+        data=args.finetune_data, epochs=args.finetune_epochs, lr=args.finetune_lr, limit=args.finetune_limit, ema=args.finetune_ema, max_length=args.max_length or 128, seed=args.seed,
         text_column=args.text_column, pair_column=args.pair_column, label_column=args.label_column,
     )
 
@@ -267,7 +269,7 @@ def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
 
     config = FinetuneConfig(
         data=args.data, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
-        limit=args.limit, warmup=args.warmup, text_column=args.text_column, pair_column=args.pair_column, label_column=args.label_column,
+        limit=args.limit, warmup=args.warmup, ema=args.ema, text_column=args.text_column, pair_column=args.pair_column, label_column=args.label_column,
     )
     out = check_output_dir(args.out, args.overwrite)
     source, _ = model_source(args.model)
