@@ -199,6 +199,26 @@ def test_whitened_svd_output_error_is_optimal(rank):
     assert err <= output_error(w, a_p, b_p, x) * (1 + 1e-9)
 
 
+@pytest.mark.parametrize("rank", [1, 3, 6])
+def test_row_weighted_whitened_svd_minimises_the_weighted_output_error(rank):
+    w = randn(10, 8, seed=21, dtype=torch.float64)
+    x = randn(40, 8, seed=22, dtype=torch.float64) * torch.logspace(-1, 1, 8, dtype=torch.float64)
+    r = torch.logspace(-1, 1, 10, dtype=torch.float64)  # importance of each output feature
+    a, b = whitened_svd(w, rank, x.T @ x, damping=0.0, row_weight=r)
+    a_u, b_u = whitened_svd(w, rank, x.T @ x, damping=0.0)
+
+    def weighted(a_, b_):
+        return float(torch.linalg.matrix_norm(r[:, None] * ((w - a_ @ b_) @ x.T)))
+
+    # Exactly the discarded singular values of diag(r) W X^T (float64: rel 1e-7) ...
+    s = torch.linalg.svdvals(r[:, None] * (w @ x.T))
+    assert weighted(a, b) ** 2 == pytest.approx(float(s[rank:].square().sum()), rel=1e-7)
+    # ... so it beats the unweighted whitening on the weighted error (strictly, below full rank).
+    assert weighted(a, b) < weighted(a_u, b_u) * (1 - 1e-6) or rank == 8
+    with pytest.raises(ValueError, match="row_weight"):
+        whitened_svd(w, rank, x.T @ x, row_weight=torch.zeros(10, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("rank", [1, 3, 5])
 def test_whitened_svd_with_default_damping_still_beats_plain_svd(rank):
     w = randn(10, 8, seed=11)

@@ -17,7 +17,7 @@ import fwsvd
 from fwsvd.cli import main
 from fwsvd.errors import DataError, FwsvdError, ModelError
 from fwsvd.evaluate import EvalConfig, evaluate
-from fwsvd.finetune import FinetuneConfig, _epoch_batches, _WeightAverage, finetune, head_config, load_for_finetune
+from fwsvd.finetune import FinetuneConfig, _epoch_batches, finetune, head_config, load_for_finetune
 from fwsvd.hf import compression_record
 from fwsvd.nn import LowRankLinear
 
@@ -145,27 +145,7 @@ def test_config_validation():
     with pytest.raises(DataError):
         FinetuneConfig(data="")
     assert FinetuneConfig(data="x.tsv").resolved(compressed=True).epochs == 1
-    for bad in (-0.1, 1.0, float("nan"), True):
-        with pytest.raises(FwsvdError, match="ema"):
-            FinetuneConfig(data="x.tsv", ema=bad)
     assert FinetuneConfig(data="x.tsv").resolved(compressed=False).epochs == 3
-
-
-def test_weight_average_follows_the_warmed_up_decay_and_swaps_back():
-    p = torch.nn.Parameter(torch.zeros(3))
-    avg = _WeightAverage([p], decay=0.9)
-    expected = torch.zeros(3)
-    for step in range(1, 30):
-        with torch.no_grad():
-            p.fill_(float(step))
-        avg.update()
-        d = min(0.9, (1 + step) / (10 + step))
-        expected = d * expected + (1 - d) * step
-    torch.testing.assert_close(avg.shadow[0], expected)
-    avg.swap()
-    torch.testing.assert_close(p.detach(), expected)
-    avg.swap()
-    assert torch.equal(p.detach(), torch.full((3,), 29.0))
 
 
 # --- fine-tuning ----------------------------------------------------------------------------------------

@@ -72,8 +72,13 @@ class CompressConfig:
         "(measured best per task: out for encoders, both for causal LMs)",
         default="auto",
     )
+    fisher_whiten: str = _help(
+        "fwsvd: weight the input side by the calibration inputs' covariance (SVD-LLM's truncation-aware whitening) "
+        "on top of Fisher per output feature: on, off, or 'auto' (measured best per task: on for classifiers, off for causal LMs)",
+        default="auto",
+    )
     asvd_alpha: float = _help("asvd: exponent of the mean absolute activation scaling", default=0.5)
-    damping: float = _help("svd-llm: damping added to the covariance, as a fraction of its mean diagonal", default=0.01)
+    damping: float = _help("svd-llm and whitened fwsvd: damping added to the covariance, as a fraction of its mean diagonal", default=0.01)
 
     def __post_init__(self) -> None:
         self.include = tuple(self.include or ())
@@ -86,7 +91,7 @@ class CompressConfig:
 
     def build_method(self, task: str) -> Method:
         """The configured method, with ``auto`` options resolved for ``task``."""
-        return get_method(self.method, reduction=self.fisher_reduction, alpha=self.asvd_alpha, damping=self.damping).configure(task)
+        return get_method(self.method, reduction=self.fisher_reduction, whiten=self.fisher_whiten, alpha=self.asvd_alpha, damping=self.damping).configure(task)
 
 
 @dataclass
@@ -312,7 +317,12 @@ def compress(
     needs = method.needs_for(task)
     have = statistics.kinds if statistics is not None else frozenset()
     if needs - have:
-        raise FwsvdError(f"method {method.name} needs calibration statistics {sorted(needs - have)}: pass --data")
+        if statistics is None:
+            raise FwsvdError(f"method {method.name} needs calibration statistics {sorted(needs - have)}: pass --data")
+        raise FwsvdError(
+            f"the given statistics hold {sorted(have)} but method {method.name} ({method.options()}) also needs "
+            f"{sorted(needs - have)}: recalibrate with --data, or save them with --save-stats from a run of this method"
+        )
     targets = find_targets(model, config.include, config.exclude)
     _check_finite(model, targets)
     uncovered = statistics.uncovered([t.name for t in targets], needs) if statistics is not None else []

@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--include", action="append", default=[], metavar="PATTERN", help=_help(CompressConfig, "include"))
     c.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help=_help(CompressConfig, "exclude"))
     c.add_argument("--fisher-reduction", choices=["auto", "out", "in", "both"], default="auto", help=_help(CompressConfig, "fisher_reduction"))
+    c.add_argument("--fisher-whiten", choices=["auto", "on", "off"], default="auto", help=_help(CompressConfig, "fisher_whiten"))
     c.add_argument("--asvd-alpha", type=float, default=0.5, help=_help(CompressConfig, "asvd_alpha"))
     c.add_argument("--damping", type=float, default=0.01, help=_help(CompressConfig, "damping"))
     c.add_argument("--task", choices=list(TASKS), default=None, help="model task (detected from config.json when omitted)")
@@ -112,7 +113,6 @@ def _add_compress_finetune_options(c: argparse.ArgumentParser) -> None:
     c.add_argument("--finetune-epochs", type=int, default=None, metavar="N", help="epochs of the recovery fine-tuning (needs --finetune-data)")
     c.add_argument("--finetune-lr", type=float, default=None, metavar="LR", help=_help(FinetuneConfig, "lr"))
     c.add_argument("--finetune-limit", type=int, default=None, metavar="N", help=_help(FinetuneConfig, "limit"))
-    c.add_argument("--finetune-ema", type=float, default=None, metavar="DECAY", help=_help(FinetuneConfig, "ema"))
 
 
 def _add_finetune_parser(sub: Any) -> None:
@@ -135,7 +135,6 @@ def _add_finetune_parser(sub: Any) -> None:
     f.add_argument("--seed", type=int, default=0, help=_help(FinetuneConfig, "seed"))
     f.add_argument("--limit", type=int, default=None, help=_help(FinetuneConfig, "limit"))
     f.add_argument("--warmup", type=float, default=0.1, help=_help(FinetuneConfig, "warmup"))
-    f.add_argument("--ema", type=float, default=None, metavar="DECAY", help=_help(FinetuneConfig, "ema"))
     for name in ("text_column", "pair_column", "label_column"):
         f.add_argument("--" + name.replace("_", "-"), default=None, help=_help(FinetuneConfig, name))
     f.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
@@ -201,7 +200,7 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
 
     config = api.CompressConfig(
         method=args.method, keep=args.keep, include=tuple(args.include), exclude=tuple(args.exclude),
-        fisher_reduction=args.fisher_reduction, asvd_alpha=args.asvd_alpha, damping=args.damping,
+        fisher_reduction=args.fisher_reduction, fisher_whiten=args.fisher_whiten, asvd_alpha=args.asvd_alpha, damping=args.damping,
     )
     calibration = api.CalibrationConfig(
         data=args.data, samples=args.samples, batch_size=args.batch_size or 16, max_length=args.max_length, seed=args.seed,
@@ -251,11 +250,11 @@ def _recovery_config(args: argparse.Namespace) -> Any:
     from .finetune import FinetuneConfig
 
     if args.finetune_data is None:
-        if any(v is not None for v in (args.finetune_epochs, args.finetune_lr, args.finetune_limit, args.finetune_ema)):
-            raise FwsvdError("--finetune-epochs/--finetune-lr/--finetune-limit/--finetune-ema need --finetune-data TRAIN: the labelled data to fine-tune on")
+        if args.finetune_epochs is not None or args.finetune_lr is not None or args.finetune_limit is not None:
+            raise FwsvdError("--finetune-epochs/--finetune-lr/--finetune-limit need --finetune-data TRAIN: the labelled data to fine-tune on")
         return None
     return FinetuneConfig(
-        data=args.finetune_data, epochs=args.finetune_epochs, lr=args.finetune_lr, limit=args.finetune_limit, ema=args.finetune_ema, max_length=args.max_length or 128, seed=args.seed,
+        data=args.finetune_data, epochs=args.finetune_epochs, lr=args.finetune_lr, limit=args.finetune_limit, max_length=args.max_length or 128, seed=args.seed,
         text_column=args.text_column, pair_column=args.pair_column, label_column=args.label_column,
     )
 
@@ -269,7 +268,7 @@ def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
 
     config = FinetuneConfig(
         data=args.data, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
-        limit=args.limit, warmup=args.warmup, ema=args.ema, text_column=args.text_column, pair_column=args.pair_column, label_column=args.label_column,
+        limit=args.limit, warmup=args.warmup, text_column=args.text_column, pair_column=args.pair_column, label_column=args.label_column,
     )
     out = check_output_dir(args.out, args.overwrite)
     source, _ = model_source(args.model)

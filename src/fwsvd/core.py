@@ -144,6 +144,7 @@ def whitened_svd(
     rank: int,
     covariance: torch.Tensor,
     damping: float = 1e-2,
+    row_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Truncation-aware whitening (SVD-LLM, Wang et al. 2024): low rank that minimises output error.
 
@@ -160,6 +161,8 @@ def whitened_svd(
         rank: components to keep.
         covariance: ``[in, in]`` symmetric positive semi-definite matrix (sum of ``x x^T``).
         damping: added to the eigenvalues as a fraction of the mean diagonal of ``covariance``.
+        row_weight: ``[out]`` positive scales of the output error's rows (e.g. square roots of
+            per-output Fisher importance): minimises ``||diag(r) (W - A B) X^T||_F`` instead.
 
     Returns:
         ``(A, B)`` as in :func:`weighted_svd`.
@@ -181,8 +184,8 @@ def whitened_svd(
     cov = (cov + cov.T) / 2
     scale = cov.diagonal().mean()
     if scale <= 0:
-        # No signal at all: whitening carries no information, fall back to plain SVD.
-        return weighted_svd(weight, rank)
+        # No signal at all: whitening carries no information, fall back to the (row-weighted) SVD.
+        return weighted_svd(weight, rank, row_weight=row_weight)
     evals, evecs = torch.linalg.eigh(cov)
     # Negative eigenvalues are round-off; the floor keeps S invertible even with damping=0 and a
     # singular covariance (directions the data never visits then carry almost no weight).
@@ -191,7 +194,9 @@ def whitened_svd(
     w = weight.detach().to(torch.float64)
     # W S with S = Q diag(sqrt(e)); S^{-1} = diag(1/sqrt(e)) Q^T.
     ws = (w @ evecs) * sqrt_e[None, :]
-    u, _, vh = torch.linalg.svd(ws, full_matrices=False)
+    # Rows weighted: the truncation is chosen on diag(r) W S; A = W S V_k needs no unscaling.
+    r = None if row_weight is None else _check_scale(row_weight, out_f, "row_weight").to(ws)
+    _, _, vh = torch.linalg.svd(ws if r is None else r[:, None] * ws, full_matrices=False)
     vh_k = vh[:rank]
     a = ws @ vh_k.T
     b = (vh_k / sqrt_e[None, :]) @ evecs.T

@@ -46,7 +46,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
-    "DEFAULT_EMA",
     "DEFAULT_EPOCHS",
     "DEFAULT_LR",
     "FinetuneConfig",
@@ -66,8 +65,6 @@ DEFAULT_LR = {"compressed": 1e-4, "dense": 5e-5}
 #: Batch sizes when none is given. A recovery run is usually a single epoch: batches of 16 give it
 #: twice the updates of 32 (MiniLM/SST-2 keep 0.3, 5 seeds: mean dev accuracy 0.853 vs 0.851).
 DEFAULT_BATCH_SIZE = {"compressed": 16, "dense": 32}
-#: Decay of the weight average that is evaluated and kept (0: none), see :class:`_WeightAverage`.
-DEFAULT_EMA = {"compressed": 0.0, "dense": 0.0}
 
 # Batches are formed from windows of this many batches' worth of examples sorted by length, so that
 # padding is small while the order stays random (the "group by length" of transformers' Trainer).
@@ -103,11 +100,6 @@ class FinetuneConfig:
     weight_decay: float = _help("AdamW weight decay (not applied to biases and LayerNorm weights)", default=0.01)
     max_grad_norm: float = _help("gradients are clipped to this total norm", default=1.0)
     group_by_length: bool = _help("batch examples of similar length together (less padding, same randomness of order)", default=True)
-    ema: float | None = _help(
-        "decay of an exponential moving average of the weights, which is what gets evaluated and kept; 0 turns it off "
-        f"(default {DEFAULT_EMA['compressed']:g} for a compressed model, {DEFAULT_EMA['dense']:g} otherwise)",
-        default=None,
-    )
     text_column: str | None = _help("name of the text column (detected when omitted)", default=None)
     pair_column: str | None = _help("name of the second text column of a pair task (detected when omitted)", default=None)
     label_column: str | None = _help("name of the label column (detected when omitted)", default=None)
@@ -126,8 +118,6 @@ class FinetuneConfig:
             raise FwsvdError(f"--lr {self.lr!r} must be a positive number such as 5e-5")
         if not 0 <= self.warmup < 1:
             raise FwsvdError(f"warmup {self.warmup!r} must be a fraction of the steps in [0, 1)")
-        if self.ema is not None and (isinstance(self.ema, bool) or not isinstance(self.ema, (int, float)) or not 0 <= self.ema < 1):
-            raise FwsvdError(f"--ema {self.ema!r} must be a decay in [0, 1) such as 0.99, or 0 to turn the average off")
         if self.weight_decay < 0 or self.max_grad_norm <= 0:
             raise FwsvdError("weight decay must be ≥ 0 and the gradient clipping norm > 0")
 
@@ -135,11 +125,7 @@ class FinetuneConfig:
         """A copy with ``epochs``, ``lr`` and ``batch_size`` filled in for a compressed or dense model."""
         kind = "compressed" if compressed else "dense"
         return replace(
-            self,
-            epochs=self.epochs or DEFAULT_EPOCHS[kind],
-            lr=self.lr or DEFAULT_LR[kind],
-            batch_size=self.batch_size or DEFAULT_BATCH_SIZE[kind],
-            ema=DEFAULT_EMA[kind] if self.ema is None else self.ema,
+            self, epochs=self.epochs or DEFAULT_EPOCHS[kind], lr=self.lr or DEFAULT_LR[kind], batch_size=self.batch_size or DEFAULT_BATCH_SIZE[kind]
         )
 
     def read(self) -> d.Examples:
@@ -305,30 +291,6 @@ def _optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr)
 
 
-class _WeightAverage:
-    """Exponential moving average of parameters, with the usual warm-up of the decay
-    (``min(decay, (1 + t) / (10 + t))`` at step ``t``) so early steps do not drag the pre-training
-    weights along."""
-
-    def __init__(self, params: list[torch.Tensor], decay: float) -> None:
-        self.params, self.decay, self.steps = params, decay, 0
-        self.shadow = [p.detach().clone() for p in params]
-
-    @torch.no_grad()
-    def update(self) -> None:
-        self.steps += 1
-        d = min(self.decay, (1 + self.steps) / (10 + self.steps))
-        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - d)
-
-    @torch.no_grad()
-    def swap(self) -> None:
-        """Exchange the live weights and the average (calling it twice restores the live ones)."""
-        for p, q in zip(self.params, self.shadow):
-            tmp = p.detach().clone()
-            p.copy_(q)
-            q.copy_(tmp)
-
-
 def _score(result: dict[str, Any]) -> float:
     value = result.get(result.get("metric", ""), math.nan)
     return value if isinstance(value, (int, float)) and math.isfinite(value) else -math.inf
@@ -406,7 +368,6 @@ def finetune(
     optimizer = _optimizer(model, cfg.lr, cfg.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, round(cfg.warmup * total), total)
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    average = _WeightAverage(params, cfg.ema) if cfg.ema else None
     generator = torch.Generator().manual_seed(cfg.seed)
     device = params[0].device  # batches follow the model (CPU unless the caller moved it)
     history: list[dict[str, Any]] = []
@@ -440,14 +401,10 @@ def finetune(
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
-                    if average is not None:
-                        average.update()
                     loss_sum += loss.item() * len(index)
                     seen += len(index)
                     bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
                 bar.close()
-                if average is not None:
-                    average.swap()  # evaluate (and keep) the averaged weights
                 row: dict[str, Any] = {"epoch": epoch, "loss": loss_sum / max(seen, 1), "seconds": round(time.perf_counter() - t0, 3)}
                 if eval_config is not None:
                     result = evaluate(loaded, eval_config, progress=progress)
@@ -461,8 +418,6 @@ def finetune(
                 else:
                     logger.info("epoch %d/%d: loss %.4f", epoch, cfg.epochs, row["loss"])
                 history.append(row)
-                if average is not None and epoch < cfg.epochs:
-                    average.swap()  # training goes on from the live weights
         if eval_config is not None and best[1] != cfg.epochs and best[2] is not None:
             model.load_state_dict(best[2])
             logger.info("kept epoch %d (best %s on %s)", best[1], best[3]["metric"] if best[3] else "", eval_config.data)
@@ -487,7 +442,6 @@ def finetune(
         "warmup": cfg.warmup,
         "weight_decay": cfg.weight_decay,
         "max_grad_norm": cfg.max_grad_norm,
-        "ema": cfg.ema,
         "compressed": compressed,
         "regression": regression,
         "steps": total,
