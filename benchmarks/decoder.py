@@ -64,8 +64,9 @@ VARIANTS: tuple[tuple[str, str, dict[str, Any], bool], ...] = (
     ("svd-llm", "svd-llm", {}, False),
     ("svd-llm (sequential)", "svd-llm", {}, True),
 )
-# Fisher reduction measured at these budgets (the "auto" default resolves to one of them).
+# fwsvd's weightings compared at these budgets: (Fisher reduction, input whitening); "auto" resolves to one.
 REDUCTION_KEEPS = (0.8, 0.6)
+WEIGHTINGS = (("out", "off"), ("in", "off"), ("both", "off"), ("out", "on"))
 
 log = logging.getLogger("decoder-benchmark")
 
@@ -189,9 +190,11 @@ def _table(result: dict[str, Any]) -> str:
             f"{row['model_keep']:.3f} | {row['seconds_compress']:.1f} | {row['peak_rss_mib'] or '-'} | {row['peak_rise_mib'] or '-'} |"
         )
     if result.get("fisher_reduction"):
-        lines += ["", "Fisher reduction (fwsvd):", "", "| keep | reduction | perplexity |", "|---:|---|---:|"]
+        lines += ["", "fwsvd weightings (Fisher reduction; inputs whitened or not):", "", "| keep | reduction | whitened inputs | perplexity |", "|---:|---|---|---:|"]
         for row in result["fisher_reduction"]:
-            lines.append(f"| {row['keep']:g} | {row['reduction']}{' (default)' if row.get('default') else ''} | {row['perplexity']:.4g} |")
+            lines.append(
+                f"| {row['keep']:g} | {row['reduction']} | {row.get('whiten', 'off')}{' (default)' if row.get('default') else ''} | {row['perplexity']:.4g} |"
+            )
     if result.get("memory"):
         lines += ["", "Calibration + compression memory (svd-llm, keep 0.8, batches of 16 × 512 tokens, fresh process each):", "", "| mode | RSS after load MiB | peak RSS MiB | seconds |", "|---|---:|---:|---:|"]
         for row in result["memory"]:
@@ -235,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-memory", action="store_true", help="skip the two calibration-memory subprocesses")
-    parser.add_argument("--no-reduction", action="store_true", help="skip the Fisher-reduction comparison")
+    parser.add_argument("--no-reduction", action="store_true", help="skip the comparison of fwsvd's weightings")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--memory-probe", choices=["one-pass", "sequential"], help=argparse.SUPPRESS)
     parser.add_argument("--probe-keep", type=float, default=0.8, help=argparse.SUPPRESS)
@@ -319,14 +322,22 @@ def main(argv: list[str] | None = None) -> int:
 
     reductions: list[dict[str, Any]] = []
     if not args.no_reduction:
-        default = fwsvd.CompressConfig(method="fwsvd").build_method(lm.task).options()["reduction"]
+        resolved = fwsvd.CompressConfig(method="fwsvd").build_method(lm.task).options()
+        default = (resolved["reduction"], resolved["whiten"])
         for keep in [k for k in REDUCTION_KEEPS if k in args.keeps] or args.keeps[:1]:
-            for reduction in ("out", "in", "both"):
-                # The default reduction's run is already in the table.
-                row = next((r for r in runs if r["method"] == "fwsvd" and r["keep"] == keep and r["options"].get("reduction") == reduction), None)
+            for reduction, whiten in WEIGHTINGS:
+                # The default weighting's run is already in the table.
+                row = next(
+                    (r for r in runs if r["method"] == "fwsvd" and r["keep"] == keep
+                     and (r["options"].get("reduction"), r["options"].get("whiten")) == (reduction, whiten)),
+                    None,
+                )
                 if row is None:
-                    row = run(f"fwsvd ({reduction})", "fwsvd", {"fisher_reduction": reduction}, False, keep)
-                reductions.append({"keep": keep, "reduction": reduction, "default": reduction == default, "perplexity": row["perplexity"]})
+                    label = f"fwsvd ({reduction}{', whitened' if whiten == 'on' else ''})"
+                    row = run(label, "fwsvd", {"fisher_reduction": reduction, "fisher_whiten": whiten}, False, keep)
+                reductions.append(
+                    {"keep": keep, "reduction": reduction, "whiten": whiten, "default": (reduction, whiten) == default, "perplexity": row["perplexity"]}
+                )
 
     memory: list[dict[str, Any]] = []
     if not args.no_memory:

@@ -1,11 +1,12 @@
-"""Encoder benchmark: SVD vs FWSVD (Fisher reduced per output or per input feature) vs FWSVD +
-one recovery fine-tuning epoch, on MiniLM-L6 fine-tuned for SST-2, across keep ratios.
+"""Encoder benchmark: SVD vs FWSVD (the paper's Fisher per output or per input feature; the default
+Fisher per output with whitened inputs) vs SVD-LLM vs default FWSVD + one recovery fine-tuning
+epoch, on MiniLM-L6 fine-tuned for SST-2, across keep ratios.
 
     python benchmarks/encoder.py [--shared ../shared] [--out benchmarks/results]
 
 Uses ``<shared>/models/minilm-l6-sst2`` and ``<shared>/data/sst2/{train,dev}.tsv``; exits 0 with a
-message when they are absent. Fisher is calibrated once (512 rows of train.tsv, seed 0) and the
-statistics are reused for every ratio. Writes ``encoder-sst2.json`` (command, machine, date, every
+message when they are absent. Fisher and the input covariances are calibrated once (512 rows of
+train.tsv, seed 0) and the statistics are reused for every ratio and method. Writes ``encoder-sst2.json`` (command, machine, date, every
 row), ``encoder-sst2.md`` (the table) and ``encoder-sst2.png`` (dev accuracy against kept
 parameters) into ``--out``. Not a test: nothing here asserts a number.
 """
@@ -28,19 +29,25 @@ from fwsvd.demo import machine_info
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SHARED = ROOT.parent / "shared"
 KEEPS = (0.8, 0.6, 0.5, 0.4, 0.3, 0.2)
-RECOVERY_KEEPS = (0.5, 0.3)
+RECOVERY_KEEPS = (0.5, 0.4, 0.3, 0.2)
 NAME = "encoder-sst2"
 
 logger = logging.getLogger("benchmarks.encoder")
 
 
 def _variants(keeps: list[float], recovery_keeps: list[float]) -> list[tuple[str, str, float, bool]]:
-    """``(label, method, keep, recovery)`` in table order; the Fisher reduction is in the label."""
+    """``(label, method spec, keep, recovery)`` in table order; a spec is ``method[:reduction:whiten]``."""
     out = []
     for keep in keeps:
-        out += [("svd", "svd", keep, False), ("fwsvd-out", "fwsvd:out", keep, False), ("fwsvd-in", "fwsvd:in", keep, False)]
+        out += [
+            ("svd", "svd", keep, False),
+            ("fwsvd-out", "fwsvd:out:off", keep, False),  # the paper's FWSVD
+            ("fwsvd-in", "fwsvd:in:off", keep, False),
+            ("svd-llm", "svd-llm", keep, False),
+            ("fwsvd", "fwsvd:auto:auto", keep, False),  # the default: Fisher per output + whitened inputs
+        ]
         if keep in recovery_keeps:
-            out.append(("fwsvd+ft", "fwsvd:auto", keep, True))
+            out.append(("fwsvd+ft", "fwsvd:auto:auto", keep, True))
     return out
 
 
@@ -74,21 +81,21 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
 
     calibration = api.CalibrationConfig(data=str(train), samples=args.samples, seed=args.seed, max_length=args.max_length)
     t0 = time.perf_counter()
-    statistics = api.calibrate(dense, calibration, {"fisher"}, progress=progress)
-    fisher_s = time.perf_counter() - t0
-    print(f"Fisher pass: {statistics.summary['samples']} rows, {statistics.summary['tokens']} tokens, {fisher_s:.1f} s", flush=True)
+    statistics = api.calibrate(dense, calibration, {"fisher", "cov"}, progress=progress)
+    calib_s = time.perf_counter() - t0
+    print(f"calibration (Fisher + covariances): {statistics.summary['samples']} rows, {statistics.summary['tokens']} tokens, {calib_s:.1f} s", flush=True)
 
     for label, spec, keep, recovery in _variants(args.keep, args.recovery_keep):
-        method, _, reduction = spec.partition(":")
+        method, reduction, whiten = ([*spec.split(":"), "auto", "auto"])[:3]
         model = copy.deepcopy(dense.model)
         loaded = fwsvd.LoadedModel(model, dense.tokenizer, dense.task, dense.source)
-        config = api.CompressConfig(method=method, keep=keep, fisher_reduction=reduction or "auto")
-        report = api.compress(model, config, statistics if method == "fwsvd" else None, task=dense.task, progress=False)
+        config = api.CompressConfig(method=method, keep=keep, fisher_reduction=reduction, fisher_whiten=whiten)
+        report = api.compress(model, config, statistics if method != "svd" else None, task=dense.task, progress=False)
         row: dict[str, Any] = {
-            "label": label, "method": method, "fisher_reduction": report.method_options.get("reduction"), "keep": keep,
+            "label": label, "method": method, "method_options": report.method_options, "keep": keep,
             "target_keep": report.target_keep, "parameters": report.parameters_after, "model_keep": report.model_keep,
             "target_parameters": report.target_parameters_after, "seconds_svd": report.seconds_factorize,
-            "seconds_fisher": round(fisher_s, 3) if method == "fwsvd" else 0.0,
+            "seconds_calibration": round(calib_s, 3) if method != "svd" else 0.0,
         }
         if recovery:
             summary = finetune(loaded, FinetuneConfig(data=str(train), epochs=1, seed=args.seed, max_length=args.max_length), progress=progress)
@@ -99,7 +106,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         rows.append(row)
         print(f"{label:9s} keep {keep:.1f}: accuracy {row['accuracy']:.4f}", flush=True)
 
-    timing = next(r for r in rows if r["label"] == "fwsvd-out" and r["keep"] == 0.3) if 0.3 in args.keep else next(r for r in rows if r["method"] == "fwsvd")
+    timing = next(r for r in rows if r["label"] == "fwsvd" and r["keep"] == 0.3) if 0.3 in args.keep else next(r for r in rows if r["label"] == "fwsvd")
     return {
         "benchmark": NAME,
         "command": " ".join(["python", "benchmarks/encoder.py", *sys.argv[1:]]),
@@ -109,9 +116,9 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         "calibration": dict(statistics.summary),
         "compress_timing": {
             "keep": timing["keep"],
-            "fisher_pass_seconds": round(fisher_s, 3),
+            "calibration_seconds": round(calib_s, 3),
             "svd_seconds": timing["seconds_svd"],
-            "note": "one fwsvd compress = one Fisher pass (reusable for every ratio) + the SVDs of the targeted layers",
+            "note": "one fwsvd compress = one calibration pass (Fisher + covariances, reusable for every ratio) + the factorizations of the targeted layers",
         },
         "rows": rows,
         "seconds_total": round(time.perf_counter() - started, 1),
@@ -126,22 +133,24 @@ def markdown(record: dict[str, Any]) -> str:
         f"`{record['command']}` on {m['platform']}, {m['cpu_count']} CPUs ({m['torch_threads']} torch threads), "
         f"torch {m['torch']}, transformers {m['transformers']}, fwsvd {m['fwsvd']}; {record['date']}.",
         "",
-        f"Fisher calibrated once on {record['calibration']['samples']} rows of train.tsv (seed {record['calibration']['seed']}) and reused for every ratio. "
-        f"One fwsvd compress at keep {record['compress_timing']['keep']:g}: Fisher pass {record['compress_timing']['fisher_pass_seconds']:.1f} s + "
-        f"SVD {record['compress_timing']['svd_seconds']:.1f} s. `fwsvd+ft`: default fwsvd + 1 recovery epoch on train.tsv.",
+        f"Fisher and input covariances calibrated once on {record['calibration']['samples']} rows of train.tsv (seed {record['calibration']['seed']}) "
+        f"and reused for every ratio. One default fwsvd compress at keep {record['compress_timing']['keep']:g}: calibration "
+        f"{record['compress_timing']['calibration_seconds']:.1f} s + factorization {record['compress_timing']['svd_seconds']:.1f} s. "
+        "`fwsvd-out`: the paper's FWSVD (Fisher per output feature); `fwsvd-in`: Fisher per input feature; `svd-llm`: whitened inputs only; "
+        "`fwsvd`: the default for classifiers, Fisher per output feature with whitened inputs; `fwsvd+ft`: default fwsvd + 1 recovery epoch on train.tsv.",
         "",
         "| method | keep | targeted kept | whole-model params | dev accuracy | dev F1 | eval time vs dense | build s |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in record["rows"]:
-        build = r.get("seconds_svd", 0.0) + r.get("seconds_fisher", 0.0) + r.get("seconds_finetune", 0.0)
+        build = r.get("seconds_svd", 0.0) + r.get("seconds_calibration", 0.0) + r.get("seconds_finetune", 0.0)
         f1 = "-" if r.get("f1") is None else f"{r['f1']:.4f}"
         lines.append(
             f"| {r['label']} | {r['keep']:g} | {r['target_keep']:.3f} | {r['parameters']:,} ({r['model_keep']:.2f}) | "
             f"{r['accuracy']:.4f} | {f1} | {r['eval_time_ratio']:.2f} | {build:.1f} |"
         )
     lines.append("")
-    lines.append(f"Total {record['seconds_total']:.0f} s. Build s of fwsvd rows counts the shared Fisher pass; +ft rows add the fine-tuning.")
+    lines.append(f"Total {record['seconds_total']:.0f} s. Build s of calibrated rows counts the shared calibration pass; +ft rows add the fine-tuning.")
     return "\n".join(lines) + "\n"
 
 
@@ -153,7 +162,14 @@ def plot(record: dict[str, Any], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     dense = record["rows"][0]
-    styles = {"svd": ("tab:blue", "o", "-"), "fwsvd-out": ("tab:red", "s", "-"), "fwsvd-in": ("tab:orange", "^", "-"), "fwsvd+ft": ("tab:red", "D", "--")}
+    styles = {
+        "svd": ("tab:blue", "o", "-"),
+        "fwsvd-out": ("tab:orange", "s", "-"),
+        "fwsvd-in": ("tab:olive", "^", "-"),
+        "svd-llm": ("tab:purple", "v", "-"),
+        "fwsvd": ("tab:red", "s", "-"),
+        "fwsvd+ft": ("tab:red", "D", "--"),
+    }
     for label, (color, marker, line) in styles.items():
         points = sorted((r["target_keep"], r["accuracy"]) for r in record["rows"] if r["label"] == label)
         if points:
@@ -175,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for encoder-sst2.{json,md,png}")
     p.add_argument("--keep", type=float, nargs="+", default=list(KEEPS), help="keep ratios")
     p.add_argument("--recovery-keep", type=float, nargs="*", default=list(RECOVERY_KEEPS), help="ratios that also get fwsvd + 1 recovery epoch")
-    p.add_argument("--samples", type=int, default=512, help="Fisher calibration rows")
+    p.add_argument("--samples", type=int, default=512, help="calibration rows (Fisher and covariances)")
     p.add_argument("--seed", type=int, default=0, help="calibration and fine-tuning seed")
     p.add_argument("--max-length", type=int, default=128, help="tokens per sentence")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -291,11 +291,15 @@ def test_fwsvd_whitening_options_resolve_per_task_and_reject_conflicts():
     classifier = CompressConfig(method="fwsvd").build_method("sequence-classification")
     assert (classifier.reduction, classifier.whiten) == ("out", "on")
     assert classifier.needs_for("sequence-classification") == {"fisher", "cov"}
+    assert CompressConfig(method="fwsvd").needs("sequence-classification") == {"fisher", "cov"}
+    assert CompressConfig(method="svd").needs("causal-lm") == frozenset()
     decoder = CompressConfig(method="fwsvd").build_method("causal-lm")
-    assert (decoder.reduction, decoder.whiten) == ("both", "off")
-    assert decoder.needs_for("causal-lm") == {"fisher"}
-    # Asking for whitening on a decoder picks the one side it leaves to Fisher.
-    assert CompressConfig(method="fwsvd", fisher_whiten="on").build_method("causal-lm").reduction == "out"
+    assert (decoder.reduction, decoder.whiten) == ("out", "on")
+    # Without whitening each task family gets its measured Fisher reduction.
+    unwhitened = CompressConfig(method="fwsvd", fisher_whiten="off")
+    assert unwhitened.build_method("causal-lm").reduction == "both"
+    assert unwhitened.build_method("causal-lm").needs_for("causal-lm") == {"fisher"}
+    assert unwhitened.build_method("sequence-classification").reduction == "out"
     # An input-side Fisher reduction chosen by hand turns auto whitening off.
     assert CompressConfig(method="fwsvd", fisher_reduction="in").build_method("sequence-classification").whiten == "off"
     assert CompressConfig(method="fwsvd", fisher_whiten="off").build_method("sequence-classification").needs_for("sequence-classification") == {"fisher"}

@@ -4,8 +4,9 @@ Typical use::
 
     import fwsvd
     lm = fwsvd.load_model("my-bert-sst2")
-    stats = fwsvd.calibrate(lm, "train.tsv", kinds={"fisher"})
-    report = fwsvd.compress(lm.model, fwsvd.CompressConfig(method="fwsvd", keep=0.3), stats, task=lm.task)
+    config = fwsvd.CompressConfig(method="fwsvd", keep=0.3)
+    stats = fwsvd.calibrate(lm, fwsvd.CalibrationConfig(data="train.tsv"), config.needs(lm.task))
+    report = fwsvd.compress(lm.model, config, stats, task=lm.task)
     fwsvd.save(lm.model, "out", tokenizer=lm.tokenizer)
 """
 
@@ -69,12 +70,12 @@ class CompressConfig:
     exclude: tuple[str, ...] = _help("glob/regex patterns of module names to leave dense", default=())
     fisher_reduction: str = _help(
         "fwsvd: reduce Fisher to one weight per output feature ('out'), input feature ('in'), both, or 'auto' "
-        "(measured best per task: out for encoders, both for causal LMs)",
+        "(out with whitened inputs; without whitening the measured best per task: out for encoders, both for causal LMs)",
         default="auto",
     )
     fisher_whiten: str = _help(
         "fwsvd: weight the input side by the calibration inputs' covariance (SVD-LLM's truncation-aware whitening) "
-        "on top of Fisher per output feature: on, off, or 'auto' (measured best per task: on for classifiers, off for causal LMs)",
+        "on top of Fisher per output feature: on, off, or 'auto' (on unless --fisher-reduction in/both; measured best on encoders and decoders)",
         default="auto",
     )
     asvd_alpha: float = _help("asvd: exponent of the mean absolute activation scaling", default=0.5)
@@ -88,6 +89,10 @@ class CompressConfig:
         if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)) or not math.isfinite(self.keep) or not 0 < self.keep <= 1:
             raise FwsvdError(f"--keep {self.keep!r} must be a fraction in (0, 1]: the share of the targeted parameters that stays")
         self.build_method("sequence-classification")  # validates the method's options early
+
+    def needs(self, task: str) -> frozenset[str]:
+        """The statistics kinds to calibrate for this config on ``task`` (pass them to :func:`calibrate`)."""
+        return self.build_method(task).needs_for(task)
 
     def build_method(self, task: str) -> Method:
         """The configured method, with ``auto`` options resolved for ``task``."""

@@ -419,7 +419,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     statistics = None
     if "fwsvd" in settings.methods:
         calibration = api.CalibrationConfig(data=str(train), samples=settings.fisher_samples, max_length=settings.max_length, seed=settings.seed)
-        statistics = api.calibrate(dense, calibration, {"fisher"}, progress=progress)
+        statistics = api.calibrate(dense, calibration, api.CompressConfig(method="fwsvd").needs(dense.task), progress=progress)
     stage("calibration")
     best: tuple[float, Any, _Row] | None = None
     smallest = min(settings.keeps)
@@ -577,7 +577,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\nbest compressed model ({record['best_rule']}): {best['label']} keep {best['keep']:g}, {record['metric']} {best['accuracy']:.4f} -> {best['folder']}")
     cal = record.get("calibration") or {}
     if cal:
-        print(f"Fisher calibration once: {cal.get('samples')} articles in {cal.get('seconds', 0):.1f} s; build s of fwsvd rows include it")
+        print(f"calibration once (Fisher + input covariances): {cal.get('samples')} articles in {cal.get('seconds', 0):.1f} s; build s of fwsvd rows include it")
     print(f"results: {Path(args.out) / _RESULTS}, plot: {Path(args.out) / _PLOT}; total {record['seconds_total']:.0f} s")
     return 0
 
