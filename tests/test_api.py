@@ -303,6 +303,15 @@ def test_fwsvd_whitening_options_resolve_per_task_and_reject_conflicts():
     # An input-side Fisher reduction chosen by hand turns auto whitening off.
     assert CompressConfig(method="fwsvd", fisher_reduction="in").build_method("sequence-classification").whiten == "off"
     assert CompressConfig(method="fwsvd", fisher_whiten="off").build_method("sequence-classification").needs_for("sequence-classification") == {"fisher"}
+    # Unconfigured (no task): auto whitening follows the statistics at hand, explicit choices stand.
+    w = torch.randn(6, 5, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(40, 5, generator=torch.Generator().manual_seed(1)) * torch.logspace(-1, 1, 5)
+    stats = {"fisher_out": torch.rand(6) + 0.1, "fisher_in": torch.rand(5) + 0.1, "cov": (x.T @ x).double()}
+    for whiten, with_cov, expect_whitened in (("auto", True, True), ("auto", False, False), ("off", True, False), ("on", True, True)):
+        given = stats if with_cov else {k: v for k, v in stats.items() if k != "cov"}
+        a, b = FWSVD(whiten=whiten).factorize(w, 2, given)
+        ref = FWSVD(reduction="out", whiten="on" if expect_whitened else "off").factorize(w, 2, stats)
+        torch.testing.assert_close(a @ b, ref[0] @ ref[1])
     with pytest.raises(FwsvdError, match="fisher-reduction out"):
         CompressConfig(method="fwsvd", fisher_reduction="both", fisher_whiten="on")
     with pytest.raises(FwsvdError, match="whitening"):

@@ -11,7 +11,7 @@ from ..core import floor_relative, weighted_svd, whitened_svd
 from .base import Method
 
 #: Fisher reduction per task family when the input side is not whitened, chosen by measurement
-#: (README, "Fisher reduction"): output-side importance serves the fine-tuned encoders; decoders need
+#: (README, "Which weighting"): output-side importance serves the fine-tuned encoders; decoders need
 #: both sides (SmolLM2-135M, WikiText-2, keep 0.8 / 0.6: perplexity both 254 / 1455, in 3003 / 3.9e4,
 #: out 4.4e5 / 1.6e7, dense 27.4).
 DEFAULT_REDUCTION = {"causal-lm": "both"}
@@ -69,8 +69,12 @@ class FWSVD(Method):
 
     def factorize(self, weight: torch.Tensor, rank: int, stats: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         method = self
-        if "auto" in (self.reduction, self.whiten):  # not configured for a task: whiten when the covariance is there
-            method = replace(self, whiten="on" if "cov" in stats and self.reduction in {"auto", "out"} else "off").configure("")
+        if "auto" in (self.reduction, self.whiten):
+            # Not configured for a task: auto whitening follows whether the covariance is there.
+            whiten = self.whiten
+            if whiten == "auto":
+                whiten = "on" if "cov" in stats and self.reduction in {"auto", "out"} else "off"
+            method = replace(self, whiten=whiten).configure("")
         row = floor_relative(stats["fisher_out"]).sqrt() if method.reduction in {"out", "both"} else None
         if method.whiten == "on":
             return whitened_svd(weight, rank, stats["cov"], damping=self.damping, row_weight=row)
