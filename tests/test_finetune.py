@@ -228,6 +228,10 @@ def test_cli_compress_with_recovery_finetune(classifier_dir, data, tmp_path, cap
     assert main(["compress", str(classifier_dir), "--out", str(tmp_path / "svd"), "--method", "svd", "--keep", "0.4", "--quiet",
                  "--finetune-data", str(data["sst2"]), "--finetune-limit", "20", "--max-length", "16"]) == 0
     assert "fine-tuned 1 epoch(s) on 20 rows" in capsys.readouterr().out
+    # Without --data the recovery data calibrates too.
+    result = _run(["compress", str(classifier_dir), "--out", str(tmp_path / "nodata"), "--method", "fwsvd", "--keep", "0.4",
+                   "--finetune-data", str(data["sst2"]), "--finetune-limit", "8", "--max-length", "16"], capsys)
+    assert result["calibration"]["data"] == str(data["sst2"]) and result["calibration"]["samples"] == 32
 
 
 def test_cli_errors_are_one_line(classifier_dir, encoder_dir, data, tmp_path, capsys):

@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="output folder (written atomically)")
     c.add_argument("--method", choices=list(METHODS), default="fwsvd", help=_help(CompressConfig, "method"))
     c.add_argument("--keep", type=float, required=True, help=_help(CompressConfig, "keep"))
-    c.add_argument("--data", default=None, help="calibration data: .tsv/.csv/.jsonl with labels, .txt for causal LMs, or a datasets hub name")
+    c.add_argument("--data", default=None, help="calibration data: .tsv/.csv/.jsonl with labels, .txt for causal LMs, or a datasets hub name (default: --finetune-data when given)")
     _add_data_options(c, calibration=True)
     c.add_argument("--include", action="append", default=[], metavar="PATTERN", help=_help(CompressConfig, "include"))
     c.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help=_help(CompressConfig, "exclude"))
@@ -202,8 +202,10 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         method=args.method, keep=args.keep, include=tuple(args.include), exclude=tuple(args.exclude),
         fisher_reduction=args.fisher_reduction, fisher_whiten=args.fisher_whiten, asvd_alpha=args.asvd_alpha, damping=args.damping,
     )
+    # Without --data, a recovery run's labelled training file also serves as calibration data.
     calibration = api.CalibrationConfig(
-        data=args.data, samples=args.samples, batch_size=args.batch_size or 16, max_length=args.max_length, seed=args.seed,
+        data=args.data if args.data is not None else args.finetune_data,
+        samples=args.samples, batch_size=args.batch_size or 16, max_length=args.max_length, seed=args.seed,
         text_column=args.text_column, pair_column=args.pair_column, label_column=args.label_column,
     )
     out = check_output_dir(args.out, args.overwrite)
