@@ -208,19 +208,27 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    # Left: every method on a log scale; right: the usable ones (perplexity under 1000) on a linear
+    # scale, where lines that overlap on the left come apart.
+    fig, (ax, zoom) = plt.subplots(1, 2, figsize=(10.5, 4.2))
     labels = list(dict.fromkeys(r["label"] for r in result["runs"]))
+    markers = dict(zip(labels, "osD^vPX*"))
     for label in labels:
         rows = sorted((r for r in result["runs"] if r["label"] == label), key=lambda r: r["keep"])
-        ax.plot([r["keep"] for r in rows], [r["perplexity"] for r in rows], marker="o", label=label)
-    ax.axhline(result["dense"]["perplexity"], color="black", linestyle="--", linewidth=1, label="dense")
+        keeps, ppl = [r["keep"] for r in rows], [r["perplexity"] for r in rows]
+        ax.plot(keeps, ppl, marker=markers[label], label=label)
+        if max(ppl) < 1000:
+            zoom.plot(keeps, ppl, marker=markers[label], label=label, color=ax.lines[-1].get_color())
+    for a in (ax, zoom):
+        a.axhline(result["dense"]["perplexity"], color="black", linestyle="--", linewidth=1, label="dense")
+        a.set_xlabel("keep (fraction of the targeted parameters that stays)")
+        a.invert_xaxis()
+        a.grid(True, which="both", alpha=0.3)
+        a.legend(fontsize=8)
     ax.set_yscale("log")
-    ax.set_xlabel("keep (fraction of the targeted parameters that stays)")
     ax.set_ylabel("WikiText-2 test perplexity (log scale)")
-    ax.set_title("SmolLM2-135M-Instruct (Q4_1 GGUF, de-quantised)")
-    ax.invert_xaxis()
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    zoom.set_ylabel("perplexity (methods under 1000)")
+    fig.suptitle("SmolLM2-135M-Instruct (Q4_1 GGUF, de-quantised): WikiText-2 test")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
