@@ -195,6 +195,21 @@ def test_saved_statistics_are_reused(capsys, tmp_path, bert_dir, sst2_tsv):
         assert torch.equal(a[name], b[name]), name  # same statistics, same factors, bit for bit
 
 
+def test_fisher_whitening_flag_is_recorded_and_changes_the_factors(capsys, tmp_path, bert_dir, sst2_tsv):
+    outs = {}
+    for whiten in ("on", "off"):
+        out = tmp_path / whiten
+        status, text, err = run(capsys, "compress", bert_dir, "--out", out, "--method", "fwsvd", "--fisher-whiten", whiten,
+                                "--keep", "0.3", "--data", sst2_tsv, "--json", *SMALL)
+        assert status == 0, err
+        report = json.loads(text)
+        assert report["method_options"]["whiten"] == whiten and report["method_options"]["reduction"] == "out"
+        assert set(report["calibration"]["kinds"]) == ({"fisher", "cov"} if whiten == "on" else {"fisher"})
+        outs[whiten] = fwsvd.load(out).state_dict()
+    name = next(k for k in outs["on"] if k.endswith("intermediate.dense.weight_in"))
+    assert not torch.allclose(outs["on"][name], outs["off"][name])
+
+
 def test_dead_neuron_compresses_to_finite_weights(capsys, tmp_path, sst2_tsv):
     model = make_bert()
     layer = model.bert.encoder.layer[1]
@@ -234,6 +249,8 @@ BAD_CASES = {
     "nan-weights-fwsvd": ("nan_model", ["--method", "fwsvd", "--data", "@sst2"], ["nan"]),
     "empty-text-causal": ("llama", ["--method", "svd-llm", "--data", "@empty_txt"], ["empty"]),
     "fwsvd-without-data": ("bert", ["--method", "fwsvd"], ["--data"]),
+    "whiten-with-input-fisher": ("bert", ["--method", "fwsvd", "--fisher-reduction", "in", "--fisher-whiten", "on", "--data", "@sst2"],
+                                 ["--fisher-reduction out"]),
 }
 
 
