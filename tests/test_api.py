@@ -222,7 +222,7 @@ def test_method_beats_plain_svd_on_its_objective(compressed, model_dirs, model, 
         mine = _objective(method, weight, linear_weight(case.loaded.model.get_submodule(row.name)).detach(), stats, case.loaded.task)
         base = _objective(method, weight, linear_weight(plain.loaded.model.get_submodule(row.name)).detach(), stats, case.loaded.task)
         # fwsvd/asvd are exact optima of their weighted norm (float32 SVD: rel 1e-4); whitening's 1e-2
-        # damping (svd-llm, fwsvd on encoders) moves its optimum slightly off the undamped objective (rel 1e-2).
+        # damping (svd-llm, fwsvd by default) moves its optimum slightly off the undamped objective (rel 1e-2).
         whitened = method == "svd-llm" or (method == "fwsvd" and FWSVD().configure(case.loaded.task).whiten == "on")
         tol = 1e-2 if whitened else 1e-4
         assert mine <= base * (1 + tol), row.name
