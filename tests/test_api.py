@@ -64,7 +64,7 @@ def compressed(model_dirs, sst2_tsv, corpus_txt):
             loaded = fwsvd.load_model(model_dirs[model])
             data = corpus_txt if loaded.task == "causal-lm" else sst2_tsv
             config = CompressConfig(method=method, keep=options.pop("keep", KEEP), **options)
-            needs = config.build_method(loaded.task).needs_for(loaded.task)
+            needs = config.needs(loaded.task)
             stats = calibrate(loaded, calibration_config(loaded.task, data), needs, progress=False) if needs else None
             report = compress(loaded.model, config, stats, task=loaded.task, progress=False)
             cache[key] = Case(loaded, report, stats, data)
@@ -278,7 +278,7 @@ def test_dead_neuron_zero_fisher_compresses_to_finite_weights(tokenizer, sst2_ts
         loaded = LoadedModel(make_bert().eval(), tokenizer, "sequence-classification", "dead")
         loaded.model.load_state_dict(model.state_dict())
         config = CompressConfig(method="fwsvd", keep=0.3, fisher_reduction=reduction, fisher_whiten=whiten)
-        stats = calibrate(loaded, calibration_config(loaded.task, sst2_tsv), config.build_method(loaded.task).needs_for(loaded.task), progress=False)
+        stats = calibrate(loaded, calibration_config(loaded.task, sst2_tsv), config.needs(loaded.task), progress=False)
         assert stats.tensors["bert.encoder.layer.0.intermediate.dense"]["fisher_out"][0] == 0
         assert stats.tensors["bert.encoder.layer.0.output.dense"]["fisher_in"][0] == 0
         compress(loaded.model, config, stats, progress=False)
@@ -302,7 +302,7 @@ def test_fwsvd_whitening_options_resolve_per_task_and_reject_conflicts():
     assert unwhitened.build_method("sequence-classification").reduction == "out"
     # An input-side Fisher reduction chosen by hand turns auto whitening off.
     assert CompressConfig(method="fwsvd", fisher_reduction="in").build_method("sequence-classification").whiten == "off"
-    assert CompressConfig(method="fwsvd", fisher_whiten="off").build_method("sequence-classification").needs_for("sequence-classification") == {"fisher"}
+    assert CompressConfig(method="fwsvd", fisher_whiten="off").needs("sequence-classification") == {"fisher"}
     # Unconfigured (no task): auto whitening follows the statistics at hand, explicit choices stand.
     w = torch.randn(6, 5, generator=torch.Generator().manual_seed(0))
     x = torch.randn(40, 5, generator=torch.Generator().manual_seed(1)) * torch.logspace(-1, 1, 5)

@@ -218,8 +218,7 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         raise FwsvdError("--sequential collects each block's statistics on the fly: drop --stats/--save-stats")
     recovery = _recovery_config(args)
     loaded = load_model(args.model, args.task)
-    method = config.build_method(loaded.task)
-    needs = method.needs_for(loaded.task)
+    needs = config.needs(loaded.task)
     statistics = None
     if args.sequential:
         from .sequential import compress_sequential
