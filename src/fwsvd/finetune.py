@@ -28,7 +28,7 @@ import os
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -36,10 +36,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import data as d
+from .api import _help
 from .errors import DataError, FwsvdError, ModelError
 from .evaluate import EvalConfig, evaluate
 from .hf import compression_record
-from .models import LoadedModel, detect_task, load_model, model_source
+from .models import LoadedModel, _first_line, detect_task, load_model, model_source
 from .nn import LowRankLinear
 
 logger = logging.getLogger(__name__)
@@ -69,10 +70,6 @@ DEFAULT_BATCH_SIZE = {"compressed": 16, "dense": 32}
 # Batches are formed from windows of this many batches' worth of examples sorted by length, so that
 # padding is small while the order stays random (the "group by length" of transformers' Trainer).
 _GROUP_WINDOW = 50
-
-
-def _help(text: str, **kw: Any) -> Any:
-    return field(metadata={"help": text}, **kw)
 
 
 @dataclass
@@ -478,7 +475,3 @@ def _record(model: nn.Module, summary: dict[str, Any]) -> None:
             record["previous"] = [*(previous.pop("previous", []) if isinstance(previous, dict) else []), previous]
         model.config.fwsvd_finetune = copy.deepcopy(record)
 
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
