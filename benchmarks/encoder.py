@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from fwsvd.demo import machine_info
+from fwsvd.fsutil import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SHARED = ROOT.parent / "shared"
@@ -207,9 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for suffix, text in (("json", json.dumps(record, indent=2) + "\n"), ("md", markdown(record))):
-        tmp = out / f".{NAME}.{suffix}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(out / f"{NAME}.{suffix}")
+        atomic_write_text(out / f"{NAME}.{suffix}", text)
     plot(record, out / f"{NAME}.png")
     print(markdown(record))
     return 0

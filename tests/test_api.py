@@ -395,3 +395,13 @@ def test_inspect_dense_and_compressed(compressed, bert_dir):
     assert info["target_keep"] == pytest.approx(case.report.target_keep)
     assert info["ranks"] == {r.name: r.rank for r in case.report.layers}
     assert len(info["ranks"]) == len(find_targets(fwsvd.load(bert_dir)))
+
+
+def test_atomic_write_text_replaces_in_one_rename(tmp_path):
+    from fwsvd.fsutil import atomic_write_text
+
+    target = tmp_path / "results.json"
+    target.write_text("old", encoding="utf-8")
+    assert atomic_write_text(target, "new ✓\n") == target
+    assert target.read_text(encoding="utf-8") == "new ✓\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temporary file left beside it

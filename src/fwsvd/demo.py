@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DataError, FwsvdError, ModelError
+from .fsutil import atomic_dir, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -149,11 +150,7 @@ def stratified_split(labels: Sequence[str], test_fraction: float, seed: int) -> 
 
 
 def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def write_split(texts: Sequence[str], labels: Sequence[str], folder: str | os.PathLike, *, test_fraction: float = 0.2, seed: int = 0) -> tuple[Path, Path]:
@@ -174,9 +171,7 @@ def write_split(texts: Sequence[str], labels: Sequence[str], folder: str | os.Pa
 
 
 def _write_manifest(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def settings_key(settings: dict[str, Any]) -> str:
@@ -325,7 +320,6 @@ def _prepare_data(args: argparse.Namespace, settings: DemoSettings, cache: Path)
 def _classifier(model: Path, train: Path, settings: DemoSettings, cache: Path, progress: bool) -> tuple[Path, dict[str, Any]]:
     """Fine-tune a classifier on ``train`` once; later runs with the same settings reuse it."""
     from .finetune import FinetuneConfig, finetune, load_for_finetune
-    from .fsutil import atomic_dir
 
     config = FinetuneConfig(
         data=str(train), epochs=settings.classifier_epochs, lr=settings.classifier_lr, batch_size=settings.batch_size,
@@ -371,7 +365,6 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     """Run the demo as configured by the parsed command line; returns the results (also written)."""
     from . import api
     from .finetune import FinetuneConfig, finetune
-    from .fsutil import atomic_dir
     from .models import load_model
 
     started = time.perf_counter()

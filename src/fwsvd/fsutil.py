@@ -1,4 +1,4 @@
-"""Atomic output folders: write beside the target, then rename, so nothing on disk is half-written."""
+"""Atomic output folders and files: write beside the target, then rename, so nothing on disk is half-written."""
 
 from __future__ import annotations
 
@@ -11,7 +11,16 @@ from pathlib import Path
 
 from .errors import FwsvdError
 
-__all__ = ["atomic_dir", "check_output_dir"]
+__all__ = ["atomic_dir", "atomic_write_text", "check_output_dir"]
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to a hidden temporary file beside ``path``, then rename it over ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    return path
 
 
 def check_output_dir(target: str | os.PathLike, overwrite: bool) -> Path:
