@@ -10,6 +10,8 @@ weights are read.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from typing import Any
 
 from transformers.quantizers.auto import (
@@ -21,11 +23,140 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .nn import low_rank_skeleton
+from .errors import ModelError
+from .nn import LINEAR_TYPES, LowRankLinear, linear_weight, low_rank_skeleton
 
 QUANT_METHOD = "fwsvd"
 
-__all__ = ["QUANT_METHOD", "FwsvdQuantizationConfig", "FwsvdQuantizer", "compression_record", "register"]
+__all__ = [
+    "QUANT_METHOD",
+    "RECORD_KEYS",
+    "FwsvdQuantizationConfig",
+    "FwsvdQuantizer",
+    "check_ranks",
+    "compression_record",
+    "register",
+    "validate_record",
+]
+
+#: Every key a compression record may hold, with what it must be. Anything else is refused: the
+#: record comes from a file anyone may have written, and its values become object attributes.
+RECORD_KEYS: dict[str, str] = {
+    "quant_method": "the string 'fwsvd'",
+    "method": "a method name",
+    "ranks": "an object mapping module names to positive integer ranks",
+    "library_version": "a version string",
+    "method_options": "an object",
+    "keep": "a number in (0, 1]",
+    "include": "a list of strings",
+    "exclude": "a list of strings",
+    "dense_layers": "a list of module names",
+    "parameters": "a positive integer",
+    "dense_parameters": "a positive integer",
+    "target_parameters": "a non-negative integer",
+    "target_dense_parameters": "a non-negative integer",
+    "target_keep": "a number in (0, 1]",
+    "calibration": "an object",
+    "finetune": "an object",
+}
+_WHERE = "quantization_config in config.json"
+_FIX = "restore the config.json saved with the weights"
+
+
+def _bad(key: str, value: Any) -> ModelError:
+    shown = repr(value)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    return ModelError(f"{_WHERE}: {key} is {shown}, not {RECORD_KEYS[key]}: {_FIX}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_fraction(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and 0 < value <= 1
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+
+
+def validate_record(record: Any) -> dict[str, Any]:
+    """Check a compression record field by field and return it as a plain dict.
+
+    Only the keys of :data:`RECORD_KEYS` are accepted; ``ranks`` must map module names to positive
+    integers; counts are integers, fractions finite numbers in (0, 1]. Whether each rank fits its
+    layer is checked against the model by :func:`check_ranks`.
+
+    Raises:
+        ModelError: naming the first bad field and its value.
+    """
+    if not isinstance(record, Mapping):
+        raise ModelError(f"{_WHERE} is {type(record).__name__}, not an object: {_FIX}")
+    unknown = [k for k in record if k not in RECORD_KEYS]
+    if unknown:
+        raise ModelError(f"{_WHERE} has unknown key {str(unknown[0])[:60]!r}: {_FIX} (fwsvd {_version()} knows {', '.join(RECORD_KEYS)})")
+    if record.get("quant_method", QUANT_METHOD) != QUANT_METHOD:
+        raise _bad("quant_method", record["quant_method"])
+    checks = {
+        "method": lambda v: isinstance(v, str) and 0 < len(v) <= 100,
+        "library_version": lambda v: isinstance(v, str),
+        "method_options": lambda v: isinstance(v, Mapping),
+        "calibration": lambda v: isinstance(v, Mapping),
+        "finetune": lambda v: isinstance(v, Mapping),
+        "keep": _is_fraction,
+        "target_keep": _is_fraction,
+        "include": _is_str_list,
+        "exclude": _is_str_list,
+        "dense_layers": _is_str_list,
+        "parameters": lambda v: _is_int(v) and v > 0,
+        "dense_parameters": lambda v: _is_int(v) and v > 0,
+        "target_parameters": lambda v: _is_int(v) and v >= 0,
+        "target_dense_parameters": lambda v: _is_int(v) and v >= 0,
+    }
+    for key, ok in checks.items():
+        if key in record and not ok(record[key]):
+            raise _bad(key, record[key])
+    ranks = record.get("ranks", {})
+    if not isinstance(ranks, Mapping):
+        raise _bad("ranks", ranks)
+    for name, rank in ranks.items():
+        if not isinstance(name, str) or not name:
+            raise ModelError(f"{_WHERE}: ranks has the module name {name!r}, not a non-empty string: {_FIX}")
+        if not _is_int(rank) or rank < 1:
+            raise ModelError(f"{_WHERE}: the rank of {name[:80]} is {str(rank)[:40]!r}, not a positive integer: {_FIX}")
+    return {**dict(record), "quant_method": QUANT_METHOD, "ranks": dict(ranks)}
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def check_ranks(model: Any, ranks: Mapping[str, int]) -> None:
+    """Check that every recorded module is a linear layer of ``model`` and its rank fits it.
+
+    Raises:
+        ModelError: for a module the model does not have, one that is not linear, or a rank above
+            ``min(out_features, in_features)``.
+    """
+    for name, rank in ranks.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ModelError(f"{_WHERE} records module {name[:80]!r}, which this {type(model).__name__} does not have: {_FIX}") from None
+        if isinstance(module, LowRankLinear):
+            out_features, in_features = module.out_features, module.in_features
+        elif isinstance(module, LINEAR_TYPES):
+            out_features, in_features = linear_weight(module).shape
+        else:
+            raise ModelError(f"{_WHERE} records module {name[:80]!r}, which is a {type(module).__name__}, not a linear layer: {_FIX}")
+        if rank > min(out_features, in_features):
+            raise ModelError(
+                f"{_WHERE}: the rank of {name} is {rank}, above min({out_features}, {in_features}) = {min(out_features, in_features)} "
+                f"for this {out_features}x{in_features} layer: {_FIX}"
+            )
 
 
 class FwsvdQuantizationConfig(QuantizationConfigMixin):
@@ -39,11 +170,13 @@ class FwsvdQuantizationConfig(QuantizationConfigMixin):
     """
 
     def __init__(self, ranks: dict[str, int] | None = None, method: str = "svd", **record: Any) -> None:
-        record.pop("quant_method", None)
+        # Validated before anything is set: the record may come from anyone's config.json.
+        clean = validate_record({**record, "ranks": {} if ranks is None else ranks, "method": method})
+        clean.pop("quant_method", None)
         self.quant_method = QUANT_METHOD
-        self.method = method
-        self.ranks = {str(k): int(v) for k, v in (ranks or {}).items()}
-        for key, value in record.items():
+        self.method = clean.pop("method")
+        self.ranks = {str(k): int(v) for k, v in clean.pop("ranks").items()}
+        for key, value in clean.items():
             setattr(self, key, value)
 
     def to_dict(self) -> dict[str, Any]:
@@ -60,6 +193,7 @@ class FwsvdQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> None:
         # The model is a skeleton (usually on the meta device): swap in empty low-rank layers of the
         # recorded ranks so the saved factors load into them by name.
+        check_ranks(model, self.quantization_config.ranks)
         low_rank_skeleton(model, self.quantization_config.ranks)
 
     @property
@@ -79,9 +213,22 @@ def register() -> None:
 
 
 def compression_record(config: Any) -> dict[str, Any] | None:
-    """The fwsvd record in a model config, as a plain dict, or ``None`` for a dense model."""
+    """The fwsvd record in a model config, as a plain dict, or ``None`` for a dense model.
+
+    A record read from a file (a plain dict) is validated first (see :func:`validate_record`).
+
+    Raises:
+        ModelError: when the record names fwsvd but is malformed.
+    """
     qc = getattr(config, "quantization_config", None)
     if qc is None:
         return None
-    data = qc.to_dict() if hasattr(qc, "to_dict") else dict(qc)
-    return data if data.get("quant_method") == QUANT_METHOD else None
+    if hasattr(qc, "to_dict"):
+        data = qc.to_dict()
+    elif isinstance(qc, Mapping):
+        data = dict(qc)
+    else:
+        raise ModelError(f"{_WHERE} is {type(qc).__name__}, not an object: {_FIX}")
+    if data.get("quant_method") != QUANT_METHOD:
+        return None
+    return data if isinstance(qc, FwsvdQuantizationConfig) else validate_record(data)
