@@ -29,6 +29,7 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,7 +41,17 @@ from .api import _help
 from .errors import DataError, FwsvdError, ModelError
 from .evaluate import EvalConfig, evaluate
 from .hf import compression_record
-from .models import LoadedModel, _first_line, detect_task, load_model, model_source
+from .models import (
+    LoadedModel,
+    _first_line,
+    _load_config,
+    _load_weights,
+    check_no_custom_code,
+    detect_task,
+    load_model,
+    model_source,
+    weight_shapes,
+)
 from .nn import LowRankLinear
 
 logger = logging.getLogger(__name__)
@@ -177,7 +188,9 @@ def head_config(labels: Sequence[Any], layout: str = "single") -> dict[str, Any]
     return out
 
 
-def build_classifier(model: str | os.PathLike, config: FinetuneConfig, examples: d.Examples | None = None) -> LoadedModel:
+def build_classifier(
+    model: str | os.PathLike, config: FinetuneConfig, examples: d.Examples | None = None, *, allow_pickle: bool = False
+) -> LoadedModel:
     """A sequence classifier with a fresh head on a pretrained encoder (a folder without a task head).
 
     Args:
@@ -196,21 +209,26 @@ def build_classifier(model: str | os.PathLike, config: FinetuneConfig, examples:
     source, gguf_file = model_source(model)
     if gguf_file:
         raise ModelError(f"{model} is a GGUF file: fine-tune from a Hugging Face folder with safetensors weights")
+    if Path(source).is_dir():  # never code from the folder, no pickles unless allowed
+        check_no_custom_code(source)
+        weight_shapes(source, allow_pickle=allow_pickle)
+    safe = {"trust_remote_code": False}
+    mc = _load_config(AutoConfig, source, model, safe, **head)
     try:
-        mc = AutoConfig.from_pretrained(source, **head)
-    except (OSError, ValueError, KeyError) as err:
-        raise ModelError(f"cannot load the config of {model} ({_first_line(err)}): pass a model folder with config.json") from err
+        prefix = AutoModelForSequenceClassification._model_mapping[type(mc)].base_model_prefix
+    except KeyError:
+        raise ModelError(f"{model} ({mc.model_type}) has no sequence-classification head in transformers: pass an encoder such as BERT") from None
     # Seeded so that the same settings give the same head.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        try:
-            net = AutoModelForSequenceClassification.from_pretrained(source, config=mc, dtype=torch.float32)
-        except ValueError as err:
-            raise ModelError(f"{model} ({mc.model_type}) has no sequence-classification head in transformers: {_first_line(err)}") from err
-        except (OSError, KeyError, RuntimeError) as err:
-            raise ModelError(f"cannot load model {model} ({_first_line(err)}): check that the folder holds complete safetensors weights") from err
+        # The new head is missing from a pretrained encoder's weights, and its pretraining heads go
+        # unused; every tensor of the encoder itself must load.
+        net = _load_weights(
+            AutoModelForSequenceClassification, source, model, safe, dtype=torch.float32, allow_pickle=allow_pickle, config=mc,
+            tolerate=lambda key: not key.startswith(f"{prefix}."),
+        )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source, **safe)
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ModelError(f"cannot load the tokenizer of {model} ({_first_line(err)}): save the tokenizer files into the model folder") from err
     if tokenizer.pad_token is None:
@@ -223,8 +241,11 @@ def build_classifier(model: str | os.PathLike, config: FinetuneConfig, examples:
     return LoadedModel(net, tokenizer, "sequence-classification", str(model))
 
 
-def load_for_finetune(model: str | os.PathLike, config: FinetuneConfig) -> LoadedModel:
+def load_for_finetune(model: str | os.PathLike, config: FinetuneConfig, *, allow_pickle: bool = False) -> LoadedModel:
     """Load a sequence classifier (dense or compressed) as it is, or add a head to a bare encoder.
+
+    Nothing in the folder is executed and pickle weights are refused unless ``allow_pickle`` (see
+    :func:`fwsvd.models.load_model`).
 
     Raises:
         ModelError: for a model whose head is not sequence classification (e.g. a causal LM).
@@ -235,21 +256,20 @@ def load_for_finetune(model: str | os.PathLike, config: FinetuneConfig) -> Loade
 
     hf.register()
     source, gguf_file = model_source(model)
-    try:
-        mc = AutoConfig.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file else {}))
-    except (OSError, ValueError, KeyError) as err:
-        raise ModelError(f"cannot load the config of {model} ({_first_line(err)}): pass a local model folder or check the hub id") from err
+    if Path(source).is_dir():
+        check_no_custom_code(source)
+    mc = _load_config(AutoConfig, source, model, {"trust_remote_code": False, **({"gguf_file": gguf_file} if gguf_file else {})})
     try:
         task = detect_task(mc)
     except ModelError:
         task = None  # no task head: a pretrained encoder
     if task is None:
-        return build_classifier(model, config)
+        return build_classifier(model, config, allow_pickle=allow_pickle)
     if task != "sequence-classification":
         raise ModelError(
             f"{model} is a {task} model: fwsvd finetune trains sequence classifiers; pass a classifier or a bare pretrained encoder"
         )
-    return load_model(model, task, need_tokenizer=True)
+    return load_model(model, task, need_tokenizer=True, allow_pickle=allow_pickle)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ import importlib.util
 import json
 import logging
 import os
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ from .errors import ModelError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TASKS", "LoadedModel", "detect_task", "load_model", "model_source"]
+__all__ = ["PICKLE_SUFFIXES", "TASKS", "LoadedModel", "check_no_custom_code", "check_record", "detect_task", "load_model", "model_source", "weight_shapes"]
 
 #: Tasks fwsvd calibrates and evaluates, with the transformers auto class of each.
 TASKS = {
@@ -68,21 +70,43 @@ def detect_task(config: Any) -> str:
     )
 
 
+#: Weight files that are Python pickles: loading them can run code, so they are refused unless
+#: the caller allows them (and are then read with ``torch.load(weights_only=True)``).
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+# Hub ids: "name" or "org/name", letters, digits and "-_." (as the hub allows).
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?")
+
+
+def _looks_local(text: str) -> bool:
+    """Whether a path that does not exist was meant as a local folder rather than a hub id.
+
+    Hub ids are ``name`` or ``org/name``; anything starting with ``.``, ``/`` or ``~``, holding a
+    backslash or more than one ``/``, not shaped like a hub id, or whose first part exists here
+    (``out/typo`` when ``out/`` exists) is a local path.
+    """
+    if text.startswith((".", "/", "~")) or "\\" in text or text.strip("/").count("/") > 1:
+        return True
+    if not _HUB_ID.fullmatch(text) or ".." in text or "--" in text:
+        return True
+    head = text.split("/", 1)[0]
+    return "/" in text and Path(head).expanduser().exists()
+
+
 def model_source(model: str | os.PathLike) -> tuple[str, str | None]:
     """Resolve ``model`` to ``(path or hub id, gguf file name or None)``.
 
     Raises:
-        ModelError: for a local path that does not exist, holds no ``config.json`` or ``.gguf`` file,
-            or holds several ``.gguf`` files.
+        ModelError: for a local-looking path that does not exist, one that holds no ``config.json``
+            or ``.gguf`` file, or holds several ``.gguf`` files.
     """
     text = os.fspath(model)
+    if not text.strip():
+        raise ModelError("the model name is empty: pass a model folder or a hub id")
     path = Path(text).expanduser()
-    # Hub ids are "name" or "org/name"; anything else that does not exist is a missing folder.
-    looks_local = text.startswith((".", "/", "~")) or text.strip("/").count("/") > 1
     if path.is_file() and path.suffix == ".gguf":
         return str(path.parent), path.name
     if not path.exists():
-        if looks_local:
+        if isinstance(model, os.PathLike) or _looks_local(text):
             raise ModelError(f"model folder {text} does not exist: pass a folder with config.json and weights, or a hub id")
         return text, None  # a hub id such as "org/name"
     if not path.is_dir():
@@ -91,16 +115,162 @@ def model_source(model: str | os.PathLike) -> tuple[str, str | None]:
         raise ModelError(f"model folder {text} is not readable: check its permissions")
     ggufs = sorted(p.name for p in path.glob("*.gguf"))
     if (path / "config.json").is_file():
-        try:
-            json.loads((path / "config.json").read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ModelError(f"{path / 'config.json'} is unreadable ({err}): restore the model's config.json") from err
+        _read_json(path / "config.json", "restore the model's config.json")
         return str(path), None
     if len(ggufs) == 1:
         return str(path), ggufs[0]
     if len(ggufs) > 1:
         raise ModelError(f"model folder {text} holds several .gguf files ({', '.join(ggufs)}): pass the one to use as MODEL")
     raise ModelError(f"model folder {text} has no config.json or .gguf file: pass a Hugging Face model folder")
+
+
+def _read_json(path: Path, fix: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise ModelError(f"{path} is unreadable ({_first_line(err)}): {fix}") from err
+
+
+def check_no_custom_code(folder: str | os.PathLike) -> None:
+    """Refuse a local model folder whose config or tokenizer config asks for code from the folder.
+
+    transformers runs such code (``auto_map`` pointing at a ``.py`` file) only after a yes to its
+    prompt; fwsvd never asks and never runs it.
+
+    Raises:
+        ModelError: when ``config.json`` or ``tokenizer_config.json`` names custom code.
+    """
+    folder = Path(folder)
+    for name in ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json"):
+        file = folder / name
+        if not file.is_file():
+            continue
+        data = _read_json(file, f"restore the model's {name}")
+        if isinstance(data, dict) and data.get("auto_map"):
+            raise ModelError(
+                f"{file} asks to run custom code from the model folder (auto_map): fwsvd never runs code from a model folder; "
+                "use a model whose architecture is built into transformers"
+            )
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    """The safetensors weight files of a folder (the shards named by an index, or ``*.safetensors``)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        data = _read_json(index, "restore the index saved with the weight shards")
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ModelError(f"{index} has no valid weight_map: restore the index saved with the weight shards")
+        files = []
+        for name in sorted(set(weight_map.values())):
+            file = (folder / name).resolve()
+            if file.parent != folder.resolve() or not file.is_file():
+                raise ModelError(f"weight shard {name!r} named in {index} is missing: copy the complete model folder")
+            files.append(file)
+        return files
+    return sorted(folder.glob("*.safetensors"))
+
+
+def weight_shapes(folder: str | os.PathLike, *, allow_pickle: bool = False) -> dict[str, tuple[int, ...]] | None:
+    """Shapes of the tensors in a local folder's safetensors weights, read from the file headers only.
+
+    Returns ``None`` for a folder whose weights are pickles that ``allow_pickle`` lets through.
+
+    Raises:
+        ModelError: for a folder without weights, with pickle weights only (unless allowed), or a
+            safetensors file that is not valid.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(folder)
+    files = _safetensors_files(folder)
+    if not files:
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES and p.is_file())
+        if pickles and not allow_pickle:
+            raise ModelError(
+                f"model folder {folder} holds only pickle weights ({', '.join(pickles[:3])}), which can run code when read: "
+                "convert them to safetensors, or pass --allow-pickle if you trust this folder"
+            )
+        if pickles:
+            return None
+        raise ModelError(f"model folder {folder} has no weights (model.safetensors): copy the complete model folder")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():
+                    shapes[key] = tuple(handle.get_slice(key).get_shape())
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ModelError(f"weights {file} are not a valid safetensors file ({_first_line(err)}): copy the complete weights again") from err
+    return shapes
+
+
+def _check_factors(shapes: dict[str, tuple[int, ...]], record: dict[str, Any] | None, model: str) -> None:
+    """The low-rank factors in the weights must be exactly those of the record, at its ranks."""
+    factors = {k.rsplit(".", 1)[0] for k in shapes if k.endswith((".weight_in", ".weight_out"))}
+    ranks = (record or {}).get("ranks", {})
+    if factors and not ranks:
+        example = sorted(factors)[0]
+        raise ModelError(
+            f"model {model} holds low-rank factors ({example}.weight_in, ...) but its config.json has no fwsvd compression record "
+            "(quantization_config with ranks): restore the config.json saved with these weights"
+        )
+    for name, rank in ranks.items():
+        for key, axis in ((f"{name}.weight_in", 0), (f"{name}.weight_out", 1)):
+            shape = shapes.get(key)
+            if shape is None:
+                raise ModelError(f"the weights of {model} lack {key}, which config.json records at rank {rank}: copy the complete weights again")
+            if len(shape) != 2 or shape[axis] != rank:
+                raise ModelError(
+                    f"config.json records rank {rank} for {name} but {key} in the weights has shape {list(shape)}: "
+                    "the config does not match the weights; restore the config.json saved with them"
+                )
+    extra = sorted(factors - set(ranks))
+    if extra:
+        raise ModelError(f"the weights of {model} hold low-rank factors of {extra[0]}, which config.json does not record: restore the config.json saved with them")
+
+
+def _check_loading_info(info: dict[str, Any], model: str) -> None:
+    """Turn transformers' report of missing, unexpected or mis-shaped tensors into one error."""
+    missing = sorted(info.get("missing_keys") or [])
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    mismatched = sorted(info.get("mismatched_keys") or [], key=str)
+    if mismatched:
+        key, *shapes = mismatched[0] if isinstance(mismatched[0], tuple) else (mismatched[0],)
+        detail = f" (weights {list(shapes[0])}, config {list(shapes[1])})" if len(shapes) == 2 else ""
+        raise ModelError(
+            f"tensor {key} of {model} does not have the shape its config.json implies{detail}; {len(mismatched)} tensor(s) differ: "
+            "the config does not match the weights; restore the config.json saved with them"
+        )
+    if missing:
+        raise ModelError(
+            f"the weights of {model} lack {len(missing)} tensor(s) the model needs (e.g. {missing[0]}), which would be left random: "
+            "copy the complete weights again"
+        )
+    if unexpected:
+        raise ModelError(
+            f"the weights of {model} hold {len(unexpected)} tensor(s) this model does not use (e.g. {unexpected[0]}): "
+            "the config does not match the weights; restore the config.json saved with them"
+        )
+    errors = info.get("error_msgs") or []
+    if errors:
+        raise ModelError(f"cannot load the weights of {model} ({_first_line(Exception(str(errors[0])))}): copy the complete weights again")
+
+
+def check_record(config: Any) -> dict[str, Any] | None:
+    """The validated fwsvd record of a loaded config, or ``None`` for a model without one.
+
+    Raises:
+        ModelError: for a malformed ``quantization_config``.
+    """
+    from . import hf
+
+    qc = getattr(config, "quantization_config", None)
+    if qc is None:
+        return None
+    if not isinstance(qc, dict) and not hasattr(qc, "to_dict"):
+        raise ModelError(f"quantization_config in config.json is {type(qc).__name__}, not an object: restore the config.json saved with the weights")
+    return hf.compression_record(config)
 
 
 def _auto_class(task: str) -> Any:
@@ -115,8 +285,15 @@ def load_model(
     *,
     dtype: torch.dtype | str | None = None,
     need_tokenizer: bool = False,
+    allow_pickle: bool = False,
 ) -> LoadedModel:
-    """Load a model (dense or fwsvd-compressed) and its tokenizer.
+    """Load a model (dense or fwsvd-compressed) and its tokenizer, without running code from the folder.
+
+    Nothing in the folder is executed: ``trust_remote_code=False`` everywhere, a config that asks for
+    custom code is refused, and pickle weights are refused unless ``allow_pickle`` (then read with
+    ``weights_only=True``). The load is complete or fails: a missing, unused or mis-shaped tensor is
+    an error, never a randomly initialised layer, and a compression record is validated before
+    anything is built from it.
 
     Args:
         model: local folder (``config.json`` + safetensors, or a single ``.gguf``), ``.gguf`` file,
@@ -124,43 +301,47 @@ def load_model(
         task: one of :data:`TASKS`; detected from the config when ``None``.
         dtype: load dtype; float32 by default (GGUF files are de-quantised to it).
         need_tokenizer: raise when the tokenizer cannot be loaded instead of returning ``None``.
+        allow_pickle: accept a folder whose weights are pickles (``pytorch_model.bin``).
 
     Raises:
         ModelError: for anything about the model the user can fix.
     """
-    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoTokenizer
 
     from . import hf
 
     hf.register()
     source, gguf_file = model_source(model)
-    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    local = Path(source).is_dir()
+    extra: dict[str, Any] = {"trust_remote_code": False}
     if gguf_file:
+        extra["gguf_file"] = gguf_file
         missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
         if missing:
             raise ModelError(f"reading {gguf_file} needs the {' and '.join(missing)} package(s): pip install {' '.join(missing)}")
-    try:
-        config = AutoConfig.from_pretrained(source, **extra)
-    except (OSError, ValueError, KeyError) as err:
-        raise ModelError(f"cannot load the config of {model} ({_first_line(err)}): pass a local model folder or check the hub id and network") from err
+    shapes = None
+    if local:
+        check_no_custom_code(source)
+        if not gguf_file:
+            shapes = weight_shapes(source, allow_pickle=allow_pickle)
+    config = _load_config(AutoConfig, source, model, extra)
+    record = check_record(config)
     if task is None:
         # A GGUF file's config names no architecture; the format carries causal language models.
         task = "causal-lm" if gguf_file and not getattr(config, "architectures", None) else detect_task(config)
     elif task not in TASKS:
         raise ModelError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
-    model_extra = {**extra, **_gguf_dense_options(gguf_file)} if gguf_file else extra
-    try:
-        loaded = _auto_class(task).from_pretrained(source, dtype=dtype or torch.float32, **model_extra)
-    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
-        raise ModelError(f"cannot load model {model} ({_first_line(err)}): check that the folder holds complete safetensors weights") from err
+    if shapes is not None:
+        _check_factors(shapes, record, str(model))
+    loaded = _load_weights(_auto_class(task), source, model, {**extra, **(_gguf_dense_options(gguf_file) if gguf_file else {})},
+                           dtype=dtype, allow_pickle=allow_pickle or bool(gguf_file), strict_shapes=not gguf_file)
     if gguf_file:
         _drop_gguf_state(loaded)
     loaded.eval()
     tokenizer = None
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **extra)
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, json.JSONDecodeError) as err:
         if need_tokenizer:
             raise ModelError(f"cannot load the tokenizer of {model} ({_first_line(err)}): save the tokenizer files into the model folder") from err
         logger.warning("no tokenizer loaded for %s: %s", model, _first_line(err))
@@ -170,6 +351,64 @@ def load_model(
     if tokenizer is not None and getattr(loaded.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         loaded.config.pad_token_id = tokenizer.pad_token_id
     return LoadedModel(loaded, tokenizer, task, str(model))
+
+
+def _load_config(auto_config: Any, source: str, model: Any, extra: dict[str, Any], **kwargs: Any) -> Any:
+    """``AutoConfig.from_pretrained`` with config errors reported as such (never custom code)."""
+    try:
+        config = auto_config.from_pretrained(source, **extra, **kwargs)
+    except ModelError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        if Path(source).is_dir():
+            raise ModelError(f"cannot load config.json of {model} ({_first_line(err)}): fix config.json or restore the one saved with the model") from err
+        raise ModelError(f"cannot load the config of {model} ({_first_line(err)}): pass a local model folder or check the hub id and network") from err
+    if getattr(config, "auto_map", None):
+        raise ModelError(f"the config of {model} asks to run custom code (auto_map): fwsvd never runs code from a model; use a model built into transformers")
+    return config
+
+
+def _load_weights(
+    auto_class: Any,
+    source: str,
+    model: Any,
+    extra: dict[str, Any],
+    *,
+    dtype: Any,
+    allow_pickle: bool,
+    strict_shapes: bool = True,
+    tolerate: Callable[[str], bool] | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """``from_pretrained`` that fails on anything but a complete load.
+
+    Missing, unused and mis-shaped tensors raise (transformers would initialise them at random and
+    only log a warning), except those ``tolerate`` accepts (a new task head); pickles are read with
+    ``weights_only=True`` and only when allowed.
+    """
+    import pickle
+
+    from safetensors import SafetensorError
+
+    options: dict[str, Any] = {"output_loading_info": True, "weights_only": True}
+    if strict_shapes:
+        options["ignore_mismatched_sizes"] = True  # reported in the loading info, then refused below
+    if not allow_pickle:
+        options["use_safetensors"] = True
+    try:
+        loaded, info = auto_class.from_pretrained(source, dtype=dtype or torch.float32, **extra, **options, **kwargs)
+    except ModelError:
+        raise
+    except (SafetensorError, pickle.UnpicklingError, EOFError) as err:
+        raise ModelError(f"cannot read the weights of {model} ({_first_line(err)}): copy the complete weights again, as safetensors") from err
+    except OSError as err:
+        raise ModelError(f"cannot load the weights of {model} ({_first_line(err)}): check that the folder holds complete safetensors weights") from err
+    except (ValueError, KeyError, RuntimeError, TypeError, AttributeError, IndexError) as err:
+        raise ModelError(f"cannot build model {model} from its config.json ({_first_line(err)}): fix config.json or restore the one saved with the weights") from err
+    if tolerate is not None:
+        info = {**info, **{k: {key for key in info.get(k) or () if not tolerate(key)} for k in ("missing_keys", "unexpected_keys")}}
+    _check_loading_info(info, str(model))
+    return loaded
 
 
 def _gguf_dense_options(gguf_file: str) -> dict[str, Any]:
