@@ -254,6 +254,28 @@ def _open_text(file: Path, source: str):
         raise DataError(f"cannot read {source} ({err.strerror}): check the path and permissions") from err
 
 
+def _not_utf8(file: Path, source: str, err: UnicodeDecodeError) -> DataError:
+    """A one-line error naming the line and column of the first byte that is not UTF-8.
+
+    The decoder reads the file in chunks, so the error's own offsets (and the csv reader's line
+    count) do not say where the byte is; the file is decoded again as a whole to find it.
+    """
+    try:
+        raw = file.read_bytes()
+    except OSError:
+        return DataError(f"{source} is not UTF-8 text ({err.reason}): re-save it as UTF-8")
+    start = 3 if raw.startswith(b"\xef\xbb\xbf") else 0
+    try:
+        raw[start:].decode("utf-8")
+        position = err.start
+    except UnicodeDecodeError as whole:
+        position = start + whole.start
+    line = raw.count(b"\n", 0, position) + 1
+    column = position - (raw.rfind(b"\n", 0, position) + 1) + 1
+    byte = raw[position : position + 1].hex() or "end of file"
+    return DataError(f"{source} is not UTF-8 text: byte 0x{byte} on line {line}, column {column} cannot be decoded; re-save the file as UTF-8")
+
+
 def _read_delimited(file: Path, source: str, delimiter: str) -> _Table:
     """Open a TSV/CSV file and read its header; the rows are read lazily."""
     handle = _open_text(file, source)
@@ -266,7 +288,10 @@ def _read_delimited(file: Path, source: str, delimiter: str) -> _Table:
         first = next(reader, None)
         while first is not None and not any(cell.strip() for cell in first):
             first = next(reader, None)  # leading blank lines
-    except (csv.Error, UnicodeDecodeError) as err:
+    except UnicodeDecodeError as err:
+        handle.close()
+        raise _not_utf8(file, source, err) from err
+    except csv.Error as err:
         handle.close()
         raise DataError(f"cannot parse {source} line {reader.line_num} ({err}): check the file format") from err
     if first is None:
@@ -276,9 +301,9 @@ def _read_delimited(file: Path, source: str, delimiter: str) -> _Table:
     header = [cell.strip() for cell in first]
     if _is_headerless_cola(header):
         logger.info("%s has no header row and CoLA's 4-column layout: reading it as raw CoLA", source)
-        rows = _iter_rows(reader, source, first_row=first)
+        rows = _iter_rows(reader, source, file, first_row=first)
         return _Table(source, list(_COLA_COLUMNS), rows, width=4, headerless_cola=True, handle=handle)
-    return _Table(source, header, _iter_rows(reader, source), width=len(header), handle=handle)
+    return _Table(source, header, _iter_rows(reader, source, file), width=len(header), handle=handle)
 
 
 def _is_headerless_cola(first_row: list[str]) -> bool:
@@ -289,14 +314,16 @@ def _is_headerless_cola(first_row: list[str]) -> bool:
     )
 
 
-def _iter_rows(reader, source: str, first_row: list[str] | None = None) -> Iterator[list[str]]:
+def _iter_rows(reader, source: str, file: Path, first_row: list[str] | None = None) -> Iterator[list[str]]:
     if first_row is not None:
         yield first_row
     try:
         for row in reader:
             if row:  # blank lines
                 yield row
-    except (csv.Error, UnicodeDecodeError) as err:
+    except UnicodeDecodeError as err:
+        raise _not_utf8(file, source, err) from err
+    except csv.Error as err:
         raise DataError(f"cannot parse {source} line {reader.line_num} ({err}): check the file format") from err
 
 
@@ -306,7 +333,7 @@ def _read_json(file: Path, source: str) -> _Table:
         try:
             content = handle.read()
         except UnicodeDecodeError as err:
-            raise DataError(f"{source} is not UTF-8 text ({err}): re-save it as UTF-8") from err
+            raise _not_utf8(file, source, err) from err
     stripped = content.lstrip()
     if not stripped:
         raise DataError(f"{source} is empty: pass a file with at least one JSON object")
@@ -624,7 +651,7 @@ def read_text(path: str | os.PathLike) -> str:
     try:
         text = file.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise DataError(f"{source} is not UTF-8 text ({err}): re-save it as UTF-8") from err
+        raise _not_utf8(file, source, err) from err
     except OSError as err:
         raise DataError(f"cannot read {source} ({err.strerror}): check the path and permissions") from err
     if not text.strip():
