@@ -46,8 +46,10 @@ __all__ = [
     "calibration_batches",
     "compress",
     "count_parameters",
+    "check_statistics",
     "inspect",
     "load",
+    "load_statistics",
     "save",
 ]
 
@@ -330,6 +332,8 @@ def compress(
         )
     targets = find_targets(model, config.include, config.exclude)
     _check_finite(model, targets)
+    if statistics is not None:
+        check_statistics(statistics, targets)
     uncovered = statistics.uncovered([t.name for t in targets], needs) if statistics is not None else []
     if uncovered:
         raise FwsvdError(
@@ -453,6 +457,93 @@ def _record_compression(
     return report
 
 
+#: Per-module tensors a statistics file may hold, and their shape for an ``[out, in]`` layer.
+_STAT_SHAPES = {
+    "fisher_out": lambda o, i: (o,),
+    "fisher_in": lambda o, i: (i,),
+    "fisher_full": lambda o, i: (o, i),
+    "act_abs_mean": lambda o, i: (i,),
+    "cov": lambda o, i: (i, i),
+}
+
+
+def load_statistics(path: str | Path) -> Statistics:
+    """Read a statistics file written by ``--save-stats`` (:meth:`Statistics.save`), checking it first.
+
+    The file may come from anywhere: it must be a safetensors file with fwsvd's metadata (format,
+    shared-input map, summary with known kinds) and finite floating-point tensors named
+    ``module::statistic``; nothing is unpickled.
+
+    Raises:
+        FwsvdError: naming what is wrong with the file.
+    """
+    import json
+
+    from safetensors import SafetensorError, safe_open
+
+    from .stats import _FORMAT, STAT_KINDS
+
+    path = Path(path).expanduser()
+    fix = "pass a file written by fwsvd compress --save-stats"
+    if not path.is_file():
+        raise FwsvdError(f"statistics file {path} does not exist: run a calibration with --save-stats first")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            keys = list(f.keys())
+    except (SafetensorError, OSError, ValueError) as err:
+        raise FwsvdError(f"{path} is not an fwsvd statistics file (not safetensors: {str(err).splitlines()[0] if str(err) else type(err).__name__}): {fix}") from err
+    if meta.get("format") != _FORMAT:
+        raise FwsvdError(f"{path} is not an fwsvd statistics file (format {meta.get('format')!r}, expected {_FORMAT!r}): {fix}")
+    parsed: dict[str, Any] = {}
+    for key in ("shared", "summary"):
+        if key not in meta:
+            raise FwsvdError(f"statistics file {path} lacks its {key!r} metadata: {fix}")
+        try:
+            parsed[key] = json.loads(meta[key])
+        except (json.JSONDecodeError, RecursionError) as err:
+            raise FwsvdError(f"statistics file {path} has unreadable {key!r} metadata ({err}): {fix}") from err
+    shared, summary = parsed["shared"], parsed["summary"]
+    if not isinstance(shared, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in shared.items()):
+        raise FwsvdError(f"statistics file {path}: 'shared' metadata is not a map of module names: {fix}")
+    if not isinstance(summary, dict):
+        raise FwsvdError(f"statistics file {path}: 'summary' metadata is not an object: {fix}")
+    kinds = summary.get("kinds", [])
+    if not isinstance(kinds, list) or not all(isinstance(k, str) and k in STAT_KINDS for k in kinds):
+        raise FwsvdError(f"statistics file {path}: kinds {kinds!r} are not a list of {sorted(STAT_KINDS)}: {fix}")
+    for key in keys:
+        name, sep, stat = key.rpartition("::")
+        if not sep or not name or stat not in _STAT_SHAPES:
+            raise FwsvdError(f"statistics file {path} holds tensor {key[:80]!r}, not module::statistic with a known statistic: {fix}")
+    try:
+        statistics = Statistics.load(path)
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as err:
+        raise FwsvdError(f"cannot read statistics file {path} ({str(err).splitlines()[0] if str(err) else type(err).__name__}): {fix}") from err
+    for name, stats in statistics.tensors.items():
+        for stat, tensor in stats.items():
+            if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+                raise FwsvdError(f"statistic {stat} of {name} in {path} is not finite floating-point data: {fix}")
+    return statistics
+
+
+def check_statistics(statistics: Statistics, targets: list[LinearInfo]) -> None:
+    """Check that the statistics of each targeted layer have the shapes that layer implies.
+
+    Raises:
+        FwsvdError: when a statistic was computed on another model (a shape differs).
+    """
+    for info in targets:
+        for stat, tensor in statistics.for_module(info.name).items():
+            shape = _STAT_SHAPES.get(stat)
+            expected = shape(info.out_features, info.in_features) if shape is not None else tuple(tensor.shape)
+            if tuple(tensor.shape) != expected:
+                raise FwsvdError(
+                    f"the statistics do not fit this model: {stat} of {info.name} has shape {list(tensor.shape)} but the layer is "
+                    f"{info.out_features}x{info.in_features} (expected {list(expected)}); they come from another model: "
+                    "recalibrate with --data, or pass statistics saved from this model"
+                )
+
+
 def save(model: nn.Module, out: str | Path, tokenizer: Any = None, *, overwrite: bool = False) -> Path:
     """Write ``model`` (and ``tokenizer``) as a Hugging Face folder with safetensors weights, atomically.
 
@@ -469,10 +560,13 @@ def save(model: nn.Module, out: str | Path, tokenizer: Any = None, *, overwrite:
 def load(path: str | Path, task: str | None = None, **kwargs: Any) -> nn.Module:
     """Load a compressed (or dense) model folder; the task comes from its config when omitted.
 
-    Equivalent to ``AutoModelFor<Task>.from_pretrained(path)`` after ``import fwsvd``.
+    Like ``AutoModelFor<Task>.from_pretrained(path)`` after ``import fwsvd``, but stricter (see
+    :func:`fwsvd.models.load_model`): no code from the folder runs, pickle weights are refused
+    unless ``allow_pickle=True``, the compression record is validated, and a missing or unused
+    tensor is an error.
 
     Raises:
-        ModelError: for a missing or unreadable folder.
+        ModelError: for a missing, unreadable, incomplete or inconsistent folder.
     """
     return load_model(path, task, **kwargs).model
 

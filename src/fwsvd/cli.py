@@ -7,9 +7,12 @@ line on stderr and exits with status 2; nothing already on disk is touched.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import fields
@@ -26,7 +29,19 @@ class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line (no usage dump)."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        # "fwsvd: error:" for every command, like the errors raised while running one.
+        self.exit(EXIT_USAGE, f"fwsvd: error: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number ≥ 1 (``--batch-size 0`` is refused, not replaced by the default)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number: pass a positive integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be a positive integer")
+    return value
 
 
 def _help(cls: type, name: str) -> str:
@@ -39,16 +54,21 @@ def _help(cls: type, name: str) -> str:
 def _add_data_options(p: argparse.ArgumentParser, *, calibration: bool) -> None:
     from .api import CalibrationConfig
 
-    p.add_argument("--max-length", type=int, default=None, help=_help(CalibrationConfig, "max_length"))
-    p.add_argument("--batch-size", type=int, default=None, help="batch size (calibration 16, evaluation 32)")
+    p.add_argument("--max-length", type=positive_int, default=None, help=_help(CalibrationConfig, "max_length"))
+    p.add_argument("--batch-size", type=positive_int, default=None, help="batch size (calibration 16, evaluation 32)")
     for name in ("text_column", "pair_column", "label_column"):
         p.add_argument("--" + name.replace("_", "-"), default=None, help=_help(CalibrationConfig, name))
     if calibration:
-        p.add_argument("--samples", type=int, default=None, help=_help(CalibrationConfig, "samples"))
+        p.add_argument("--samples", type=positive_int, default=None, help=_help(CalibrationConfig, "samples"))
         p.add_argument("--seed", type=int, default=0, help=_help(CalibrationConfig, "seed"))
 
 
 def _add_output_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allow-pickle", action="store_true",
+        help="accept a model folder whose weights are pickles (pytorch_model.bin; read with weights_only=True). "
+        "Pickles can run code: use only for folders you trust",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--quiet", action="store_true", help="no progress bars or log messages")
 
@@ -90,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="task metric (accuracy, F1, MCC, correlation) or perplexity", description="Evaluate a dense or compressed model.")
     e.add_argument("model", metavar="MODEL", help="model folder or hub id")
     e.add_argument("--data", required=True, help="labelled .tsv/.csv/.jsonl, or .txt for causal-LM perplexity")
-    e.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows (or N blocks of text)")
+    e.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N rows (or N blocks of text)")
     e.add_argument("--task", choices=list(TASKS), default=None, help="model task (detected when omitted)")
     _add_data_options(e, calibration=False)
     _add_output_options(e)
@@ -110,9 +130,9 @@ def _add_compress_finetune_options(c: argparse.ArgumentParser) -> None:
         "--finetune-data", default=None, metavar="TRAIN",
         help=f"after compressing, fine-tune on this labelled training data before saving (recovery; {DEFAULT_EPOCHS['compressed']} epoch unless --finetune-epochs)",
     )
-    c.add_argument("--finetune-epochs", type=int, default=None, metavar="N", help="epochs of the recovery fine-tuning (needs --finetune-data)")
+    c.add_argument("--finetune-epochs", type=positive_int, default=None, metavar="N", help="epochs of the recovery fine-tuning (needs --finetune-data)")
     c.add_argument("--finetune-lr", type=float, default=None, metavar="LR", help=_help(FinetuneConfig, "lr"))
-    c.add_argument("--finetune-limit", type=int, default=None, metavar="N", help=_help(FinetuneConfig, "limit"))
+    c.add_argument("--finetune-limit", type=positive_int, default=None, metavar="N", help=_help(FinetuneConfig, "limit"))
 
 
 def _add_finetune_parser(sub: Any) -> None:
@@ -128,12 +148,12 @@ def _add_finetune_parser(sub: Any) -> None:
     f.add_argument("--data", required=True, metavar="TRAIN", help=_help(FinetuneConfig, "data"))
     f.add_argument("--out", required=True, help="output folder (written atomically)")
     f.add_argument("--eval-data", default=None, metavar="DEV", help="labelled data scored after each epoch; the best epoch by the headline metric is saved (else the last)")
-    f.add_argument("--epochs", type=int, default=None, help=_help(FinetuneConfig, "epochs"))
+    f.add_argument("--epochs", type=positive_int, default=None, help=_help(FinetuneConfig, "epochs"))
     f.add_argument("--lr", type=float, default=None, help=_help(FinetuneConfig, "lr"))
-    f.add_argument("--batch-size", type=int, default=None, help=_help(FinetuneConfig, "batch_size"))
-    f.add_argument("--max-length", type=int, default=128, help=_help(FinetuneConfig, "max_length"))
+    f.add_argument("--batch-size", type=positive_int, default=None, help=_help(FinetuneConfig, "batch_size"))
+    f.add_argument("--max-length", type=positive_int, default=128, help=_help(FinetuneConfig, "max_length"))
     f.add_argument("--seed", type=int, default=0, help=_help(FinetuneConfig, "seed"))
-    f.add_argument("--limit", type=int, default=None, help=_help(FinetuneConfig, "limit"))
+    f.add_argument("--limit", type=positive_int, default=None, help=_help(FinetuneConfig, "limit"))
     f.add_argument("--warmup", type=float, default=0.1, help=_help(FinetuneConfig, "warmup"))
     for name in ("text_column", "pair_column", "label_column"):
         f.add_argument("--" + name.replace("_", "-"), default=None, help=_help(FinetuneConfig, name))
@@ -194,9 +214,7 @@ def format_compression(report: dict[str, Any]) -> str:
 
 def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     from . import api
-    from .fsutil import check_output_dir
-    from .models import load_model, model_source
-    from .stats import Statistics
+    from .models import load_model
 
     config = api.CompressConfig(
         method=args.method, keep=args.keep, include=tuple(args.include), exclude=tuple(args.exclude),
@@ -208,26 +226,27 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         samples=args.samples, batch_size=args.batch_size or 16, max_length=args.max_length, seed=args.seed,
         text_column=args.text_column, pair_column=args.pair_column, label_column=args.label_column,
     )
-    out = check_output_dir(args.out, args.overwrite)
-    source, _ = model_source(args.model)
-    if Path(source).exists() and Path(source).resolve() == out.resolve():
-        raise FwsvdError(f"--out {args.out} is the input model folder: write the compressed model to another folder")
+    out = _check_out(args, args.model, ("statistics file", args.stats), ("--save-stats target", args.save_stats),
+                     ("data file", args.data), ("fine-tuning data", args.finetune_data))
     if args.stats and args.save_stats:
         raise FwsvdError("--stats and --save-stats together make no sense: --stats reuses a file, --save-stats writes one")
     if args.sequential and (args.stats or args.save_stats):
         raise FwsvdError("--sequential collects each block's statistics on the fly: drop --stats/--save-stats")
+    if args.stats and (args.data is not None or args.samples is not None):
+        raise FwsvdError("--stats reuses saved statistics, so --data/--samples would be ignored: drop them, or drop --stats to recalibrate")
+    if args.save_stats:
+        _check_stats_target(args.save_stats)
     recovery = _recovery_config(args)
-    loaded = load_model(args.model, args.task)
+    statistics = api.load_statistics(args.stats) if args.stats else None  # a bad file fails before the model loads
+    loaded = load_model(args.model, args.task, allow_pickle=args.allow_pickle)
+    api._refuse_compressed(loaded.model)
     needs = config.needs(loaded.task)
-    statistics = None
     if args.sequential:
         from .sequential import compress_sequential
 
         report = compress_sequential(loaded, config, calibration, progress=not args.quiet)
     else:
-        if args.stats:
-            statistics = Statistics.load(args.stats)
-        elif needs:
+        if statistics is None and needs:
             statistics = api.calibrate(loaded, calibration, needs, include=config.include, exclude=config.exclude, progress=not args.quiet)
             if args.save_stats:
                 statistics.save(args.save_stats)
@@ -244,6 +263,30 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     result["out"] = str(out)
     result["task"] = loaded.task
     return result
+
+
+def _check_out(args: argparse.Namespace, model: str, *inputs: tuple[str, str | None]) -> Path:
+    """Check ``--out`` before any work: it may not be, or hold, the input model or an input file.
+
+    Raises:
+        FwsvdError: see :func:`fwsvd.fsutil.check_output_dir`.
+    """
+    from .fsutil import check_output_dir
+    from .models import model_source
+
+    source, _ = model_source(model)
+    local = source if Path(source).exists() else None
+    return check_output_dir(args.out, args.overwrite, protect=[("input model folder", local), *inputs])
+
+
+def _check_stats_target(target: str) -> None:
+    """``--save-stats`` must name a file that can be written (checked before calibrating)."""
+    from .fsutil import check_writable_parent
+
+    path = Path(target).expanduser()
+    if path.is_dir():
+        raise FwsvdError(f"--save-stats {target} is a folder: name the .safetensors file to write")
+    check_writable_parent(path, "--save-stats")
 
 
 def _recovery_config(args: argparse.Namespace) -> Any:
@@ -264,24 +307,19 @@ def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
     from . import api
     from .evaluate import EvalConfig
     from .finetune import FinetuneConfig, finetune, load_for_finetune
-    from .fsutil import check_output_dir
-    from .models import model_source
 
     config = FinetuneConfig(
         data=args.data, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
         limit=args.limit, warmup=args.warmup, text_column=args.text_column, pair_column=args.pair_column, label_column=args.label_column,
     )
-    out = check_output_dir(args.out, args.overwrite)
-    source, _ = model_source(args.model)
-    if Path(source).exists() and Path(source).resolve() == out.resolve():
-        raise FwsvdError(f"--out {args.out} is the input model folder: write the fine-tuned model to another folder")
+    out = _check_out(args, args.model, ("training data", args.data), ("evaluation data", args.eval_data))
     eval_config = None
     if args.eval_data is not None:
         eval_config = EvalConfig(
             data=args.eval_data, batch_size=max(args.batch_size or 32, 32), max_length=args.max_length,
             text_column=args.text_column, pair_column=args.pair_column, label_column=args.label_column,
         )
-    loaded = load_for_finetune(args.model, config)
+    loaded = load_for_finetune(args.model, config, allow_pickle=args.allow_pickle)
     result = finetune(loaded, config, eval_config=eval_config, progress=not args.quiet)
     api.save(loaded.model, out, loaded.tokenizer, overwrite=args.overwrite)
     result["out"] = str(out)
@@ -320,7 +358,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from .evaluate import EvalConfig, evaluate
     from .models import load_model
 
-    loaded = load_model(args.model, args.task, need_tokenizer=True)
+    loaded = load_model(args.model, args.task, need_tokenizer=True, allow_pickle=args.allow_pickle)
     config = EvalConfig(
         data=args.data, limit=args.limit, batch_size=args.batch_size or 32, max_length=args.max_length,
         text_column=args.text_column, pair_column=args.pair_column, label_column=args.label_column,
@@ -341,7 +379,7 @@ def cmd_inspect(args: argparse.Namespace) -> dict[str, Any]:
     from . import api
     from .models import load_model
 
-    loaded = load_model(args.model, args.task)
+    loaded = load_model(args.model, args.task, allow_pickle=args.allow_pickle)
     result = api.inspect(loaded.model)
     result["task"] = loaded.task
     return result
@@ -369,6 +407,24 @@ COMMANDS = {
 }
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, like Ctrl-C's :class:`KeyboardInterrupt`."""
+
+
+def _terminate_like_interrupt() -> Any:
+    """Make SIGTERM raise :class:`KeyboardInterrupt` like Ctrl-C, so cleanup runs; returns the previous handler.
+
+    Only from the main thread (where Python delivers signals); ``None`` when not installed.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum: int, frame: Any) -> None:
+        raise _Terminated
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fwsvd`` console script; returns the exit status."""
     parser = build_parser()
@@ -376,8 +432,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(args.quiet)
     run, fmt = COMMANDS[args.command]
     start = time.perf_counter()
+    previous = _terminate_like_interrupt()
     try:
-        result = run(args)
+        # Under --json stdout carries the one JSON object only: anything a library prints goes to stderr.
+        with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+            result = run(args)
     except FwsvdError as err:
         print(f"fwsvd: error: {err}", file=sys.stderr)
         return EXIT_USAGE
@@ -385,9 +444,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Disk full, permission denied and the like: one line, the files already on disk untouched.
         print(f"fwsvd: error: {err.strerror or err} ({err.filename or 'file system'})", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("fwsvd: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        # Ctrl-C or SIGTERM: the finally blocks on the way up removed any temporary output folder.
+        terminated = isinstance(err, _Terminated)
+        print(f"fwsvd: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     result.setdefault("wall_seconds", round(time.perf_counter() - start, 3))
     if args.json:
         print(json.dumps(result, default=str))
