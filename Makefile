@@ -10,7 +10,8 @@ STAMP := $(VENV)/.installed
 install: $(STAMP)
 
 # torch is pinned to 2.13.0 in pyproject.toml (a CPU wheel of it is on disk here); the test and
-# gguf extras bring pytest and the GGUF reader.
+# gguf extras bring pytest and hypothesis, and the GGUF reader with accelerate (which transformers
+# needs to load GGUF files).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --disable-pip-version-check -e '.[test,gguf]'
