@@ -23,6 +23,7 @@ from .methods import METHODS, Method, get_method  # noqa: E402
 from .models import LoadedModel, load_model  # noqa: E402
 from .nn import LowRankLinear  # noqa: E402
 from .stats import Statistics, collect_statistics  # noqa: E402
+from .zeroshot import evaluate_zeroshot  # noqa: E402
 
 _register()
 
@@ -42,6 +43,7 @@ __all__ = [
     "collect_statistics",
     "compress",
     "count_parameters",
+    "evaluate_zeroshot",
     "get_method",
     "inspect",
     "load",
