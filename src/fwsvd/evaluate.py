@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+import os
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +21,13 @@ from .models import LoadedModel
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EvalConfig", "evaluate"]
+__all__ = ["RESULT_KEYS", "EvalConfig", "check_result_names", "evaluate", "evaluate_files", "merge_named", "split_list"]
+
+#: Keys that ``fwsvd eval`` may write at the top level of its JSON object besides the named
+#: per-file and per-task results; a data file or zero-shot task may not be named like one of them.
+RESULT_KEYS = frozenset(
+    {"accuracy", "f1", "mcc", "pearson", "spearman", "mse", "perplexity", "nll", "n", "tokens", "metric", "seconds", "wall_seconds", "task", "data", "tasks"}
+)
 
 
 @dataclass
@@ -146,3 +155,54 @@ def _token_classification(loaded: LoadedModel, config: EvalConfig, progress: boo
     result["n"] = len(examples)
     result["tokens"] = len(y_true)
     return result
+
+
+def split_list(values: str | Iterable[str] | None) -> list[str]:
+    """Items of a repeatable, comma-separated option: ``["a.txt,b.txt", "c.txt"]`` -> three items."""
+    if values is None:
+        return []
+    if isinstance(values, str):
+        values = [values]
+    return [item.strip() for value in values for item in value.split(",") if item.strip()]
+
+
+def evaluate_files(
+    loaded: LoadedModel, config: EvalConfig, files: Sequence[str | os.PathLike], *, progress: bool = True
+) -> dict[str, dict[str, Any]]:
+    """:func:`evaluate` on each file with the same options, keyed by file stem.
+
+    Two files with one stem (``wikitext-2/test.txt``, ``ptb/test.txt``) are keyed with as many
+    parent folders as tell them apart (``wikitext-2/test``, ``ptb/test``).
+
+    Raises:
+        DataError: for a file given twice, or any error of :func:`evaluate`.
+    """
+    from .zeroshot import unique_names
+
+    names = unique_names(files, "data file")
+    return {name: evaluate(loaded, dataclasses.replace(config, data=os.fspath(f)), progress=progress) for name, f in zip(names, files)}
+
+
+def check_result_names(names: Sequence[str], taken: Iterable[str] = ()) -> None:
+    """Names of per-file and per-task results must differ from each other, from :data:`RESULT_KEYS`
+    and from the keys in ``taken``.
+
+    Raises:
+        DataError: naming the clash.
+    """
+    taken = RESULT_KEYS | set(taken)
+    for i, name in enumerate(names):
+        if name in taken or name in names[:i]:
+            raise DataError(
+                f"the result name {name!r} is taken (a key of eval's output, or another data file's or task's name): rename that file"
+            )
+
+
+def merge_named(result: dict[str, Any], named: dict[str, dict[str, Any]], listing: str) -> dict[str, Any]:
+    """Put named results (per file, per task) at the top level of ``result``, their names under ``listing``.
+
+    Raises:
+        DataError: when a name is already a key of ``result`` or one of :data:`RESULT_KEYS`.
+    """
+    check_result_names(list(named), taken=result)
+    return {**result, **named, listing: list(named)}
