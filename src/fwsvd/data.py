@@ -344,6 +344,8 @@ def _read_json(file: Path, source: str) -> _Table:
             records = json.loads(stripped)
         except json.JSONDecodeError as err:
             raise DataError(f"cannot parse {source} as a JSON list ({err}): check the file format") from err
+        except RecursionError as err:
+            raise DataError(f"cannot parse {source}: JSON nested too deeply; write one flat object per example") from err
     else:
         records = []
         for number, line in enumerate(content.splitlines(), start=1):
@@ -351,6 +353,8 @@ def _read_json(file: Path, source: str) -> _Table:
                 continue
             try:
                 records.append(json.loads(line))
+            except RecursionError as err:
+                raise DataError(f"cannot parse line {number} of {source}: JSON nested too deeply; write one flat object per line") from err
             except json.JSONDecodeError as err:
                 raise DataError(
                     f"cannot parse line {number} of {source} as JSON ({err.msg}): "

@@ -95,7 +95,7 @@ def validate_record(record: Any) -> dict[str, Any]:
         raise ModelError(f"{_WHERE} is {type(record).__name__}, not an object: {_FIX}")
     unknown = [k for k in record if k not in RECORD_KEYS]
     if unknown:
-        raise ModelError(f"{_WHERE} has unknown key {str(unknown[0])[:60]!r}: {_FIX} (fwsvd {_version()} knows {', '.join(RECORD_KEYS)})")
+        raise ModelError(f"{_WHERE} has unknown key {str(unknown[0])[:60]!r} (fwsvd {_version()} writes none such): {_FIX}")
     if record.get("quant_method", QUANT_METHOD) != QUANT_METHOD:
         raise _bad("quant_method", record["quant_method"])
     checks = {

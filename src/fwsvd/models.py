@@ -59,7 +59,9 @@ def detect_task(config: Any) -> str:
     Raises:
         ModelError: when the architecture is missing or is none of :data:`TASKS`.
     """
-    archs = list(getattr(config, "architectures", None) or [])
+    archs = getattr(config, "architectures", None) or []
+    if not isinstance(archs, (list, tuple)) or not all(isinstance(a, str) for a in archs):
+        raise ModelError(f"architectures in config.json is {archs!r}, not a list of class names: restore the model's config.json")
     for arch in archs:
         for task in TASKS:
             if arch in _mapping_names(task):
@@ -353,13 +355,24 @@ def load_model(
     return LoadedModel(loaded, tokenizer, task, str(model))
 
 
+def _config_errors() -> tuple[type[BaseException], ...]:
+    """What building a config or a model from a bad config.json raises: type and value checks
+    (huggingface_hub's strict dataclasses), arithmetic on zeros, lookups of missing fields."""
+    errors: tuple[type[BaseException], ...] = (ValueError, KeyError, TypeError, AttributeError, IndexError, ArithmeticError)
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # pragma: no cover - older huggingface_hub
+        return errors
+    return (*errors, StrictDataclassError)
+
+
 def _load_config(auto_config: Any, source: str, model: Any, extra: dict[str, Any], **kwargs: Any) -> Any:
     """``AutoConfig.from_pretrained`` with config errors reported as such (never custom code)."""
     try:
         config = auto_config.from_pretrained(source, **extra, **kwargs)
     except ModelError:
         raise
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+    except (OSError, *_config_errors()) as err:
         if Path(source).is_dir():
             raise ModelError(f"cannot load config.json of {model} ({_first_line(err)}): fix config.json or restore the one saved with the model") from err
         raise ModelError(f"cannot load the config of {model} ({_first_line(err)}): pass a local model folder or check the hub id and network") from err
@@ -403,7 +416,7 @@ def _load_weights(
         raise ModelError(f"cannot read the weights of {model} ({_first_line(err)}): copy the complete weights again, as safetensors") from err
     except OSError as err:
         raise ModelError(f"cannot load the weights of {model} ({_first_line(err)}): check that the folder holds complete safetensors weights") from err
-    except (ValueError, KeyError, RuntimeError, TypeError, AttributeError, IndexError) as err:
+    except (RuntimeError, *_config_errors()) as err:
         raise ModelError(f"cannot build model {model} from its config.json ({_first_line(err)}): fix config.json or restore the one saved with the weights") from err
     if tolerate is not None:
         info = {**info, **{k: {key for key in info.get(k) or () if not tolerate(key)} for k in ("missing_keys", "unexpected_keys")}}
