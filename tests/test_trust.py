@@ -525,15 +525,16 @@ def test_read_only_parent_fails_before_loading(capsys, tmp_path, bert_dir):
 # --- outputs: permissions, stale leftovers, signals, concurrent writers ----------------------------
 
 
-def test_written_files_follow_the_umask(capsys, tmp_path, bert_dir):
+def test_written_files_follow_the_umask(capsys, tmp_path, bert_dir, sst2_tsv):
     old = os.umask(0o022)
     try:
-        status, _, err = run(capsys, "compress", bert_dir, "--out", tmp_path / "out", "--method", "svd", "--keep", "0.5", *SMALL)
+        status, _, err = run(capsys, "compress", bert_dir, "--out", tmp_path / "out", "--method", "svd-llm", "--keep", "0.5",
+                             "--data", sst2_tsv, "--samples", "8", "--save-stats", tmp_path / "stats.safetensors", *SMALL)
     finally:
         os.umask(old)
     assert status == 0, err
-    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir()}
-    assert modes and set(modes.values()) == {0o644}, modes
+    modes = {p.name: p.stat().st_mode & 0o777 for p in [*(tmp_path / "out").iterdir(), tmp_path / "stats.safetensors"]}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o644}, modes
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
 
 

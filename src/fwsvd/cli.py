@@ -259,7 +259,10 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         if statistics is None and needs:
             statistics = api.calibrate(loaded, calibration, needs, include=config.include, exclude=config.exclude, progress=not args.quiet)
             if args.save_stats:
+                from .fsutil import follow_umask
+
                 statistics.save(args.save_stats)
+                follow_umask(args.save_stats)
         report = api.compress(loaded.model, config, statistics, task=loaded.task, progress=not args.quiet)
     finetuned = None
     if recovery is not None:

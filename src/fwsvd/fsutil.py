@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .errors import FwsvdError
 
-__all__ = ["atomic_dir", "atomic_write_text", "check_output_dir", "check_writable_parent"]
+__all__ = ["atomic_dir", "atomic_write_text", "check_output_dir", "check_writable_parent", "follow_umask"]
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -157,6 +157,11 @@ def _clean_stale(path: Path) -> None:
     for stale in (*partials, *olds):
         if stale.is_dir() and not stale.is_symlink():
             shutil.rmtree(stale, ignore_errors=True)
+
+
+def follow_umask(path: str | os.PathLike) -> None:
+    """Give a written file the permissions the umask allows (safetensors writes its files 0600)."""
+    os.chmod(path, 0o666 & ~_umask())
 
 
 def _fix_modes(folder: Path) -> None:
