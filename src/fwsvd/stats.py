@@ -8,8 +8,9 @@ Kinds of statistics (a method names the ones it needs):
 
 ``fisher``
     Empirical Fisher information of the task loss: squared gradients of each targeted weight,
-    accumulated per calibration batch, kept reduced to one value per output feature
-    (``fisher_out``) and per input feature (``fisher_in``), so one pass serves both reductions.
+    one gradient per calibration example (of that example's own loss, so the result does not
+    depend on the batch size), kept reduced to one value per output feature (``fisher_out``) and
+    per input feature (``fisher_in``), so one pass serves both reductions.
     ``keep_full_fisher=True`` also keeps the elementwise ``[out, in]`` sum (``fisher_full``).
 ``act``
     Mean absolute input activation per input feature (``act_abs_mean``), over non-padding tokens.
@@ -27,6 +28,7 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -35,7 +37,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import FwsvdError
-from .nn import Conv1D, linear_weight
+from .losses import example_losses
+from .nn import linear_weight
 
 logger = logging.getLogger(__name__)
 
@@ -186,6 +189,106 @@ class _ActivationHooks:
         return hook
 
 
+#: Elements of per-example weight gradients formed at once (64 MiB of float32): examples are
+#: processed in chunks of this size, so a 7B model's widest layer never needs a batch's worth.
+_EXAMPLE_CHUNK_ELEMENTS = 1 << 24
+#: How Fisher is accumulated, recorded in the statistics summary (and so in the compression record).
+FISHER_GRANULARITY = "example"
+
+
+class _FisherHooks:
+    """Per-example squared weight gradients of every targeted module, reduced as they are formed.
+
+    The empirical Fisher of FWSVD is a sum over examples of squared per-example gradients. For a
+    linear layer ``y = x W^T`` the gradient of example ``e``'s loss is ``G_e = g_e^T x_e`` (output
+    gradients times inputs over the example's tokens), so a forward hook keeps each call's input and
+    registers a hook on its output that receives ``g`` during the backward pass; ``G_e`` is formed
+    there a few examples at a time and reduced at once to the per-output and per-input sums. No
+    weight gradient is ever stored, and the statistic does not depend on how examples are batched.
+    """
+
+    def __init__(self, model: nn.Module, names: list[str], keep_full: bool) -> None:
+        self.model = model
+        self.names = names
+        self.keep_full = keep_full
+        self.out: dict[str, torch.Tensor] = {}
+        self.inp: dict[str, torch.Tensor] = {}
+        self.full: dict[str, torch.Tensor] = {}
+        self.batch_size = 0
+        self.tokens = 0  # per example (padded), for inputs flattened to [batch * tokens, features]
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> _FisherHooks:
+        for name in self.names:
+            module = self.model.get_submodule(name)
+            self._handles.append(module.register_forward_pre_hook(_require_grad))
+            self._handles.append(module.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def entries(self, name: str, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``fisher_out``/``fisher_in`` (and ``fisher_full``) of ``name``; zeros when the loss never reached it."""
+        out_features, in_features = like.shape
+        entry = {
+            "fisher_out": self.out.get(name, torch.zeros(out_features)),
+            "fisher_in": self.inp.get(name, torch.zeros(in_features)),
+        }
+        if self.keep_full:
+            entry["fisher_full"] = self.full.get(name, torch.zeros(out_features, in_features))
+        return entry
+
+    def _hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if not isinstance(output, torch.Tensor) or not output.requires_grad:
+                return
+            x = args[0].detach()
+            if x.shape[0] != self.batch_size:
+                if x.dim() == 2 and x.shape[0] == self.batch_size * self.tokens:
+                    # Families such as OPT flatten [batch, tokens] before their MLP, in order.
+                    x = x.view(self.batch_size, self.tokens, -1)
+                else:
+                    raise FwsvdError(
+                        f"{name} reads a tensor of shape {tuple(x.shape)} that is not [batch={self.batch_size}, ..., features]: "
+                        "per-example Fisher cannot tell its examples apart; exclude it with --exclude"
+                    )
+            output.register_hook(lambda grad: self._accumulate(name, x, grad))
+
+        return hook
+
+    def _accumulate(self, name: str, x: torch.Tensor, grad: torch.Tensor) -> None:
+        batch = x.shape[0]
+        # [examples, tokens, features]; float32 for the products (inputs may be half precision).
+        # The output gradient has the output's layout, which mirrors the input's.
+        xs = x.reshape(batch, -1, x.shape[-1]).float()
+        gs = grad.detach().reshape(batch, -1, grad.shape[-1]).float()
+        chunk = max(1, _EXAMPLE_CHUNK_ELEMENTS // (xs.shape[-1] * gs.shape[-1]))
+        for i in range(0, batch, chunk):
+            g2 = torch.bmm(gs[i : i + chunk].transpose(1, 2), xs[i : i + chunk]).square_()  # [c, out, in]
+            _add(self.out, name, g2.sum(dim=(0, 2)))
+            _add(self.inp, name, g2.sum(dim=(0, 1)))
+            if self.keep_full:
+                _add(self.full, name, g2.sum(dim=0))
+
+
+def _require_grad(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """Let gradients reach this module's output although no parameter requires them.
+
+    The first targeted layer reads an input that does not require grad (weights are frozen during
+    Fisher calibration); a detached copy that does makes everything after it differentiable.
+    """
+    if args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point() and not args[0].requires_grad:
+        return (args[0].detach().requires_grad_(True), *args[1:])
+    return None
+
+
+def _add(acc: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
+    acc[name] = acc[name] + value if name in acc else value
+
+
 def collect_statistics(
     model: nn.Module,
     target_names: Iterable[str],
@@ -193,6 +296,7 @@ def collect_statistics(
     kinds: Iterable[str],
     *,
     keep_full_fisher: bool = False,
+    task: str | None = None,
     total: int | None = None,
     progress: bool = True,
     summary: Mapping[str, Any] | None = None,
@@ -202,10 +306,11 @@ def collect_statistics(
     Args:
         model: the model; it is left as it was found (mode, ``requires_grad``, gradients).
         target_names: names of the linear modules to collect for.
-        batches: model inputs; for ``fisher`` each batch carries ``labels`` so that the model
-            returns its task loss.
+        batches: model inputs; for ``fisher`` each batch carries the ``labels`` of the task loss.
         kinds: subset of :data:`STAT_KINDS`.
         keep_full_fisher: also keep the elementwise Fisher (``[out, in]`` per module; memory heavy).
+        task: the model's task (see :func:`fwsvd.losses.example_losses`), which defines each
+            example's loss for ``fisher``; detected from the model when ``None``.
         total: number of batches, for the progress bar.
         progress: show a tqdm bar.
         summary: extra facts recorded in :attr:`Statistics.summary` (source, samples, ...).
@@ -224,14 +329,14 @@ def collect_statistics(
     names = list(target_names)
     want_fisher = "fisher" in kinds
     modules = {n: model.get_submodule(n) for n in names}
-    params = {n: _weight_param(m) for n, m in modules.items()}
+    for m in modules.values():
+        _weight_param(m)
+    if want_fisher and task is None:
+        task = task_of(model)
 
     modes = {m: m.training for m in model.modules()}
     saved_flags = {p: p.requires_grad for p in model.parameters()}
     saved_grads = {p: p.grad for p in model.parameters()}
-    fisher_out: dict[str, torch.Tensor] = {}
-    fisher_in: dict[str, torch.Tensor] = {}
-    fisher_full: dict[str, torch.Tensor] = {}
     n_batches = 0
     n_rows = 0
     n_tokens = 0
@@ -240,14 +345,16 @@ def collect_statistics(
     model.eval()  # deterministic statistics: no dropout
     try:
         if want_fisher:
-            # Gradients only for the targeted weights: activations still carry gradient, but no
-            # memory is spent on embeddings, norms or heads.
+            # No parameter gradient at all: the Fisher hooks form per-example weight gradients
+            # from activations and output gradients, which flow without any weight requiring grad.
             for p in model.parameters():
                 p.requires_grad_(False)
                 p.grad = None
-            for p in params.values():
-                p.requires_grad_(True)
-        with _ActivationHooks(model, names, kinds & {"act", "cov"}) as hooks:
+        # Activation hooks first: they must see each module's original input tensor (the Fisher
+        # pre-hook may hand on a copy), so that modules reading one input share one covariance.
+        with _ActivationHooks(model, names, kinds & {"act", "cov"}) as hooks, _FisherHooks(
+            model, names if want_fisher else [], keep_full_fisher
+        ) as fisher:
             bar = tqdm(batches, total=total, desc="calibrating", unit="batch", disable=not progress, leave=False)
             for batch in bar:
                 mask = batch.get("attention_mask")
@@ -258,21 +365,18 @@ def collect_statistics(
                 if want_fisher:
                     if "labels" not in batch:
                         raise FwsvdError("Fisher calibration needs labelled data: the batch has no 'labels'")
+                    fisher.batch_size, fisher.tokens = (int(n) for n in batch["input_ids"].shape[:2])
+                    inputs = {k: v for k, v in batch.items() if k != "labels"}
                     with torch.enable_grad():
-                        loss = model(**batch).loss
-                        if loss is None or not torch.isfinite(loss):
-                            raise FwsvdError(f"calibration loss is {loss}: check the labels and the model weights for NaN/inf")
-                        loss.backward()
-                    loss_value = loss.item()
-                    loss_sum += loss_value
-                    bar.set_postfix(loss=f"{loss_value:.4f}")
-                    for n, p in params.items():
-                        g2 = _as_out_in(modules[n], p.grad).float().square()
-                        p.grad = None
-                        fisher_out[n] = fisher_out[n] + g2.sum(1) if n in fisher_out else g2.sum(1)
-                        fisher_in[n] = fisher_in[n] + g2.sum(0) if n in fisher_in else g2.sum(0)
-                        if keep_full_fisher:
-                            fisher_full[n] = fisher_full[n] + g2 if n in fisher_full else g2
+                        logits = model(**inputs).logits
+                        losses = example_losses(task, logits, batch["labels"], getattr(model, "config", None))
+                        del logits
+                        if not torch.isfinite(losses).all():
+                            raise FwsvdError(f"calibration loss is {losses.tolist()}: check the labels and the model weights for NaN/inf")
+                        # The sum's gradient for each example is that of its own loss.
+                        losses.sum().backward()
+                    loss_sum += float(losses.detach().sum())
+                    bar.set_postfix(loss=f"{loss_sum / n_rows:.4f}")
                 else:
                     with torch.no_grad():
                         model(**{k: v for k, v in batch.items() if k != "labels"})
@@ -290,10 +394,7 @@ def collect_statistics(
     for n in names:
         entry: dict[str, torch.Tensor] = {}
         if want_fisher:
-            entry["fisher_out"] = fisher_out[n]
-            entry["fisher_in"] = fisher_in[n]
-            if keep_full_fisher:
-                entry["fisher_full"] = fisher_full[n]
+            entry.update(fisher.entries(n, linear_weight(modules[n])))
         entry.update(hooks.entries(n))
         for key, t in entry.items():
             if not torch.isfinite(t).all():
@@ -309,9 +410,19 @@ def collect_statistics(
         "seconds": round(time.perf_counter() - start, 3),
     }
     if want_fisher:
-        stats.summary["mean_loss"] = loss_sum / n_batches
+        # Per example, so the figure and the statistics do not depend on the batch size.
+        stats.summary["mean_loss"] = loss_sum / n_rows
+        stats.summary["fisher_granularity"] = FISHER_GRANULARITY
     logger.info("calibrated %s on %d samples (%d tokens) in %.1f s", sorted(kinds), n_rows, n_tokens, stats.summary["seconds"])
     return stats
+
+
+def task_of(model: nn.Module) -> str:
+    """The task of a transformers model, from its class (or its config's ``architectures``)."""
+    from .models import detect_task
+
+    names = [type(model).__name__, *(getattr(getattr(model, "config", None), "architectures", None) or [])]
+    return detect_task(SimpleNamespace(architectures=names))
 
 
 def _weight_param(module: nn.Module) -> nn.Parameter:
@@ -319,12 +430,3 @@ def _weight_param(module: nn.Module) -> nn.Parameter:
     if not isinstance(weight, nn.Parameter):
         raise FwsvdError(f"{type(module).__name__} has no weight parameter to calibrate")
     return weight
-
-
-def _as_out_in(module: nn.Module, grad: torch.Tensor | None) -> torch.Tensor:
-    """A weight gradient in ``[out, in]`` layout (``Conv1D`` stores ``[in, out]``)."""
-    if grad is None:
-        # A module the loss does not reach (e.g. an unused layer) carries no information.
-        w = linear_weight(module)
-        return torch.zeros_like(w)
-    return grad.t() if isinstance(module, Conv1D) else grad

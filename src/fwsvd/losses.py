@@ -1,0 +1,74 @@
+"""The task loss of each example in a batch, as the model's own head defines it for a batch of one.
+
+transformers' heads return one loss averaged over the batch (over all labelled tokens, for causal
+LMs and token classification), so a statistic built from that loss changes with the batch size.
+:func:`example_losses` returns one loss per example instead: example ``e``'s value equals what
+``model(**batch_of_e_alone).loss`` gives, and the sum over a batch has, for each example, exactly
+the gradient of that example's own loss (examples do not interact in a transformer's forward).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+
+from .errors import FwsvdError
+
+__all__ = ["IGNORE_INDEX", "example_losses"]
+
+#: Label value that marks a token without a target (transformers' convention).
+IGNORE_INDEX = -100
+
+
+def example_losses(task: str, logits: torch.Tensor, labels: torch.Tensor, config: Any = None) -> torch.Tensor:
+    """One loss per example, ``[batch]``, in float32.
+
+    Args:
+        task: ``"causal-lm"`` (next-token cross-entropy, labels are the input ids shifted inside),
+            ``"token-classification"`` or ``"sequence-classification"``.
+        logits: the model's logits, ``[batch, ...]``.
+        labels: targets as the model's head takes them (``-100`` marks tokens without a target).
+        config: the model config (``num_labels`` and ``problem_type`` choose the sequence loss).
+
+    Returns:
+        Each example's mean loss over its labelled tokens (0 for an example without any).
+
+    Raises:
+        FwsvdError: for an unknown task.
+    """
+    logits = logits.float()
+    if task == "causal-lm":
+        # Shift the labels, not the logits: the logits are the largest tensor here.
+        shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+        return _token_mean(logits, shifted)
+    if task == "token-classification":
+        return _token_mean(logits, labels)
+    if task == "sequence-classification":
+        problem = getattr(config, "problem_type", None)
+        num_labels = logits.shape[-1]
+        if problem is None:
+            # transformers' rule (BertForSequenceClassification and peers).
+            if num_labels == 1:
+                problem = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                problem = "single_label_classification"
+            else:
+                problem = "multi_label_classification"
+        if problem == "regression":
+            return (logits.reshape(len(logits), -1) - labels.reshape(len(labels), -1).float()).square().mean(dim=1)
+        if problem == "single_label_classification":
+            return F.cross_entropy(logits.reshape(-1, num_labels), labels.reshape(-1), reduction="none")
+        return F.binary_cross_entropy_with_logits(logits, labels.float(), reduction="none").mean(dim=1)
+    raise FwsvdError(f"no per-example loss for task {task!r}: choose causal-lm, token-classification or sequence-classification")
+
+
+def _token_mean(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over each example's labelled tokens (``labels != -100``)."""
+    per_token = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view(labels.shape)
+    counts = (labels != IGNORE_INDEX).sum(dim=1)
+    # An example without a labelled token contributes nothing (not 0/0).
+    return per_token.sum(dim=1) / counts.clamp(min=1)
