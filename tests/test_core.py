@@ -339,3 +339,120 @@ def test_parameter_counts():
     assert dense_parameters(3, 5, bias=True) == 18
     assert factorized_parameters(3, 5, 2, bias=False) == 16
     assert factorized_parameters(3, 5, 2, bias=True) == 19
+
+
+# --- decompositions and rank allocation -----------------------------------------------------------
+
+
+def test_decomposition_truncates_to_the_same_factors_and_its_values_price_the_error():
+    from fwsvd.core import weighted_decomposition, whitened_decomposition
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(12, 8, generator=g)
+    x = torch.randn(40, 8, generator=g)
+    row = torch.rand(12, generator=g) + 0.1
+    dec = whitened_decomposition(w, x.T @ x, damping=0.0, row_weight=row)
+    for rank in (1, 4, 8):
+        a, b = dec.truncate(rank)
+        a2, b2 = whitened_svd(w, rank, x.T @ x, damping=0.0, row_weight=row)
+        torch.testing.assert_close(a @ b, a2 @ b2, rtol=1e-5, atol=1e-5)
+        # The discarded values are exactly the row-weighted output error on the data (float32: rel 1e-3).
+        err = (row[:, None] * ((w - a @ b) @ x.T)).square().sum()
+        assert err.item() == pytest.approx(dec.values[rank:].square().sum().item(), rel=1e-3, abs=1e-4)
+    plain = weighted_decomposition(w)
+    torch.testing.assert_close(plain.values, torch.linalg.svdvals(w))
+    with pytest.raises(ValueError, match="rank 9"):
+        plain.truncate(9)
+
+
+def _shapes_and_losses(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(48, 32, False), (32, 32, True), (64, 16, False), (16, 16, False)]
+    losses = [torch.sort(torch.rand(min(o, i), generator=g) * 10 ** float(torch.randn(1, generator=g)), descending=True).values for o, i, _ in shapes]
+    return shapes, losses
+
+
+def _kept(shapes, ranks):
+    return sum(dense_parameters(o, i, b) if r is None else factorized_parameters(o, i, r, b) for (o, i, b), r in zip(shapes, ranks))
+
+
+@pytest.mark.parametrize("keep", [0.2, 0.4, 0.6, 0.8, 0.95])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_allocate_ranks_respects_budget_and_floor(keep, seed):
+    from fwsvd.core import allocate_ranks
+
+    shapes, losses = _shapes_and_losses(seed)
+    ranks = allocate_ranks(losses, shapes, keep, floor=0.25)
+    total = sum(dense_parameters(o, i, b) for o, i, b in shapes)
+    kept = _kept(shapes, ranks)
+    # Never above the budget, and within one component of the widest matrix below it.
+    assert kept <= keep * total + 1e-9
+    assert keep * total - kept <= max(o + i for o, i, _ in shapes) + max(o for o, _, _ in shapes)
+    for (o, i, b), r in zip(shapes, ranks):
+        if r is not None:
+            uniform = rank_for_kept_fraction(o, i, keep, bias=b)
+            assert r >= max(1, math.ceil(0.25 * (uniform or 1)))
+            assert factorized_parameters(o, i, r, b) < dense_parameters(o, i, b)
+
+
+def test_allocate_ranks_follows_the_loss():
+    from fwsvd.core import allocate_ranks
+
+    shapes = [(32, 32, False), (32, 32, False)]
+    # Matrix 0's components are worth 100x matrix 1's: it gets the budget, matrix 1 its floor.
+    losses = [torch.linspace(100, 1, 32), torch.linspace(1, 0.01, 32)]
+    ranks = allocate_ranks(losses, shapes, 0.5, floor=0.25)
+    uniform = rank_for_kept_fraction(32, 32, 0.5)
+    assert ranks[1] == math.ceil(0.25 * uniform)
+    assert ranks[0] is None or ranks[0] > uniform
+    # Equal worth everywhere gives (nearly) uniform ranks.
+    even = allocate_ranks([torch.ones(32), torch.ones(32)], shapes, 0.5, floor=0.0)
+    assert abs(even[0] - even[1]) <= 1
+
+
+def test_allocate_ranks_turns_a_matrix_dense_when_it_pays():
+    from fwsvd.core import allocate_ranks
+
+    # A narrow matrix (like GQA's k/v) whose every component matters stays dense.
+    shapes = [(8, 64, False), (64, 64, False)]
+    losses = [torch.full((8,), 1e6), torch.linspace(1.0, 0.001, 64)]
+    ranks = allocate_ranks(losses, shapes, 0.6, floor=0.25)
+    assert ranks[0] is None
+    assert ranks[1] is not None
+    total = sum(dense_parameters(o, i, b) for o, i, b in shapes)
+    assert _kept(shapes, ranks) <= 0.6 * total
+
+
+def test_allocate_ranks_rejects_bad_input():
+    from fwsvd.core import allocate_ranks
+
+    with pytest.raises(ValueError, match="keep"):
+        allocate_ranks([torch.ones(4)], [(4, 4, False)], 0.0)
+    with pytest.raises(ValueError, match="floor"):
+        allocate_ranks([torch.ones(4)], [(4, 4, False)], 0.5, floor=2)
+    with pytest.raises(ValueError, match="shape"):
+        allocate_ranks([torch.ones(3)], [(4, 4, False)], 0.5)
+    assert allocate_ranks([torch.ones(4)], [(4, 4, False)], 1.0) == [None]
+
+
+def test_refit_left_factor_is_the_least_squares_optimum_and_error_is_exact():
+    from fwsvd.core import output_error, refit_left_factor
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(10, 6, generator=g, dtype=torch.float64)
+    x = torch.randn(50, 6, generator=g, dtype=torch.float64)  # dense inputs
+    xt = x + 0.3 * torch.randn(50, 6, generator=g, dtype=torch.float64)  # inputs after upstream compression
+    a0, b = weighted_svd(w, 3)
+    row = torch.rand(10, generator=g, dtype=torch.float64) + 0.5
+    cov, cross, dense = xt.T @ xt, x.T @ xt, x.T @ x
+    a1 = refit_left_factor(w, b, cov, cross, damping=0.0)
+    # The same least-squares problem solved directly.
+    expected = torch.linalg.lstsq(xt @ b.T, x @ w.T).solution.T
+    torch.testing.assert_close(a1, expected, rtol=1e-8, atol=1e-8)
+    for a in (a0, a1):
+        direct = (row[:, None] * (w @ x.T - a @ b @ xt.T)).square().sum().item()
+        assert output_error(w, a, b, cov, cross, dense, row) == pytest.approx(direct, rel=1e-9)
+    # The refit never raises the error, whatever the row weights.
+    assert output_error(w, a1, b, cov, cross, dense, row) <= output_error(w, a0, b, cov, cross, dense, row) + 1e-9
+    with pytest.raises(ValueError, match="cross"):
+        refit_left_factor(w, b, cov, torch.ones(5, 5))

@@ -16,7 +16,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__
-from .core import dense_parameters, factorized_parameters, rank_for_kept_fraction
+from .core import Decomposition, allocate_ranks, dense_parameters, factorized_parameters, rank_for_kept_fraction
 from .errors import DataError, FwsvdError, ModelError
 from .fsutil import atomic_dir
 from .hf import FwsvdQuantizationConfig, compression_record
@@ -52,6 +52,11 @@ __all__ = [
     "load_statistics",
     "save",
 ]
+
+
+#: Rank allocation modes (see :func:`fwsvd.core.allocate_ranks`).
+ALLOCATIONS = ("uniform", "global")
+DEFAULT_ALLOCATION = "uniform"
 
 
 def _help(text: str, **kw: Any) -> Any:
@@ -80,6 +85,13 @@ class CompressConfig:
         "on top of Fisher per output feature: on, off, or 'auto' (on unless --fisher-reduction in/both; measured best on encoders and decoders)",
         default="auto",
     )
+    allocation: str = _help(
+        "how ranks are chosen: 'uniform' (every targeted layer keeps --keep of its parameters) or 'global' "
+        "(one budget for all layers, spent where the method's loss estimate says components matter most; "
+        "every layer keeps at least --rank-floor of its uniform rank)",
+        default=DEFAULT_ALLOCATION,
+    )
+    rank_floor: float = _help("global allocation: the smallest rank a layer may get, as a fraction of its uniform rank", default=0.25)
     asvd_alpha: float = _help("asvd: exponent of the mean absolute activation scaling", default=0.5)
     damping: float = _help("svd-llm and whitened fwsvd: damping added to the covariance, as a fraction of its mean diagonal", default=0.01)
 
@@ -90,6 +102,10 @@ class CompressConfig:
             raise FwsvdError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
         if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)) or not math.isfinite(self.keep) or not 0 < self.keep <= 1:
             raise FwsvdError(f"--keep {self.keep!r} must be a fraction in (0, 1]: the share of the targeted parameters that stays")
+        if self.allocation not in ALLOCATIONS:
+            raise FwsvdError(f"--allocation {self.allocation!r} must be one of {', '.join(ALLOCATIONS)}")
+        if isinstance(self.rank_floor, bool) or not isinstance(self.rank_floor, (int, float)) or not 0 <= self.rank_floor <= 1:
+            raise FwsvdError(f"--rank-floor {self.rank_floor!r} must be a fraction in [0, 1] of each layer's uniform rank")
         self.build_method("sequence-classification")  # validates the method's options early
 
     def needs(self, task: str) -> frozenset[str]:
@@ -283,6 +299,7 @@ def calibrate(
         batches,
         kinds,
         keep_full_fisher=keep_full_fisher,
+        task=loaded.task,
         total=len(batches),
         progress=progress,
         summary=summary,
@@ -342,7 +359,10 @@ def compress(
         )
     before = count_parameters(model)
     start = time.perf_counter()
-    rows = _factorize_targets(model, targets, method, config.keep, statistics, progress=progress)
+    ranks = decompositions = None
+    if config.allocation == "global":
+        ranks, decompositions = allocate(model, targets, method, config.keep, statistics, floor=config.rank_floor, progress=progress)
+    rows = _factorize_targets(model, targets, method, config.keep, statistics, ranks=ranks, decompositions=decompositions, progress=progress)
     return _record_compression(
         model,
         config,
@@ -375,12 +395,20 @@ def _factorize_targets(
     keep: float,
     statistics: Statistics | None,
     *,
+    ranks: Mapping[str, int | None] | None = None,
+    decompositions: dict[str, Decomposition] | None = None,
     progress: bool = True,
 ) -> list[LayerReport]:
     """Swap each of ``targets`` for a :class:`LowRankLinear` that keeps ``keep`` of its parameters.
 
     The shared per-layer step of :func:`compress` and :func:`fwsvd.sequential.compress_sequential`.
     A layer whose factorization would not save parameters stays dense (rank ``None`` in its row).
+
+    Args:
+        ranks: the rank of each target (``None``: stays dense), e.g. from :func:`allocate`; when
+            omitted every layer gets its uniform rank for ``keep``.
+        decompositions: decompositions already made (by :func:`allocate`), consumed (popped) here
+            so that each is freed as soon as its layer is swapped.
 
     Returns:
         One :class:`LayerReport` per target, in the order given.
@@ -389,7 +417,10 @@ def _factorize_targets(
     for info in tqdm(targets, desc=f"{method.name} keep={keep:g}", unit="layer", disable=not progress, leave=False):
         t0 = time.perf_counter()
         dense = dense_parameters(info.out_features, info.in_features, info.bias)
-        rank = rank_for_kept_fraction(info.out_features, info.in_features, keep, bias=info.bias)
+        if ranks is not None:
+            rank = ranks[info.name]
+        else:
+            rank = rank_for_kept_fraction(info.out_features, info.in_features, keep, bias=info.bias)
         if rank is None:
             rows.append(LayerReport(info.name, (info.out_features, info.in_features), None, dense, dense, 0.0))
             continue
@@ -397,7 +428,8 @@ def _factorize_targets(
         weight = linear_weight(module).detach()
         stats = statistics.for_module(info.name) if statistics is not None else {}
         with torch.no_grad():
-            a, b = method.factorize(weight, rank, stats)
+            cached = decompositions.pop(info.name, None) if decompositions is not None else None
+            a, b = cached.truncate(rank) if cached is not None else method.factorize(weight, rank, stats)
             bias = linear_bias(module)
             new = LowRankLinear.from_factors(a.to(weight.dtype), b.to(weight.dtype), None if bias is None else bias.detach())
         new.train(module.training)
@@ -413,6 +445,41 @@ def _factorize_targets(
             )
         )
     return rows
+
+
+def allocate(
+    model: nn.Module,
+    targets: list[LinearInfo],
+    method: Method,
+    keep: float,
+    statistics: Statistics | None,
+    *,
+    floor: float = 0.25,
+    progress: bool = True,
+) -> tuple[dict[str, int | None], dict[str, Decomposition]]:
+    """Global rank allocation: decompose every target once, then share one parameter budget.
+
+    Each layer's components are priced by :meth:`Method.component_loss` and
+    :func:`fwsvd.core.allocate_ranks` keeps ``keep`` of all the targets' parameters where the
+    estimated loss is largest. The decompositions are returned for the factorization to reuse, so
+    every layer is decomposed once.
+
+    Returns:
+        ``({target name: rank or None}, {target name: decomposition})``.
+    """
+    losses: list[torch.Tensor] = []
+    shapes: list[tuple[int, int, bool]] = []
+    decompositions: dict[str, Decomposition] = {}
+    for info in tqdm(targets, desc=f"{method.name} allocate", unit="layer", disable=not progress, leave=False):
+        module = model.get_submodule(info.name)
+        stats = statistics.for_module(info.name) if statistics is not None else {}
+        with torch.no_grad():
+            dec = method.decompose(linear_weight(module).detach(), stats)
+            losses.append(method.component_loss(dec, stats))
+        decompositions[info.name] = dec
+        shapes.append((info.out_features, info.in_features, info.bias))
+    ranks = allocate_ranks(losses, shapes, keep, floor=floor)
+    return {info.name: rank for info, rank in zip(targets, ranks)}, decompositions
 
 
 def _record_compression(
@@ -452,6 +519,7 @@ def _record_compression(
         target_dense_parameters=record["target_dense_parameters"],
         target_keep=record["target_keep"],
         calibration=record["calibration"],
+        allocation={"mode": config.allocation, **({"rank_floor": config.rank_floor} if config.allocation == "global" else {})},
     )
     logger.info("%s: kept %.3f of targeted parameters, %.3f of the model", method.name, report.target_keep, report.model_keep)
     return report

@@ -74,7 +74,7 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .api import CompressConfig
+    from .api import ALLOCATIONS, DEFAULT_ALLOCATION, CompressConfig
     from .methods import METHODS
     from .models import TASKS
 
@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help=_help(CompressConfig, "exclude"))
     c.add_argument("--fisher-reduction", choices=["auto", "out", "in", "both"], default="auto", help=_help(CompressConfig, "fisher_reduction"))
     c.add_argument("--fisher-whiten", choices=["auto", "on", "off"], default="auto", help=_help(CompressConfig, "fisher_whiten"))
+    c.add_argument("--allocation", choices=list(ALLOCATIONS), default=DEFAULT_ALLOCATION, help=_help(CompressConfig, "allocation"))
+    c.add_argument("--rank-floor", type=float, default=0.25, help=_help(CompressConfig, "rank_floor"))
     c.add_argument("--asvd-alpha", type=float, default=0.5, help=_help(CompressConfig, "asvd_alpha"))
     c.add_argument("--damping", type=float, default=0.01, help=_help(CompressConfig, "damping"))
     c.add_argument("--task", choices=list(TASKS), default=None, help="model task (detected from config.json when omitted)")
@@ -229,6 +231,7 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     config = api.CompressConfig(
         method=args.method, keep=args.keep, include=tuple(args.include), exclude=tuple(args.exclude),
         fisher_reduction=args.fisher_reduction, fisher_whiten=args.fisher_whiten, asvd_alpha=args.asvd_alpha, damping=args.damping,
+        allocation=args.allocation, rank_floor=args.rank_floor,
     )
     # Without --data, a recovery run's labelled training file also serves as calibration data.
     calibration = api.CalibrationConfig(

@@ -8,19 +8,27 @@ layout ``[out_features, in_features]`` and a factorization ``W ≈ A @ B`` has `
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 __all__ = [
+    "Decomposition",
+    "allocate_ranks",
     "balance_factors",
     "dense_parameters",
     "factorized_parameters",
     "floor_relative",
     "kept_fraction",
+    "output_error",
     "rank_for_kept_fraction",
     "reduce_importance",
+    "refit_left_factor",
     "whitened_svd",
+    "weighted_decomposition",
     "weighted_svd",
+    "whitened_decomposition",
 ]
 
 #: Importance values below this fraction of their mean are raised to it, so that a dead row
@@ -78,6 +86,52 @@ def balance_factors(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, tor
     return a / g, b * g[:, None]
 
 
+@dataclass(frozen=True)
+class Decomposition:
+    """A weighted SVD kept whole, so that factors of every rank are a slice away.
+
+    ``W ≈ left[:, :k] @ right[:k]`` is the best rank-``k`` approximation under the weighted norm the
+    decomposition was made for, and ``values`` are the singular values of the weighted matrix
+    (descending): truncating at rank ``k`` costs ``sum(values[k:] ** 2)`` in that norm. Rank
+    allocation reads ``values``; :meth:`truncate` gives the factors once a rank is chosen.
+
+    Attributes:
+        left: ``[out, m]`` (``m = min(out, in)``).
+        right: ``[m, in]``.
+        values: ``[m]`` singular values of the weighted matrix.
+        dtype: the dtype the factors are returned in (the weight's).
+    """
+
+    left: torch.Tensor
+    right: torch.Tensor
+    values: torch.Tensor
+    dtype: torch.dtype
+
+    @property
+    def max_rank(self) -> int:
+        return int(self.values.numel())
+
+    def truncate(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Balanced factors ``(A [out, rank], B [rank, in])`` in the weight's dtype.
+
+        Raises:
+            ValueError: on a rank outside ``[1, m]``.
+        """
+        out_f, in_f = self.left.shape[0], self.right.shape[1]
+        if not 1 <= rank <= self.max_rank:
+            raise ValueError(f"rank {rank} is outside [1, {self.max_rank}] for a {out_f}x{in_f} matrix")
+        a, b = balance_factors(self.left[:, :rank], self.right[:rank])
+        return a.to(self.dtype), b.to(self.dtype)
+
+
+def _check_rank(weight: torch.Tensor, rank: int) -> None:
+    if weight.ndim != 2:
+        raise ValueError(f"weight must be 2-D, got shape {tuple(weight.shape)}")
+    out_f, in_f = weight.shape
+    if not 1 <= rank <= min(out_f, in_f):
+        raise ValueError(f"rank {rank} is outside [1, {min(out_f, in_f)}] for a {out_f}x{in_f} matrix")
+
+
 def weighted_svd(
     weight: torch.Tensor,
     rank: int,
@@ -88,10 +142,7 @@ def weighted_svd(
 
     Minimises ``|| diag(r) (W - A B) diag(c) ||_F`` with ``r = row_weight`` and ``c = col_weight``
     (both default to ones, which is plain truncated SVD). A rank-one weighting has the exact closed
-    form *scale, SVD, truncate, unscale* (Hsu et al. 2022, eq. 5).
-
-    With weights on one side only the unscale step needs no division:
-    rows weighted: ``A = W V_k``, ``B = V_k^T``; columns weighted: ``A = U_k``, ``B = U_k^T W``.
+    form *scale, SVD, truncate, unscale* (Hsu et al. 2022, eq. 5); see :func:`weighted_decomposition`.
 
     Args:
         weight: ``[out, in]`` matrix.
@@ -106,11 +157,26 @@ def weighted_svd(
         ValueError: on a rank outside ``[1, min(out, in)]``, mismatched weight shapes, or
             non-finite input.
     """
+    _check_rank(weight, rank)
+    return weighted_decomposition(weight, row_weight, col_weight).truncate(rank)
+
+
+def weighted_decomposition(
+    weight: torch.Tensor,
+    row_weight: torch.Tensor | None = None,
+    col_weight: torch.Tensor | None = None,
+) -> Decomposition:
+    """The whole decomposition behind :func:`weighted_svd` (every rank at once).
+
+    With weights on one side only the unscale step needs no division:
+    rows weighted: ``A = W V_k``, ``B = V_k^T``; columns weighted: ``A = U_k``, ``B = U_k^T W``.
+
+    Raises:
+        ValueError: on mismatched weight shapes or non-finite input.
+    """
     if weight.ndim != 2:
         raise ValueError(f"weight must be 2-D, got shape {tuple(weight.shape)}")
     out_f, in_f = weight.shape
-    if not 1 <= rank <= min(out_f, in_f):
-        raise ValueError(f"rank {rank} is outside [1, {min(out_f, in_f)}] for a {out_f}x{in_f} matrix")
     # SVD in float32 at least: half precision SVD is unsupported or inaccurate.
     work_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     w = weight.detach().to(work_dtype)
@@ -124,19 +190,17 @@ def weighted_svd(
         scaled = r[:, None] * scaled
     if c is not None:
         scaled = scaled * c[None, :]
-    u, _, vh = torch.linalg.svd(scaled, full_matrices=False)
-    u_k, vh_k = u[:, :rank], vh[:rank]
+    u, sv, vh = torch.linalg.svd(scaled, full_matrices=False)
     if c is None:
         # Only rows (or nothing) weighted: project the rows of W onto the top right singular vectors.
-        a, b = w @ vh_k.T, vh_k
+        left, right = w @ vh.T, vh
     elif r is None:
         # Only columns weighted: project the columns of W onto the top left singular vectors.
-        a, b = u_k, u_k.T @ w
+        left, right = u, u.T @ w
     else:
         # Both weighted: the unscale divides by the (floored) column scale.
-        a, b = w @ (c[:, None] * vh_k.T), vh_k / c[None, :]
-    a, b = balance_factors(a, b)
-    return a.to(weight.dtype), b.to(weight.dtype)
+        left, right = w @ (c[:, None] * vh.T), vh / c[None, :]
+    return Decomposition(left, right, sv, weight.dtype)
 
 
 def whitened_svd(
@@ -170,13 +234,29 @@ def whitened_svd(
     Raises:
         ValueError: on shape mismatch, negative damping or non-finite covariance.
     """
+    _check_rank(weight, rank)
+    return whitened_decomposition(weight, covariance, damping, row_weight).truncate(rank)
+
+
+def whitened_decomposition(
+    weight: torch.Tensor,
+    covariance: torch.Tensor,
+    damping: float = 1e-2,
+    row_weight: torch.Tensor | None = None,
+) -> Decomposition:
+    """The whole decomposition behind :func:`whitened_svd`: ``values`` are the singular values of
+    ``diag(r) W S``, so ``sum(values[k:] ** 2)`` is the (row-weighted) output error at rank ``k``.
+
+    Raises:
+        ValueError: on shape mismatch, negative damping or non-finite covariance.
+    """
+    if weight.ndim != 2:
+        raise ValueError(f"weight must be 2-D, got shape {tuple(weight.shape)}")
     out_f, in_f = weight.shape
     if covariance.shape != (in_f, in_f):
         raise ValueError(f"covariance has shape {tuple(covariance.shape)}, expected ({in_f}, {in_f})")
     if damping < 0:
         raise ValueError(f"damping {damping} must be >= 0")
-    if not 1 <= rank <= min(out_f, in_f):
-        raise ValueError(f"rank {rank} is outside [1, {min(out_f, in_f)}] for a {out_f}x{in_f} matrix")
     # float64: the inverse square root of a nearly singular matrix loses too much in float32.
     cov = covariance.detach().to(torch.float64)
     if not torch.isfinite(cov).all():
@@ -185,7 +265,7 @@ def whitened_svd(
     scale = cov.diagonal().mean()
     if scale <= 0:
         # No signal at all: whitening carries no information, fall back to the (row-weighted) SVD.
-        return weighted_svd(weight, rank, row_weight=row_weight)
+        return weighted_decomposition(weight, row_weight=row_weight)
     evals, evecs = torch.linalg.eigh(cov)
     # Negative eigenvalues are round-off; the floor keeps S invertible even with damping=0 and a
     # singular covariance (directions the data never visits then carry almost no weight).
@@ -196,12 +276,13 @@ def whitened_svd(
     ws = (w @ evecs) * sqrt_e[None, :]
     # Rows weighted: the truncation is chosen on diag(r) W S; A = W S V_k needs no unscaling.
     r = None if row_weight is None else _check_scale(row_weight, out_f, "row_weight").to(ws)
-    _, _, vh = torch.linalg.svd(ws if r is None else r[:, None] * ws, full_matrices=False)
-    vh_k = vh[:rank]
-    a = ws @ vh_k.T
-    b = (vh_k / sqrt_e[None, :]) @ evecs.T
-    a, b = balance_factors(a, b)
-    return a.to(weight.dtype), b.to(weight.dtype)
+    _, sv, vh = torch.linalg.svd(ws if r is None else r[:, None] * ws, full_matrices=False)
+    left = ws @ vh.T
+    right = (vh / sqrt_e[None, :]) @ evecs.T
+    # Kept in float32 (float64 weights stay float64): the factors are cast to the weight's dtype
+    # anyway, and a whole decomposition per layer is held during rank allocation.
+    keep_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    return Decomposition(left.to(keep_dtype), right.to(keep_dtype), sv.to(keep_dtype), weight.dtype)
 
 
 def reduce_importance(fisher: torch.Tensor, side: str) -> torch.Tensor:
@@ -265,3 +346,161 @@ def kept_fraction(kept: int, dense: int) -> float:
     if dense <= 0:
         raise ValueError("no dense parameters to compare against")
     return kept / dense
+
+
+def allocate_ranks(
+    losses: Sequence[torch.Tensor],
+    shapes: Sequence[tuple[int, int, bool]],
+    keep: float,
+    floor: float = 0.25,
+) -> list[int | None]:
+    """Ranks per matrix that keep ``keep`` of all their parameters and lose the least estimated loss.
+
+    ``keep`` is the fraction of the matrices' parameters (biases included) that **stays**, as in
+    :func:`rank_for_kept_fraction`, but the budget is shared: a component (one rank of one matrix)
+    costs ``out + in`` parameters and is worth ``losses[i][k]``, the estimated loss increase of
+    discarding it. Components are taken greedily by worth per parameter (a matrix's worth is
+    non-increasing in ``k``, so each matrix keeps a prefix). A matrix whose rank reaches its
+    break-even rank stays dense, which frees ``rank * (out + in) - out * in`` parameters for the
+    others; the selection is repeated until no matrix changes side. Every factorized matrix keeps at
+    least ``floor`` times its uniform rank (at least 1), so none collapses.
+
+    Args:
+        losses: per matrix, ``[min(out, in)]`` non-negative estimates, in decreasing order.
+        shapes: per matrix, ``(out_features, in_features, has_bias)``.
+        keep: fraction of the parameters that stays, in ``(0, 1]``.
+        floor: minimum rank as a fraction of the uniform rank, in ``[0, 1]``.
+
+    Returns:
+        Per matrix, its rank, or ``None`` for a matrix that stays dense. The parameters kept land
+        at most one component's worth below ``keep`` of the total (never above, unless the floors
+        alone exceed it).
+
+    Raises:
+        ValueError: on ``keep`` or ``floor`` out of range, or mismatched lengths or shapes.
+    """
+    if not (isinstance(keep, (int, float)) and math.isfinite(keep) and 0 < keep <= 1):
+        raise ValueError(f"keep={keep!r} must be a fraction in (0, 1]: the share of parameters that stays")
+    if not 0 <= floor <= 1:
+        raise ValueError(f"rank floor {floor} must lie in [0, 1] (a fraction of the uniform rank)")
+    if len(losses) != len(shapes):
+        raise ValueError(f"{len(losses)} loss vectors for {len(shapes)} matrices")
+    n = len(shapes)
+    if keep >= 1 or n == 0:
+        return [None] * n
+    dense = [dense_parameters(o, i, b) for o, i, b in shapes]
+    budget = keep * sum(dense)
+    cost = [o + i for o, i, _ in shapes]
+    bias = [o if b else 0 for o, _, b in shapes]
+    # Largest rank that still saves parameters; matrices that cannot save any stay dense.
+    even = [min(min(o, i), (d - bb - 1) // c) for (o, i, _), d, bb, c in zip(shapes, dense, bias, cost)]
+    low = []
+    for k, ((o, i, b), vec) in enumerate(zip(shapes, losses)):
+        if vec.shape != (min(o, i),):
+            raise ValueError(f"losses of matrix {k} have shape {tuple(vec.shape)}, expected ({min(o, i)},)")
+        uniform = rank_for_kept_fraction(o, i, keep, bias=b) or even[k]
+        low.append(min(even[k], max(1, math.ceil(floor * uniform))) if even[k] >= 1 else 0)
+    stays_dense = [e < 1 for e in even]
+    while True:
+        fixed = sum(d for d, sd in zip(dense, stays_dense) if sd)
+        fixed += sum(lo * c + bb for lo, c, bb, sd in zip(low, cost, bias, stays_dense) if not sd)
+        spare = budget - fixed
+        # Candidates: every component above a factorized matrix's floor, up to one past break-even
+        # (taking that one turns the matrix dense).
+        worth, price, owner, position = [], [], [], []
+        for k in range(n):
+            if stays_dense[k]:
+                continue
+            extra = losses[k][low[k] : min(even[k] + 1, losses[k].numel())].double().clamp_min(0)
+            worth.append(extra / cost[k])
+            price.append(torch.full_like(extra, float(cost[k])))
+            owner.append(torch.full(extra.shape, k, dtype=torch.long))
+            position.append(torch.arange(low[k], low[k] + extra.numel()))
+        ranks = [None if sd else lo for lo, sd in zip(low, stays_dense)]
+        if worth and spare > 0:
+            w, p, who, pos = torch.cat(worth), torch.cat(price), torch.cat(owner), torch.cat(position)
+            # Ties (e.g. all-zero worth) go to the lower ranks first, spreading evenly over the
+            # matrices: sort by position, then (stably) by worth.
+            by_position = torch.sort(pos, stable=True).indices
+            order = by_position[torch.sort(w[by_position], descending=True, stable=True).indices]
+            taken = int((torch.cumsum(p[order], 0) <= spare).sum())
+            counts = torch.bincount(who[order[:taken]], minlength=n)
+            for k in range(n):
+                if not stays_dense[k]:
+                    ranks[k] = low[k] + int(counts[k])
+        newly = [k for k in range(n) if ranks[k] is not None and ranks[k] > even[k]]
+        if not newly:
+            return ranks
+        for k in newly:
+            stays_dense[k] = True
+
+
+def refit_left_factor(
+    weight: torch.Tensor,
+    right: torch.Tensor,
+    covariance: torch.Tensor,
+    cross: torch.Tensor,
+    damping: float = 1e-4,
+) -> torch.Tensor:
+    """The left factor that best maps the inputs the compressed model sees to the dense outputs.
+
+    With ``X`` the dense model's inputs to this layer and ``X~`` the inputs after the earlier
+    layers were compressed (same tokens), minimises ``||W X^T - A B X~^T||_F`` over ``A`` for fixed
+    ``B`` (SVD-LLM's parameter update; SAES-SVD's correction): ``A = W X^T X~ B^T (B X~^T X~ B^T)^{-1}``.
+    Row weights do not change the minimiser (each output row is its own least-squares problem).
+
+    Args:
+        weight: ``[out, in]`` dense weight ``W``.
+        right: ``[rank, in]`` factor ``B``.
+        covariance: ``[in, in]`` ``X~^T X~`` (inputs the compressed layer sees).
+        cross: ``[in, in]`` ``X^T X~`` (dense inputs against compressed inputs, token by token).
+        damping: added to the diagonal of ``B X~^T X~ B^T`` as a fraction of its mean diagonal.
+
+    Returns:
+        ``A: [out, rank]`` in ``weight``'s dtype.
+
+    Raises:
+        ValueError: on mismatched shapes or non-finite input.
+    """
+    out_f, in_f = weight.shape
+    if right.ndim != 2 or right.shape[1] != in_f:
+        raise ValueError(f"right factor has shape {tuple(right.shape)}, expected (rank, {in_f})")
+    for name, m in (("covariance", covariance), ("cross", cross)):
+        if m.shape != (in_f, in_f):
+            raise ValueError(f"{name} has shape {tuple(m.shape)}, expected ({in_f}, {in_f})")
+        if not torch.isfinite(m).all():
+            raise ValueError(f"{name} contains NaN or infinite values; recalibrate with finite inputs")
+    # float64: the normal equations square the conditioning of B X~^T.
+    w, b = weight.detach().double(), right.detach().double()
+    gram = b @ covariance.double() @ b.T
+    gram = (gram + gram.T) / 2
+    scale = gram.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
+    gram = gram + damping * scale * torch.eye(len(gram), dtype=torch.float64)
+    rhs = w @ cross.double() @ b.T  # [out, rank]
+    left = torch.linalg.solve(gram, rhs.T).T
+    return left.to(weight.dtype)
+
+
+def output_error(
+    weight: torch.Tensor,
+    left: torch.Tensor,
+    right: torch.Tensor,
+    covariance: torch.Tensor,
+    cross: torch.Tensor,
+    dense_covariance: torch.Tensor,
+    row_weight: torch.Tensor | None = None,
+) -> float:
+    """``||diag(r) (W X^T - A B X~^T)||_F^2`` from second moments (see :func:`refit_left_factor`).
+
+    Args:
+        weight, left, right: ``W [out, in]``, ``A [out, rank]``, ``B [rank, in]``.
+        covariance: ``X~^T X~``; cross: ``X^T X~``; dense_covariance: ``X^T X``.
+        row_weight: ``[out]`` scales ``r`` (ones when ``None``).
+    """
+    w, a, b = weight.double(), left.double(), right.double()
+    r2 = torch.ones(w.shape[0], dtype=torch.float64) if row_weight is None else row_weight.double().square()
+    ab = a @ b
+    dense = ((w @ dense_covariance.double()) * w).sum(1)
+    mixed = ((w @ cross.double()) * ab).sum(1)
+    approx = ((ab @ covariance.double()) * ab).sum(1)
+    return float((r2 * (dense - 2 * mixed + approx)).sum())

@@ -58,6 +58,7 @@ RECORD_KEYS: dict[str, str] = {
     "target_keep": "a number in (0, 1]",
     "calibration": "an object",
     "finetune": "an object",
+    "allocation": "an object",
 }
 _WHERE = "quantization_config in config.json"
 _FIX = "restore the config.json saved with the weights"
@@ -104,6 +105,7 @@ def validate_record(record: Any) -> dict[str, Any]:
         "method_options": lambda v: isinstance(v, Mapping),
         "calibration": lambda v: isinstance(v, Mapping),
         "finetune": lambda v: isinstance(v, Mapping),
+        "allocation": lambda v: isinstance(v, Mapping),
         "keep": _is_fraction,
         "target_keep": _is_fraction,
         "include": _is_str_list,

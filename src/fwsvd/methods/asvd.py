@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core import floor_relative, weighted_svd
+from ..core import Decomposition, floor_relative, weighted_decomposition
 from .base import Method
 
 
@@ -26,6 +26,6 @@ class ASVD(Method):
         if not 0 <= self.alpha <= 2:
             raise ValueError(f"asvd alpha {self.alpha} must lie in [0, 2] (0.5 is the paper's default)")
 
-    def factorize(self, weight: torch.Tensor, rank: int, stats: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def decompose(self, weight: torch.Tensor, stats: Mapping[str, torch.Tensor]) -> Decomposition:
         scale = floor_relative(stats["act_abs_mean"]).pow(self.alpha)
-        return weighted_svd(weight, rank, col_weight=scale)
+        return weighted_decomposition(weight, col_weight=scale)

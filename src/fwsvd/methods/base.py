@@ -8,6 +8,8 @@ from typing import ClassVar
 
 import torch
 
+from ..core import Decomposition
+
 
 class Method(ABC):
     """A low-rank compression method.
@@ -30,16 +32,29 @@ class Method(ABC):
         return self
 
     @abstractmethod
-    def factorize(
-        self, weight: torch.Tensor, rank: int, stats: Mapping[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Factors ``(A [out, rank], B [rank, in])`` of the ``[out, in]`` weight.
+    def decompose(self, weight: torch.Tensor, stats: Mapping[str, torch.Tensor]) -> Decomposition:
+        """The method's whole weighted decomposition of the ``[out, in]`` weight (every rank at once).
 
         Args:
             weight: dense weight in ``nn.Linear`` layout.
-            rank: components to keep.
             stats: this module's statistics (keys as in :mod:`fwsvd.stats`).
         """
+
+    def factorize(
+        self, weight: torch.Tensor, rank: int, stats: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Factors ``(A [out, rank], B [rank, in])`` of the ``[out, in]`` weight."""
+        return self.decompose(weight, stats).truncate(rank)
+
+    def component_loss(self, decomposition: Decomposition, stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Estimated cost of discarding each component, comparable across the layers of one model.
+
+        Global rank allocation (:func:`fwsvd.core.allocate_ranks`) spends the parameter budget
+        where this is largest. Without a task loss to estimate, a component's share of its
+        layer's weighted energy (the relative truncation error, as SVD-LLM V2 allocates) is used.
+        """
+        energy = decomposition.values.double().square()
+        return energy / energy.sum().clamp_min(torch.finfo(torch.float64).tiny)
 
     def options(self) -> dict[str, object]:
         """The method's options, for the record in the compressed model's config."""

@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..core import floor_relative, weighted_svd, whitened_svd
+from ..core import Decomposition, floor_relative, weighted_decomposition, whitened_decomposition
 from .base import Method
 
 #: Fisher reduction per task family when the input side is not whitened, chosen by measurement
@@ -67,16 +67,42 @@ class FWSVD(Method):
     def needs_for(self, task: str) -> frozenset[str]:
         return self.needs | ({"cov"} if self.configure(task).whiten == "on" else set())
 
-    def factorize(self, weight: torch.Tensor, rank: int, stats: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        method = self
-        if "auto" in (self.reduction, self.whiten):
-            # Not configured for a task: auto whitening follows whether the covariance is there.
-            whiten = self.whiten
-            if whiten == "auto":
-                whiten = "on" if "cov" in stats and self.reduction in {"auto", "out"} else "off"
-            method = replace(self, whiten=whiten).configure("")
+    def _resolved(self, stats: Mapping[str, torch.Tensor]) -> FWSVD:
+        if "auto" not in (self.reduction, self.whiten):
+            return self
+        # Not configured for a task: auto whitening follows whether the covariance is there.
+        whiten = self.whiten
+        if whiten == "auto":
+            whiten = "on" if "cov" in stats and self.reduction in {"auto", "out"} else "off"
+        return replace(self, whiten=whiten).configure("")
+
+    def decompose(self, weight: torch.Tensor, stats: Mapping[str, torch.Tensor]) -> Decomposition:
+        method = self._resolved(stats)
         row = floor_relative(stats["fisher_out"]).sqrt() if method.reduction in {"out", "both"} else None
         if method.whiten == "on":
-            return whitened_svd(weight, rank, stats["cov"], damping=self.damping, row_weight=row)
+            return whitened_decomposition(weight, stats["cov"], damping=self.damping, row_weight=row)
         col = floor_relative(stats["fisher_in"]).sqrt() if method.reduction in {"in", "both"} else None
-        return weighted_svd(weight, rank, row_weight=row, col_weight=col)
+        return weighted_decomposition(weight, row_weight=row, col_weight=col)
+
+    def component_loss(self, decomposition: Decomposition, stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Second-order estimate of the task-loss increase of discarding each component.
+
+        The diagonal empirical Fisher prices a weight change as ``sum_oi F_oi dW_oi^2``. With only
+        its row sums ``F_o`` kept, ``F_oi ~ F_o C_ii / tr(C)`` (the gradient of a weight is its row's
+        output gradient times its input, so inputs share out a row's Fisher by their energy); with
+        correlated inputs this becomes ``sum_o F_o (dW C dW^T)_oo / tr(C)``, which is exactly the
+        whitened, Fisher-row-weighted truncation error ``sigma_k^2`` over ``tr(C)``. Dividing by the
+        input energy puts every layer on the loss's scale, whatever the size of its inputs. Without
+        whitening, the separable forms ``F_o / in``, ``F_i / out`` or ``F_o F_i / sum F`` stand in.
+        """
+        method = self._resolved(stats)
+        energy = decomposition.values.double().square()
+        if method.whiten == "on":
+            norm = stats["cov"].double().diagonal().sum()
+        elif method.reduction == "out":
+            norm = torch.tensor(float(stats["fisher_in"].numel()), dtype=torch.float64)
+        elif method.reduction == "in":
+            norm = torch.tensor(float(stats["fisher_out"].numel()), dtype=torch.float64)
+        else:
+            norm = floor_relative(stats["fisher_out"]).double().sum()
+        return energy / norm.clamp_min(torch.finfo(torch.float64).tiny)

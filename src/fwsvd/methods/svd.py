@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core import weighted_svd
+from ..core import Decomposition, weighted_decomposition
 from .base import Method
 
 
@@ -17,5 +17,5 @@ class SVD(Method):
     needs = frozenset()
     description = "truncated SVD of each weight (no calibration data)"
 
-    def factorize(self, weight: torch.Tensor, rank: int, stats: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        return weighted_svd(weight, rank)
+    def decompose(self, weight: torch.Tensor, stats: Mapping[str, torch.Tensor]) -> Decomposition:
+        return weighted_decomposition(weight)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core import whitened_svd
+from ..core import Decomposition, whitened_decomposition
 from .base import Method
 
 
@@ -26,5 +26,5 @@ class SVDLLM(Method):
         if not 0 <= self.damping < 1:
             raise ValueError(f"damping {self.damping} must lie in [0, 1) (a fraction of the mean input energy)")
 
-    def factorize(self, weight: torch.Tensor, rank: int, stats: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        return whitened_svd(weight, rank, stats["cov"], damping=self.damping)
+    def decompose(self, weight: torch.Tensor, stats: Mapping[str, torch.Tensor]) -> Decomposition:
+        return whitened_decomposition(weight, stats["cov"], damping=self.damping)
