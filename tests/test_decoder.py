@@ -199,7 +199,7 @@ OUTPUT_PROJECTION = {"llama": "model.layers.1.self_attn.o_proj", "gpt2": "transf
 def test_sequential_replays_blocks_exactly(family, tokenizer, text_file):
     """Blocks are replayed with the arguments the model passed them (causal masks, rotary
     embeddings), so a layer with only dense layers before it gets the one-pass factors."""
-    config = CompressConfig(method="svd-llm", keep=0.5, include=(OUTPUT_PROJECTION[family],))
+    config = CompressConfig(method="svd-llm", keep=0.5, include=(OUTPUT_PROJECTION[family],), refit=False)
     seq = _loaded(family, tokenizer)
     report = compress_sequential(seq, config, _calibration(text_file), progress=False)
     ref = _loaded(family, tokenizer)
@@ -215,7 +215,7 @@ def test_sequential_replays_blocks_exactly(family, tokenizer, text_file):
 def test_sequential_fits_later_layers_to_compressed_earlier_ones(family, tokenizer, text_file):
     """The first layers (same inputs as one-pass) match; later ones see compressed inputs."""
     seq = _loaded(family, tokenizer)
-    report = compress_sequential(seq, CompressConfig(method="svd-llm", keep=0.5), _calibration(text_file), progress=False)
+    report = compress_sequential(seq, CompressConfig(method="svd-llm", keep=0.5, refit=False), _calibration(text_file), progress=False)
     ref = _loaded(family, tokenizer)
     stats = fwsvd.calibrate(ref, _calibration(text_file), {"cov"}, progress=False)
     ref_report = fwsvd.compress(ref.model, CompressConfig(method="svd-llm", keep=0.5), stats, task="causal-lm", progress=False)
@@ -259,13 +259,90 @@ def test_sequential_svd_equals_one_pass_svd(tokenizer, text_file):
         torch.testing.assert_close(seq.model(x).logits, ref.model(x).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_sequential_refuses_fisher_and_targets_outside_blocks(tokenizer, text_file):
+def test_sequential_refuses_targets_outside_blocks(tokenizer, text_file):
     lm = _loaded("llama", tokenizer)
-    with pytest.raises(FwsvdError, match="Fisher"):
-        compress_sequential(lm, CompressConfig(method="fwsvd", keep=0.5), _calibration(text_file), progress=False)
     with pytest.raises(FwsvdError, match="lm_head"):
         compress_sequential(lm, CompressConfig(method="svd-llm", keep=0.5, include=("lm_head", r".*q_proj")), _calibration(text_file), progress=False)
     assert not any(isinstance(m, LowRankLinear) for m in lm.model.modules())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sequential_fwsvd_takes_fisher_from_one_dense_pass(family, tokenizer, text_file):
+    """Sequential fwsvd's Fisher is the one-pass Fisher of the dense model: the first block (dense
+    inputs in both modes) gets exactly the one-pass factors, and statistics handed in are used as
+    they are (same model as when computed inside)."""
+    first_block = {"llama": r"model\.layers\.0\..*", "gpt2": r"transformer\.h\.0\..*", "opt": r"model\.decoder\.layers\.0\..*"}[family]
+    config = CompressConfig(method="fwsvd", keep=0.5, include=(first_block,), refit=False)
+    seq = _loaded(family, tokenizer)
+    report = compress_sequential(seq, config, _calibration(text_file), progress=False)
+    assert report.calibration["sequential"] is True and report.calibration["fisher_granularity"] == "example"
+    ref = _loaded(family, tokenizer)
+    stats = fwsvd.calibrate(ref, _calibration(text_file), config.needs("causal-lm"), include=config.include, progress=False)
+    given = _loaded(family, tokenizer)
+    compress_sequential(given, config, _calibration(text_file), statistics=stats, progress=False)
+    fwsvd.compress(ref.model, config, stats, task="causal-lm", progress=False)
+    for row in report.layers:
+        want = ref.model.get_submodule(row.name).dense_weight()
+        for model in (seq.model, given.model):
+            torch.testing.assert_close(model.get_submodule(row.name).dense_weight(), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["fwsvd", "svd-llm"])
+def test_sequential_refit_lowers_the_error_and_records_it(method, tokenizer, text_file):
+    lm = _loaded("llama", tokenizer)
+    report = compress_sequential(lm, CompressConfig(method=method, keep=0.4), _calibration(text_file), progress=False)
+    refit = report.calibration["refit"]
+    assert refit["layers"] == sum(r.rank is not None for r in report.layers)
+    assert 0 < refit["kept"] <= refit["layers"]
+    plain = _loaded("llama", tokenizer)
+    compress_sequential(plain, CompressConfig(method=method, keep=0.4, refit=False), _calibration(text_file), progress=False)
+    # Same ranks; the refit factors differ where kept.
+    assert lm.model.config.quantization_config.ranks == plain.model.config.quantization_config.ranks
+
+
+def test_refit_is_kept_only_where_it_lowers_the_error():
+    from fwsvd.core import output_error, whitened_svd
+    from fwsvd.methods import get_method
+    from fwsvd.sequential import _Refit
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(12, 8, generator=g, dtype=torch.float64)
+    x = torch.randn(64, 8, generator=g, dtype=torch.float64)
+    cov = x.T @ x
+    a0, b = whitened_svd(w, 3, cov, damping=0.0)
+    stats = {"cov": cov, "cross": cov, "dense_cov": cov}
+    # Same inputs: the undamped whitened factors are already optimal; a heavily damped refit is
+    # worse, so it is refused.
+    refit = _Refit(get_method("svd-llm"), damping=10.0)
+    a, _ = refit(w, a0, b, stats)
+    assert a is a0 and refit.kept == 0 and refit.tried == 1
+    # Shifted inputs: the refit lowers the error against the dense outputs and is kept.
+    xt = x + 0.5 * torch.randn(64, 8, generator=g, dtype=torch.float64)
+    shifted = {"cov": xt.T @ xt, "cross": x.T @ xt, "dense_cov": cov}
+    refit = _Refit(get_method("svd-llm"), damping=1e-6)
+    a1, b1 = refit(w, a0, b, shifted)
+    assert refit.kept == 1
+    assert output_error(w, a1, b1, shifted["cov"], shifted["cross"], cov) < output_error(w, a0, b, shifted["cov"], shifted["cross"], cov)
+
+
+def test_global_allocation_keeps_the_budget_and_the_floor(tokenizer, text_file):
+    lm = _loaded("llama", tokenizer)
+    config = CompressConfig(method="fwsvd", keep=0.5, allocation="global", rank_floor=0.5)
+    stats = fwsvd.calibrate(lm, _calibration(text_file), config.needs("causal-lm"), progress=False)
+    report = fwsvd.compress(lm.model, config, stats, task="causal-lm", progress=False)
+    # Within one rank of the widest layer below the budget (never above).
+    widest = max(sum(r.shape) for r in report.layers)
+    assert report.target_keep <= 0.5 + 1e-9
+    assert (0.5 - report.target_keep) * report.to_dict()["target_dense_parameters"] <= widest + max(r.shape[0] for r in report.layers)
+    for row in report.layers:
+        if row.rank is not None:
+            uniform = fwsvd.core.rank_for_kept_fraction(*row.shape, 0.5) or 1
+            assert row.rank >= math.ceil(0.5 * uniform)
+    record = lm.model.config.quantization_config.to_dict()
+    assert record["allocation"] == {"mode": "global", "rank_floor": 0.5}
+    ranks = [r.rank for r in report.layers]
+    uniform_ranks = [fwsvd.core.rank_for_kept_fraction(*r.shape, 0.5) for r in report.layers]
+    assert ranks != uniform_ranks  # the loss estimate moved the budget
 
 
 def test_sequential_refuses_encoder_decoder_models(tokenizer, text_file):

@@ -16,7 +16,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -92,6 +92,11 @@ class CompressConfig:
         default=DEFAULT_ALLOCATION,
     )
     rank_floor: float = _help("global allocation: the smallest rank a layer may get, as a fraction of its uniform rank", default=0.25)
+    refit: bool = _help(
+        "sequential mode: refit each layer's left factor in closed form to the dense model's outputs on the inputs the "
+        "compressed earlier blocks produce (kept only where it lowers the layer's calibration error)",
+        default=True,
+    )
     asvd_alpha: float = _help("asvd: exponent of the mean absolute activation scaling", default=0.5)
     damping: float = _help("svd-llm and whitened fwsvd: damping added to the covariance, as a fraction of its mean diagonal", default=0.01)
 
@@ -397,6 +402,7 @@ def _factorize_targets(
     *,
     ranks: Mapping[str, int | None] | None = None,
     decompositions: dict[str, Decomposition] | None = None,
+    correct: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]] | None = None,
     progress: bool = True,
 ) -> list[LayerReport]:
     """Swap each of ``targets`` for a :class:`LowRankLinear` that keeps ``keep`` of its parameters.
@@ -409,6 +415,8 @@ def _factorize_targets(
             omitted every layer gets its uniform rank for ``keep``.
         decompositions: decompositions already made (by :func:`allocate`), consumed (popped) here
             so that each is freed as soon as its layer is swapped.
+        correct: ``(weight, A, B, stats) -> (A, B)`` applied to each layer's factors before the
+            swap (sequential mode's refit).
 
     Returns:
         One :class:`LayerReport` per target, in the order given.
@@ -430,6 +438,8 @@ def _factorize_targets(
         with torch.no_grad():
             cached = decompositions.pop(info.name, None) if decompositions is not None else None
             a, b = cached.truncate(rank) if cached is not None else method.factorize(weight, rank, stats)
+            if correct is not None:
+                a, b = correct(weight, a, b, stats)
             bias = linear_bias(module)
             new = LowRankLinear.from_factors(a.to(weight.dtype), b.to(weight.dtype), None if bias is None else bias.detach())
         new.train(module.training)

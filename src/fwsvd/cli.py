@@ -102,9 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--stats", default=None, metavar="FILE", help="reuse statistics saved with --save-stats instead of calibrating")
     c.add_argument(
         "--sequential", action="store_true",
-        help="calibrate and compress one transformer block at a time, each fitted to the compressed blocks before it "
-        "(peak memory near one block's statistics; svd, asvd and svd-llm)",
+        help="compress one transformer block at a time, each fitted to the inputs the compressed blocks before it produce "
+        "(fwsvd's Fisher, and global allocation's prices, come from one pass over the dense model first)",
     )
+    c.add_argument("--no-refit", dest="refit", action="store_false", help="with --sequential: keep the factors as the weighted SVD gives them, without the refit to the dense model's outputs")
     c.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     _add_compress_finetune_options(c)
     _add_output_options(c)
@@ -231,7 +232,7 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     config = api.CompressConfig(
         method=args.method, keep=args.keep, include=tuple(args.include), exclude=tuple(args.exclude),
         fisher_reduction=args.fisher_reduction, fisher_whiten=args.fisher_whiten, asvd_alpha=args.asvd_alpha, damping=args.damping,
-        allocation=args.allocation, rank_floor=args.rank_floor,
+        allocation=args.allocation, rank_floor=args.rank_floor, refit=args.refit,
     )
     # Without --data, a recovery run's labelled training file also serves as calibration data.
     calibration = api.CalibrationConfig(

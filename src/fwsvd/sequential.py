@@ -15,14 +15,20 @@ the *dense* earlier layers produce. This mode instead (as GPTQ-style tools do):
 Peak memory holds one block's statistics plus the calibration hidden states, instead of every
 layer's statistics plus a full forward pass with logits. Each block is fitted to the inputs that
 the already-compressed earlier blocks produce, so it corrects part of their error (SVD-LLM's
-sequential update, Wang et al. 2024).
+sequential update, Wang et al. 2024). With correction (``refit``, the default) the dense model's
+hidden states travel alongside, and each layer's left factor is refit in closed form so that the
+compressed layer, on the inputs it will see, reproduces the dense layer's outputs on the dense
+inputs (SVD-LLM's parameter update, SAES-SVD's correction), where that lowers its error.
 
-Only methods whose statistics come from a block's own inputs work this way: ``svd``, ``asvd`` and
-``svd-llm``. FWSVD's Fisher information needs gradients of the whole model's loss.
+Statistics that need the whole model come first, from one pass over the dense model: FWSVD's
+Fisher information (gradients of the whole model's loss; two vectors per layer), and with global
+rank allocation whatever prices the components, so that the ranks are fixed before any block
+changes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import time
@@ -35,6 +41,8 @@ from tqdm.auto import tqdm
 
 from .api import (
     CalibrationConfig,
+    allocate,
+    calibrate,
     CompressConfig,
     CompressionReport,
     LayerReport,
@@ -49,11 +57,17 @@ from .api import (
 from .errors import DataError, FwsvdError
 from .models import LoadedModel
 from .nn import LinearInfo, find_blocks, find_targets
-from .stats import Statistics, _ActivationHooks
+from .core import balance_factors, output_error, refit_left_factor
+from .methods import Method
+from .stats import ActivationHooks, PairedInputHooks, Statistics
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["compress_sequential"]
+__all__ = ["REFIT_DAMPING", "compress_sequential"]
+
+#: Damping of the refit's normal equations, as a fraction of their mean diagonal: enough to keep
+#: a rank-deficient calibration set solvable, small against any real signal.
+REFIT_DAMPING = 1e-4
 
 
 class _StopForward(Exception):
@@ -143,21 +157,73 @@ def _block_statistics(
     hidden: list[torch.Tensor],
     calls: list[_BlockCall],
     masks: list[torch.Tensor | None],
-) -> Statistics:
-    """``act``/``cov`` of the block's targeted layers from its current inputs."""
-    with _ActivationHooks(model, names, kinds) as hooks:
-        for h, call, mask in zip(hidden, calls, masks):
-            hooks.new_batch(mask)
-            call.run(block, h)
+    dense_hidden: list[torch.Tensor] | None = None,
+) -> tuple[Statistics, list[torch.Tensor] | None]:
+    """``act``/``cov`` of the block's targeted layers from its current inputs.
+
+    With ``dense_hidden`` (the dense model's hidden states entering this block, for correction),
+    each batch first runs through the still-dense block from those states, which yields the
+    dense model's next hidden states (returned) and, per layer, ``cross``/``dense_cov`` against
+    the current inputs (:class:`~fwsvd.stats.PairedInputHooks`).
+    """
+    next_dense: list[torch.Tensor] | None = None
+    with ActivationHooks(model, names, kinds) as hooks, contextlib.ExitStack() as stack:
+        pairs = stack.enter_context(PairedInputHooks(model, names)) if dense_hidden is not None else None
+        if pairs is not None and dense_hidden is not None:
+            next_dense = []
+            for h, hd, call, mask in zip(hidden, dense_hidden, calls, masks):
+                # The activation hooks must not count the dense run: they are entered first, so
+                # they see every call; their statistics are taken from the second run only.
+                hooks.mask, hooks.enabled = mask, False
+                pairs.start("reference", mask)
+                next_dense.append(call.run(block, hd))
+                hooks.new_batch(mask)
+                hooks.enabled = True
+                pairs.start("current", mask)
+                call.run(block, h)
+        else:
+            for h, call, mask in zip(hidden, calls, masks):
+                hooks.new_batch(mask)
+                call.run(block, h)
     stats = Statistics(shared=dict(hooks.shared))
     for name in names:
         entry = hooks.entries(name)
+        if pairs is not None:
+            entry.update(pairs.entries(name))
         for key, t in entry.items():
             if not torch.isfinite(t).all():
                 raise FwsvdError(f"statistic {key} of {name} is not finite: the model or data produce NaN/inf")
         stats.tensors[name] = entry
     stats.summary = {"kinds": sorted(kinds)}
-    return stats
+    return stats, next_dense
+
+
+class _Refit:
+    """The per-layer correction of sequential mode: the left factor refit to the dense outputs.
+
+    Kept only where it lowers the layer's (row-weighted) output error on the calibration tokens,
+    so it can never make a layer worse on its own data.
+    """
+
+    def __init__(self, method: Method, damping: float) -> None:
+        self.method = method
+        self.damping = damping
+        self.kept = 0
+        self.tried = 0
+
+    def __call__(self, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, stats: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        if "cross" not in stats:
+            return a, b
+        self.tried += 1
+        cov, cross, dense_cov = stats["cov"], stats["cross"], stats["dense_cov"]
+        row = self.method.row_weight(stats)
+        refit = refit_left_factor(weight, b, cov, cross, damping=self.damping)
+        before = output_error(weight, a, b, cov, cross, dense_cov, row)
+        after = output_error(weight, refit, b, cov, cross, dense_cov, row)
+        if not after < before:
+            return a, b
+        self.kept += 1
+        return balance_factors(refit, b)
 
 
 def compress_sequential(
@@ -165,29 +231,38 @@ def compress_sequential(
     config: CompressConfig,
     calibration: CalibrationConfig,
     *,
+    statistics: Statistics | None = None,
     progress: bool = True,
 ) -> CompressionReport:
     """Calibrate and compress ``loaded.model`` in place, one transformer block at a time.
 
     Produces the same kind of compressed model and compression record as :func:`fwsvd.api.compress`
-    (the record's calibration summary says ``"sequential": true``), with peak memory near one
-    block's statistics. Each block is fitted to the outputs of the already-compressed blocks before
-    it.
+    (the record's calibration summary says ``"sequential": true``). Each block is fitted to the
+    outputs of the already-compressed blocks before it, and with ``config.refit`` each layer's left
+    factor is then refit in closed form to the *dense* model's outputs on those inputs
+    (:func:`fwsvd.core.refit_left_factor`; kept only where it lowers the layer's calibration error).
+
+    Statistics that need the whole model are computed first, in one pass over the dense model:
+    Fisher information for ``fwsvd`` (gradients of the whole model's loss, two vectors per layer),
+    and for ``allocation="global"`` the statistics that price each layer's components, from which
+    the ranks are chosen before any block changes. Everything else comes from each block's current
+    inputs, so peak memory beyond that pass is one block's statistics plus the hidden states.
 
     Args:
         loaded: the dense model with its tokenizer and task.
-        config: method and budget; the method must not need Fisher information (``svd``, ``asvd``,
-            ``svd-llm``). ``include`` may only select layers inside the transformer blocks.
-        calibration: calibration data (unlabelled use: labels are not needed).
-        progress: show a progress bar over blocks.
+        config: method, budget, allocation and correction. ``include`` may only select layers
+            inside the transformer blocks.
+        calibration: calibration data (labelled where the method needs Fisher).
+        statistics: one-pass statistics of the dense model to reuse (their ``fisher`` and, for
+            global allocation, what the method needs); calibrated here when ``None``.
+        progress: show progress bars.
 
     Returns:
         A :class:`~fwsvd.api.CompressionReport`.
 
     Raises:
-        FwsvdError: for a method that needs Fisher information, an already-compressed model, targets
-            outside the transformer blocks, an encoder-decoder model, or a model whose blocks cannot
-            be replayed.
+        FwsvdError: for an already-compressed model, targets outside the transformer blocks, an
+            encoder-decoder model, or a model whose blocks cannot be replayed.
         DataError: for missing or empty calibration data.
     """
     model = loaded.model
@@ -195,14 +270,8 @@ def compress_sequential(
     _refuse_compressed(model)
     method = config.build_method(task)
     needs = method.needs_for(task)
-    if "fisher" in needs:
-        raise FwsvdError(
-            f"method {method.name} needs Fisher information, i.e. gradients of the whole model's loss, which "
-            "layer-sequential compression cannot provide: use svd, asvd or svd-llm with sequential mode, "
-            f"or run {method.name} without it"
-        )
-    kinds = frozenset(needs) & {"act", "cov"}
-    if not kinds:
+    block_kinds = frozenset(needs) & {"act", "cov"}
+    if not block_kinds and "fisher" not in needs:
         # Nothing to calibrate (plain SVD): block order changes nothing, and no data is needed.
         return compress(model, config, None, task=task, progress=progress)
     targets = find_targets(model, config.include, config.exclude)
@@ -231,7 +300,29 @@ def compress_sequential(
             f"sequential mode compresses the transformer blocks one at a time, but {', '.join(outside[:3])}"
             f"{' ...' if len(outside) > 3 else ''} lie outside them: narrow --include or run without sequential mode"
         )
-    # Unlabelled use even for the summary: sequential methods never read labels.
+
+    # Whole-model statistics first: Fisher, and what global allocation prices components with.
+    global_kinds = frozenset(needs & {"fisher"}) | (frozenset(needs) if config.allocation == "global" else frozenset())
+    seconds_global = 0.0
+    if global_kinds:
+        t0 = time.perf_counter()
+        if statistics is None:
+            statistics = calibrate(loaded, calibration, global_kinds, include=config.include, exclude=config.exclude, progress=progress)
+        elif global_kinds - statistics.kinds:
+            raise FwsvdError(
+                f"the given statistics hold {sorted(statistics.kinds)} but sequential {method.name} also needs "
+                f"{sorted(global_kinds - statistics.kinds)} from the whole model: recalibrate"
+            )
+        seconds_global = time.perf_counter() - t0
+    ranks: dict[str, int | None] | None = None
+    if config.allocation == "global":
+        t0 = time.perf_counter()
+        ranks, _ = allocate(model, targets, method, config.keep, statistics, floor=config.rank_floor, progress=progress)
+        seconds_global += time.perf_counter() - t0
+
+    if config.refit:
+        block_kinds |= {"cov"}  # the refit solves against the current inputs' covariance
+    # Unlabelled from here on: blocks only need their inputs.
     batches, summary = calibration_batches(loaded, calibration, labels=False)
     if not batches:
         raise DataError("no calibration batches: the calibration data is empty; pass a file with at least one example")
@@ -241,36 +332,48 @@ def compress_sequential(
     blocks = [model.get_submodule(name) for name in block_names]
     was_training = model.training
     model.eval()
-    seconds_calibration = 0.0
+    seconds_calibration = seconds_global
     seconds_factorize = 0.0
     rows: list[LayerReport] = []
+    refit = _Refit(method, REFIT_DAMPING) if config.refit else None
     try:
         with torch.no_grad():
             t0 = time.perf_counter()
             captured = _capture(model, blocks, batches)
             masks = captured.masks
             n_tokens = sum(int(m.sum()) if m is not None else int(h.shape[0] * h.shape[1]) for m, h in zip(masks, captured.hidden))
-            # Only the current block's inputs stay alive: each block's outputs replace them.
+            # Only the current block's inputs stay alive: each block's outputs replace them. With
+            # correction, the dense model's hidden states travel alongside.
             hidden, captured.hidden = captured.hidden, []
+            dense_hidden = list(hidden) if refit is not None else None
             seconds_calibration += time.perf_counter() - t0
             bar = tqdm(list(zip(block_names, blocks)), desc=f"{method.name} keep={config.keep:g} (sequential)", unit="block", disable=not progress, leave=False)
             for index, (name, block) in enumerate(bar):
                 calls = captured.calls[index]
                 infos = by_block[name]
+                next_dense = None
                 if infos:
                     # The whole block's statistics at once, from its current inputs. Refitting the
                     # output projections to the block's own compressed q/k/v (and down to gate/up)
                     # was measured too, and was slightly worse on SmolLM2 (keep 0.8: 62.9 against
                     # 59.4; keep 0.6: 124.7 against 121.9) at twice the passes.
                     t0 = time.perf_counter()
-                    stats = _block_statistics(model, block, [t.name for t in infos], kinds, hidden, calls, masks)
+                    stats, next_dense = _block_statistics(model, block, [t.name for t in infos], block_kinds, hidden, calls, masks, dense_hidden)
+                    if statistics is not None:
+                        for t in infos:
+                            for key in ("fisher_out", "fisher_in"):
+                                if key in statistics.tensors.get(t.name, {}):
+                                    stats.tensors[t.name][key] = statistics.tensors[t.name][key]
                     seconds_calibration += time.perf_counter() - t0
                     t0 = time.perf_counter()
-                    rows.extend(_factorize_targets(model, infos, method, config.keep, stats, progress=False))
+                    rows.extend(_factorize_targets(model, infos, method, config.keep, stats, ranks=ranks, correct=refit, progress=False))
                     seconds_factorize += time.perf_counter() - t0
                     del stats
                 if index < len(blocks) - 1:
                     t0 = time.perf_counter()
+                    if dense_hidden is not None:
+                        # A block without targets is still dense: its outputs serve both streams.
+                        dense_hidden = next_dense if next_dense is not None else [call.run(block, h) for h, call in zip(dense_hidden, calls)]
                     # The next block sees what the compressed block produces.
                     hidden = [call.run(block, h) for h, call in zip(hidden, calls)]
                     seconds_calibration += time.perf_counter() - t0
@@ -281,7 +384,7 @@ def compress_sequential(
 
     summary.update(
         {
-            "kinds": sorted(kinds),
+            "kinds": sorted(block_kinds | global_kinds),
             "batches": len(batches),
             "samples": sum(int(b["input_ids"].shape[0]) for b in batches),
             "tokens": n_tokens,
@@ -289,6 +392,10 @@ def compress_sequential(
             "sequential": True,
         }
     )
+    if statistics is not None and "fisher_granularity" in statistics.summary:
+        summary["fisher_granularity"] = statistics.summary["fisher_granularity"]
+    if refit is not None:
+        summary["refit"] = {"kept": refit.kept, "layers": refit.tried}
     logger.info("sequential %s: %d blocks calibrated in %.1f s, factorized in %.1f s", method.name, len(blocks), seconds_calibration, seconds_factorize)
     return _record_compression(
         model,

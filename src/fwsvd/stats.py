@@ -42,7 +42,7 @@ from .nn import linear_weight
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["STAT_KINDS", "Statistics", "collect_statistics"]
+__all__ = ["STAT_KINDS", "ActivationHooks", "PairedInputHooks", "Statistics", "collect_statistics"]
 
 STAT_KINDS = frozenset({"fisher", "act", "cov"})
 #: The tensors each kind of statistic leaves per module.
@@ -122,7 +122,7 @@ def _token_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-class _ActivationHooks:
+class ActivationHooks:
     """Forward pre-hooks that accumulate ``act`` and ``cov`` for the targeted modules."""
 
     def __init__(self, model: nn.Module, names: list[str], kinds: frozenset[str]) -> None:
@@ -135,12 +135,13 @@ class _ActivationHooks:
         self.tokens: dict[str, int] = {}
         self.shared: dict[str, str] = {}
         self.mask: torch.Tensor | None = None
+        self.enabled = True  # False: calls pass unrecorded (e.g. a reference run through the block)
         # Inputs seen in the current batch: id -> (weak reference, owner module). The weak reference
         # guards against a freed tensor's id being reused by a different tensor.
         self._seen: dict[int, tuple[weakref.ref, str]] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
-    def __enter__(self) -> _ActivationHooks:
+    def __enter__(self) -> ActivationHooks:
         for name in self.names:
             module = self.model.get_submodule(name)
             self._handles.append(module.register_forward_pre_hook(self._hook(name)))
@@ -167,6 +168,8 @@ class _ActivationHooks:
 
     def _hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if not self.enabled:
+                return
             x = args[0].detach()
             rows = _token_mask(x, self.mask).float()
             if self.want_act:
@@ -185,6 +188,72 @@ class _ActivationHooks:
                 rows64 = rows.double()
                 xtx = rows64.T @ rows64
                 self.cov[name] = self.cov[name] + xtx if name in self.cov else xtx
+
+        return hook
+
+
+class PairedInputHooks:
+    """Second moments of the inputs two runs over the same tokens hand the same modules.
+
+    Used by layer-sequential compression with correction: the first run of a batch (``reference``)
+    goes through the dense block on the dense model's hidden states, the second (``current``)
+    through the same block on the hidden states that the already-compressed blocks produce. Per
+    module, with ``X`` the reference inputs and ``X~`` the current ones (real tokens only):
+    ``cross = X^T X~`` and ``dense_cov = X^T X`` (float64). Modules that read one input tensor
+    share one entry (``shared`` maps them to its owner), as in :class:`ActivationHooks`.
+    """
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        self.model = model
+        self.names = names
+        self.phase = "reference"
+        self.mask: torch.Tensor | None = None
+        self.cross: dict[str, torch.Tensor] = {}
+        self.dense_cov: dict[str, torch.Tensor] = {}
+        self.shared: dict[str, str] = {}
+        self._reference: dict[str, torch.Tensor] = {}
+        self._seen: dict[int, tuple[weakref.ref, str]] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> PairedInputHooks:
+        for name in self.names:
+            self._handles.append(self.model.get_submodule(name).register_forward_pre_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._reference.clear()
+        self._seen.clear()
+
+    def start(self, phase: str, mask: torch.Tensor | None) -> None:
+        """Begin the ``reference`` or the ``current`` run of one batch."""
+        self.phase = phase
+        self.mask = mask
+        self._seen.clear()
+
+    def entries(self, name: str) -> dict[str, torch.Tensor]:
+        owner = self.shared.get(name, name)
+        return {"cross": self.cross[owner], "dense_cov": self.dense_cov[owner]} if owner in self.cross else {}
+
+    def _hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0]
+            seen = self._seen.get(id(x))
+            if seen is not None and seen[0]() is x and seen[1] != name:
+                self.shared[name] = seen[1]
+                return
+            self._seen[id(x)] = (weakref.ref(x), name)
+            rows = _token_mask(x.detach(), self.mask).double()
+            if self.phase == "reference":
+                self._reference[name] = rows
+                return
+            ref = self._reference.pop(name, None)
+            if ref is None or ref.shape != rows.shape:
+                raise FwsvdError(f"{name} saw different tokens in the dense and the compressed run: run without correction (--no-refit)")
+            _add(self.cross, name, ref.T @ rows)
+            _add(self.dense_cov, name, ref.T @ ref)
 
         return hook
 
@@ -352,7 +421,7 @@ def collect_statistics(
                 p.grad = None
         # Activation hooks first: they must see each module's original input tensor (the Fisher
         # pre-hook may hand on a copy), so that modules reading one input share one covariance.
-        with _ActivationHooks(model, names, kinds & {"act", "cov"}) as hooks, _FisherHooks(
+        with ActivationHooks(model, names, kinds & {"act", "cov"}) as hooks, _FisherHooks(
             model, names if want_fisher else [], keep_full_fisher
         ) as fisher:
             bar = tqdm(batches, total=total, desc="calibrating", unit="batch", disable=not progress, leave=False)

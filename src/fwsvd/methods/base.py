@@ -46,6 +46,10 @@ class Method(ABC):
         """Factors ``(A [out, rank], B [rank, in])`` of the ``[out, in]`` weight."""
         return self.decompose(weight, stats).truncate(rank)
 
+    def row_weight(self, stats: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        """Scales of the output rows in the error this method minimises (``None``: all equal)."""
+        return None
+
     def component_loss(self, decomposition: Decomposition, stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Estimated cost of discarding each component, comparable across the layers of one model.
 

@@ -78,11 +78,16 @@ class FWSVD(Method):
 
     def decompose(self, weight: torch.Tensor, stats: Mapping[str, torch.Tensor]) -> Decomposition:
         method = self._resolved(stats)
-        row = floor_relative(stats["fisher_out"]).sqrt() if method.reduction in {"out", "both"} else None
+        row = self.row_weight(stats)
         if method.whiten == "on":
             return whitened_decomposition(weight, stats["cov"], damping=self.damping, row_weight=row)
         col = floor_relative(stats["fisher_in"]).sqrt() if method.reduction in {"in", "both"} else None
         return weighted_decomposition(weight, row_weight=row, col_weight=col)
+
+    def row_weight(self, stats: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        if self._resolved(stats).reduction in {"out", "both"}:
+            return floor_relative(stats["fisher_out"]).sqrt()
+        return None
 
     def component_loss(self, decomposition: Decomposition, stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Second-order estimate of the task-loss increase of discarding each component.
