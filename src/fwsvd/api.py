@@ -128,7 +128,11 @@ class CalibrationConfig:
 
     data: str | None = _help("calibration data: .tsv/.csv/.jsonl with labels, .txt for causal LMs, or a datasets hub name", default=None)
     samples: int | None = _help("calibration rows (classification, default 512) or token blocks (causal LM, default 32)", default=None)
-    batch_size: int = _help("calibration batch size", default=16)
+    batch_size: int | None = _help(
+        "calibration batch size: memory and speed only, the statistics do not depend on it "
+        "(default 16 rows; 4 blocks for causal LMs, whose Fisher backward through the vocabulary is large)",
+        default=None,
+    )
     max_length: int | None = _help("tokens per example (default 128) or per causal-LM block (default 512)", default=None)
     seed: int = _help("seed for drawing the calibration samples", default=0)
     text_column: str | None = _help("name of the text column (detected when omitted)", default=None)
@@ -146,7 +150,7 @@ class CalibrationConfig:
         return CalibrationConfig(
             data=self.data,
             samples=self.samples or (32 if causal else 512),
-            batch_size=self.batch_size,
+            batch_size=self.batch_size or (4 if causal else 16),
             max_length=self.max_length or (512 if causal else 128),
             seed=self.seed,
             text_column=self.text_column,

@@ -55,7 +55,7 @@ def _add_data_options(p: argparse.ArgumentParser, *, calibration: bool) -> None:
     from .api import CalibrationConfig
 
     p.add_argument("--max-length", type=positive_int, default=None, help=_help(CalibrationConfig, "max_length"))
-    p.add_argument("--batch-size", type=positive_int, default=None, help="batch size (calibration 16, evaluation 32)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="batch size: memory and speed only (calibration 16 rows or 4 causal-LM blocks, evaluation 32)")
     for name in ("text_column", "pair_column", "label_column"):
         p.add_argument("--" + name.replace("_", "-"), default=None, help=_help(CalibrationConfig, name))
     if calibration:
@@ -137,34 +137,49 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_compress_finetune_options(c: argparse.ArgumentParser) -> None:
-    from .finetune import DEFAULT_EPOCHS, FinetuneConfig
+    from .finetune import DEFAULT_EPOCHS, DEFAULT_TOKENS, TRAINABLE, FinetuneConfig
 
     c.add_argument(
         "--finetune-data", default=None, metavar="TRAIN",
-        help=f"after compressing, fine-tune on this labelled training data before saving (recovery; {DEFAULT_EPOCHS['compressed']} epoch unless --finetune-epochs)",
+        help="after compressing, fine-tune on this data before saving (recovery; the factors train, ranks stay): labelled "
+        f"training data for a classifier ({DEFAULT_EPOCHS['compressed']} epoch unless --finetune-epochs), a .txt file for a "
+        f"causal LM ({DEFAULT_TOKENS:,} tokens of --max-length blocks unless --finetune-tokens/--finetune-epochs; the best "
+        "state by the perplexity of held-out blocks is kept)",
     )
     c.add_argument("--finetune-epochs", type=positive_int, default=None, metavar="N", help="epochs of the recovery fine-tuning (needs --finetune-data)")
+    c.add_argument("--finetune-tokens", type=positive_int, default=None, metavar="N", help=_help(FinetuneConfig, "tokens"))
     c.add_argument("--finetune-lr", type=float, default=None, metavar="LR", help=_help(FinetuneConfig, "lr"))
+    c.add_argument("--finetune-batch-size", type=positive_int, default=None, metavar="N", help=_help(FinetuneConfig, "batch_size"))
     c.add_argument("--finetune-limit", type=positive_int, default=None, metavar="N", help=_help(FinetuneConfig, "limit"))
+    c.add_argument(
+        "--finetune-distill", action=argparse.BooleanOptionalAction, default=None,
+        help=_help(FinetuneConfig, "distill") + "; the dense model is kept in memory during the run",
+    )
+    c.add_argument("--finetune-train", choices=list(TRAINABLE), default=None, help=_help(FinetuneConfig, "train"))
 
 
 def _add_finetune_parser(sub: Any) -> None:
-    from .finetune import FinetuneConfig
+    from .finetune import TRAINABLE, FinetuneConfig
 
     f = sub.add_parser(
-        "finetune", help="fine-tune a classifier (dense or compressed) or add a head to a pretrained encoder",
-        description="Fine-tune a sequence classifier on labelled data and save it. A pretrained encoder without a task head "
-        "gets one (classes counted from the labels; one output for a regression task such as STS-B). A compressed model "
-        "keeps its ranks and trains its low-rank factors.",
+        "finetune", help="fine-tune a classifier or causal LM (dense or compressed), or add a head to a pretrained encoder",
+        description="Fine-tune a sequence classifier on labelled data, or a causal LM on a text file, and save it. A pretrained "
+        "encoder without a task head gets one (classes counted from the labels; one output for a regression task such as "
+        "STS-B). A compressed model keeps its ranks and trains its low-rank factors; a causal LM keeps the state with the "
+        "best perplexity on held-out blocks of its text.",
     )
-    f.add_argument("model", metavar="MODEL", help="model folder: a classifier, a compressed classifier, or a pretrained encoder")
+    f.add_argument("model", metavar="MODEL", help="model folder: a classifier or causal LM (dense or compressed), or a pretrained encoder")
     f.add_argument("--data", required=True, metavar="TRAIN", help=_help(FinetuneConfig, "data"))
     f.add_argument("--out", required=True, help="output folder (written atomically)")
     f.add_argument("--eval-data", default=None, metavar="DEV", help="labelled data scored after each epoch; the best epoch by the headline metric is saved (else the last)")
     f.add_argument("--epochs", type=positive_int, default=None, help=_help(FinetuneConfig, "epochs"))
+    f.add_argument("--tokens", type=positive_int, default=None, help=_help(FinetuneConfig, "tokens"))
     f.add_argument("--lr", type=float, default=None, help=_help(FinetuneConfig, "lr"))
     f.add_argument("--batch-size", type=positive_int, default=None, help=_help(FinetuneConfig, "batch_size"))
-    f.add_argument("--max-length", type=positive_int, default=128, help=_help(FinetuneConfig, "max_length"))
+    f.add_argument("--max-length", type=positive_int, default=None, help=_help(FinetuneConfig, "max_length"))
+    f.add_argument("--distill", action=argparse.BooleanOptionalAction, default=None, help=_help(FinetuneConfig, "distill") + " (--teacher)")
+    f.add_argument("--teacher", default=None, metavar="DENSE", help="causal LMs: the dense model folder to distil from (with --distill)")
+    f.add_argument("--train", choices=list(TRAINABLE), default=None, help=_help(FinetuneConfig, "train"))
     f.add_argument("--seed", type=int, default=0, help=_help(FinetuneConfig, "seed"))
     f.add_argument("--limit", type=positive_int, default=None, help=_help(FinetuneConfig, "limit"))
     f.add_argument("--warmup", type=float, default=0.1, help=_help(FinetuneConfig, "warmup"))
@@ -237,7 +252,7 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     # Without --data, a recovery run's labelled training file also serves as calibration data.
     calibration = api.CalibrationConfig(
         data=args.data if args.data is not None else args.finetune_data,
-        samples=args.samples, batch_size=args.batch_size or 16, max_length=args.max_length, seed=args.seed,
+        samples=args.samples, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
         text_column=args.text_column, pair_column=args.pair_column, label_column=args.label_column,
     )
     out = _check_out(args, args.model, ("statistics file", args.stats), ("--save-stats target", args.save_stats),
@@ -254,6 +269,11 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     statistics = api.load_statistics(args.stats) if args.stats else None  # a bad file fails before the model loads
     loaded = load_model(args.model, args.task, allow_pickle=args.allow_pickle)
     api._refuse_compressed(loaded.model)
+    teacher = None
+    if recovery is not None and recovery.resolved(compressed=True, task=loaded.task).distill:  # settings checked before any work
+        import copy
+
+        teacher = copy.deepcopy(loaded.model)  # the dense model, for distillation after compression
     needs = config.needs(loaded.task)
     if args.sequential:
         from .sequential import compress_sequential
@@ -272,7 +292,8 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     if recovery is not None:
         from .finetune import finetune
 
-        finetuned = finetune(loaded, recovery, progress=not args.quiet)
+        finetuned = finetune(loaded, recovery, progress=not args.quiet, teacher=teacher)
+        del teacher
     api.save(loaded.model, out, loaded.tokenizer, overwrite=args.overwrite)
     result = report.to_dict()
     if finetuned is not None:
@@ -306,17 +327,22 @@ def _check_stats_target(target: str) -> None:
     check_writable_parent(path, "--save-stats")
 
 
+_RECOVERY_OPTIONS = ("epochs", "tokens", "lr", "batch_size", "limit", "distill", "train")
+
+
 def _recovery_config(args: argparse.Namespace) -> Any:
     """The fine-tuning asked for by compress's --finetune-* flags, or ``None``."""
     from .finetune import FinetuneConfig
 
     if args.finetune_data is None:
-        if args.finetune_epochs is not None or args.finetune_lr is not None or args.finetune_limit is not None:
-            raise FwsvdError("--finetune-epochs/--finetune-lr/--finetune-limit need --finetune-data TRAIN: the labelled data to fine-tune on")
+        given = [f"--finetune-{name.replace('_', '-')}" for name in _RECOVERY_OPTIONS if getattr(args, f"finetune_{name}") is not None]
+        if given:
+            raise FwsvdError(f"{'/'.join(given)} need --finetune-data TRAIN: the data to fine-tune on")
         return None
     return FinetuneConfig(
-        data=args.finetune_data, epochs=args.finetune_epochs, lr=args.finetune_lr, limit=args.finetune_limit, max_length=args.max_length or 128, seed=args.seed,
-        text_column=args.text_column, pair_column=args.pair_column, label_column=args.label_column,
+        data=args.finetune_data, epochs=args.finetune_epochs, tokens=args.finetune_tokens, lr=args.finetune_lr,
+        batch_size=args.finetune_batch_size, limit=args.finetune_limit, distill=args.finetune_distill, train=args.finetune_train,
+        max_length=args.max_length, seed=args.seed, text_column=args.text_column, pair_column=args.pair_column, label_column=args.label_column,
     )
 
 
@@ -326,10 +352,11 @@ def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
     from .finetune import FinetuneConfig, finetune, load_for_finetune
 
     config = FinetuneConfig(
-        data=args.data, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
-        limit=args.limit, warmup=args.warmup, text_column=args.text_column, pair_column=args.pair_column, label_column=args.label_column,
+        data=args.data, epochs=args.epochs, tokens=args.tokens, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
+        seed=args.seed, limit=args.limit, warmup=args.warmup, distill=args.distill, train=args.train,
+        text_column=args.text_column, pair_column=args.pair_column, label_column=args.label_column,
     )
-    out = _check_out(args, args.model, ("training data", args.data), ("evaluation data", args.eval_data))
+    out = _check_out(args, args.model, ("training data", args.data), ("evaluation data", args.eval_data), ("teacher model", args.teacher))
     eval_config = None
     if args.eval_data is not None:
         eval_config = EvalConfig(
@@ -337,7 +364,17 @@ def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
             text_column=args.text_column, pair_column=args.pair_column, label_column=args.label_column,
         )
     loaded = load_for_finetune(args.model, config, allow_pickle=args.allow_pickle)
-    result = finetune(loaded, config, eval_config=eval_config, progress=not args.quiet)
+    resolved = config.resolved(compressed=True, task=loaded.task)  # settings checked before any work
+    if args.teacher is not None and not resolved.distill:
+        raise FwsvdError("--teacher is the model to distil from: add --distill, or drop --teacher")
+    if resolved.distill and args.teacher is None:
+        raise FwsvdError("--distill needs the dense model: pass --teacher DENSE_FOLDER")
+    teacher = None
+    if args.teacher is not None:
+        from .models import load_model
+
+        teacher = load_model(args.teacher, "causal-lm", allow_pickle=args.allow_pickle).model
+    result = finetune(loaded, config, eval_config=eval_config, progress=not args.quiet, teacher=teacher)
     api.save(loaded.model, out, loaded.tokenizer, overwrite=args.overwrite)
     result["out"] = str(out)
     result["task"] = loaded.task
@@ -346,6 +383,17 @@ def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _finetune_line(summary: dict[str, Any]) -> str:
+    if summary.get("task") == "causal-lm":
+        history = [h for h in summary["history"] if h["loss"] is not None]
+        losses = f"{history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}" if history else "-"
+        ppl = lambda v: "inf" if v is None else f"{v:.2f}"  # noqa: E731
+        return (
+            f"recovered on {summary['tokens']:,} tokens ({summary['steps']} steps of {summary['batch_size']} x {summary['max_length']}) "
+            f"of {summary['data']} (lr {summary['lr']:g}, {summary['train']} trains{', distilled' if summary['distill'] else ''}): "
+            f"training loss {losses}; held-out perplexity {ppl(summary['initial_perplexity'])} -> {summary['eval']['perplexity']:.2f} "
+            f"(step {summary['best_step']} kept, {summary['heldout_blocks']} blocks); {summary['seconds']:.1f} s wall, {summary['cpu_seconds']:.1f} s CPU"
+            + (f"; stopped early: {summary['stopped']}" if summary.get("stopped") else "")
+        )
     losses = " -> ".join(f"{h['loss']:.4f}" for h in summary["history"])
     return (
         f"fine-tuned {summary['epochs']} epoch(s) on {summary['rows']} rows of {summary['data']} "
@@ -354,6 +402,17 @@ def _finetune_line(summary: dict[str, Any]) -> str:
 
 
 def format_finetune(result: dict[str, Any]) -> str:
+    if result.get("task") == "causal-lm":
+        rows = [
+            [h["step"], _fmt_int(h["tokens"]), "-" if h["loss"] is None else f"{h['loss']:.4f}",
+             ("inf" if h["perplexity"] is None else f"{h['perplexity']:.3f}") + (" *" if h["step"] == result["best_step"] else "")]
+            for h in result["history"]
+        ]
+        return "\n".join([
+            _table(["step", "tokens", "train loss", "held-out perplexity"], rows), "", _finetune_line(result),
+            f"kept step {result['best_step']} (* best held-out perplexity)",
+            f"{'compressed' if result['compressed'] else 'dense'} model, {_fmt_int(result['parameters'])} parameters; saved to {result['out']}",
+        ])
     metric = result.get("metric")
     rows = []
     for h in result["history"]:
