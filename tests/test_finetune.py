@@ -1,11 +1,13 @@
 """Tests for fwsvd.finetune and the ``finetune`` / ``compress --finetune-*`` commands.
 
-Everything is built offline: a tiny BERT from a config and a word-level tokenizer made with the
-``tokenizers`` library; the data are small generated files in GLUE layouts.
+Everything is built offline: a tiny BERT and a tiny Llama from configs and word-level tokenizers
+made with the ``tokenizers`` library; the data are small generated files in GLUE layouts and a
+generated text with some structure for the causal LM.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 from pathlib import Path
@@ -17,7 +19,7 @@ import fwsvd
 from fwsvd.cli import main
 from fwsvd.errors import DataError, FwsvdError, ModelError
 from fwsvd.evaluate import EvalConfig, evaluate
-from fwsvd.finetune import FinetuneConfig, _epoch_batches, finetune, head_config, load_for_finetune
+from fwsvd.finetune import DEFAULT_TOKENS, FinetuneConfig, _epoch_batches, finetune, head_config, load_for_finetune
 from fwsvd.hf import compression_record
 from fwsvd.nn import LowRankLinear
 
@@ -248,13 +250,13 @@ def test_cli_errors_are_one_line(classifier_dir, encoder_dir, data, tmp_path, ca
     assert "classes" in capsys.readouterr().err
 
 
-def test_finetune_rejects_non_classifiers(data, tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
+def test_finetune_rejects_other_tasks(data, tmp_path):
+    from transformers import BertForTokenClassification
 
-    folder = tmp_path / "gpt2"
-    GPT2LMHeadModel(GPT2Config(vocab_size=40, n_embd=16, n_layer=1, n_head=2, n_positions=32)).save_pretrained(folder)
+    folder = tmp_path / "ner"
+    BertForTokenClassification(_config(num_labels=3)).save_pretrained(folder)
     _tokenizer().save_pretrained(folder)
-    with pytest.raises(ModelError, match="causal-lm"):
+    with pytest.raises(ModelError, match="token-classification"):
         load_for_finetune(folder, FinetuneConfig(data=str(data["sst2"])))
 
 
@@ -265,3 +267,196 @@ def test_eval_of_finetuned_pair_model_in_process(encoder_dir, data):
     result = evaluate(loaded, EvalConfig(data=str(data["mrpc"]), max_length=24), progress=False)
     assert result["metric"] == "f1" and {"accuracy", "f1", "mcc"} <= set(result)
     assert compression_record(loaded.model.config) is None
+
+
+# --- causal LMs: recovery on next-token loss --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama_text(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny Llama folder (from conftest's builder and tokenizer) and a text with bigram structure to learn."""
+    from conftest import WORDS as VOCAB_WORDS
+    from conftest import make_llama, save_model
+
+    folder = save_model(make_llama(), tmp_path_factory.mktemp("llama"))
+    rng = random.Random(0)
+    words: list[str] = []
+    for _ in range(700):
+        w = rng.choice(VOCAB_WORDS[:40])
+        words += [w, VOCAB_WORDS[(VOCAB_WORDS.index(w) * 7) % 60]]
+    text = tmp_path_factory.mktemp("text") / "train.txt"
+    text.write_text("\n".join(" ".join(words[i : i + 20]) for i in range(0, len(words), 20)) + "\n", encoding="utf-8")
+    return folder, text  # 1,400 words: 87 blocks of 16 tokens
+
+
+def _compressed_llama(folder: Path) -> tuple["fwsvd.LoadedModel", torch.nn.Module]:
+    """The tiny Llama compressed with plain SVD at keep 0.5, and a copy of the dense model."""
+    loaded = fwsvd.load_model(folder)
+    dense = copy.deepcopy(loaded.model)
+    fwsvd.compress(loaded.model, fwsvd.CompressConfig(method="svd", keep=0.5), task="causal-lm", progress=False)
+    return loaded, dense
+
+
+def _ranks(model: torch.nn.Module) -> dict[str, int]:
+    return {n: m.rank for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+
+
+def test_causal_config_defaults_and_validation():
+    causal = FinetuneConfig(data="x.txt").resolved(compressed=True, task="causal-lm")
+    assert (causal.tokens, causal.epochs, causal.max_length, causal.train) == (DEFAULT_TOKENS, None, 512, "low-rank")
+    assert FinetuneConfig(data="x.txt").resolved(compressed=False, task="causal-lm").train == "all"
+    assert FinetuneConfig(data="x.txt", epochs=2).resolved(compressed=True, task="causal-lm").tokens is None
+    assert FinetuneConfig(data="x.tsv").resolved(compressed=True).max_length == 128
+    with pytest.raises(FwsvdError, match="tokens"):
+        FinetuneConfig(data="x.txt", tokens=0)
+    with pytest.raises(FwsvdError, match="one of them"):
+        FinetuneConfig(data="x.txt", tokens=100, epochs=1)
+    with pytest.raises(FwsvdError, match="holdout"):
+        FinetuneConfig(data="x.txt", holdout=0.0)
+    with pytest.raises(FwsvdError, match="train"):
+        FinetuneConfig(data="x.txt", train="everything")
+    # Causal-LM settings on a classifier are refused, not ignored.
+    with pytest.raises(FwsvdError, match="causal"):
+        FinetuneConfig(data="x.tsv", tokens=100).resolved(compressed=True)
+    with pytest.raises(FwsvdError, match="causal"):
+        FinetuneConfig(data="x.tsv", distill=True).resolved(compressed=True)
+
+
+def test_causal_recovery_lowers_the_loss_keeps_ranks_and_reloads(llama_text, tmp_path):
+    folder, text = llama_text
+    loaded, _ = _compressed_llama(folder)
+    ranks = _ranks(loaded.model)
+    embedding = loaded.model.get_input_embeddings().weight.detach().clone()
+    layer = next(m for m in loaded.model.modules() if isinstance(m, LowRankLinear))
+    factors = layer.weight_in.detach().clone()
+    config = FinetuneConfig(data=str(text), epochs=3, lr=3e-3, batch_size=4, max_length=16)
+    summary = finetune(loaded, config, progress=False)
+
+    history = summary["history"]
+    assert [h["step"] for h in history] == [0, 20, 40, 60]  # 87 blocks: 9 held out, 78 train in 20 batches of 4
+    assert (summary["blocks"], summary["heldout_blocks"], summary["tokens"]) == (78, 9, 3 * 78 * 16)
+    assert history[-1]["loss"] < history[1]["loss"]  # the mean training loss falls epoch by epoch
+    assert summary["eval"]["perplexity"] < summary["initial_perplexity"]
+    assert summary["eval"]["perplexity"] == pytest.approx(min(h["perplexity"] for h in history))
+    assert summary["cpu_seconds"] > 0 and summary["seconds"] > 0
+    # Ranks stay; only the low-rank factors train by default.
+    assert _ranks(loaded.model) == ranks and summary["train"] == "low-rank"
+    assert not torch.equal(factors, layer.weight_in)
+    assert torch.equal(embedding, loaded.model.get_input_embeddings().weight)
+    assert all(p.requires_grad for p in loaded.model.parameters()), "frozen parameters are given back"
+    assert not loaded.model.training
+
+    out = fwsvd.save(loaded.model, tmp_path / "recovered", loaded.tokenizer)
+    record = json.loads((out / "config.json").read_text())["quantization_config"]["finetune"]
+    assert record["task"] == "causal-lm" and record["tokens"] == summary["tokens"] and record["cpu_seconds"] == summary["cpu_seconds"]
+    assert record["perplexity"] == pytest.approx(summary["eval"]["perplexity"], rel=1e-6)
+    assert [h["step"] for h in record["history"]] == [0, 20, 40, 60]
+    back = fwsvd.load(out)
+    assert _ranks(back) == ranks
+    ids = torch.tensor([[5, 9, 13, 40, 41, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids).logits, loaded.model(input_ids=ids).logits, rtol=0, atol=1e-5)
+
+
+def _heldout_perplexity(loaded: "fwsvd.LoadedModel", text: Path) -> float:
+    """The held-out perplexity of the model as it is: the starting point of a run with the same split (seed, blocks)."""
+    probe = FinetuneConfig(data=str(text), tokens=64, lr=1e-12, batch_size=4, max_length=16)
+    return finetune(copy.deepcopy(loaded), probe, progress=False)["history"][0]["perplexity"]
+
+
+def test_causal_recovery_keeps_the_best_heldout_state(llama_text):
+    folder, text = llama_text
+    loaded, _ = _compressed_llama(folder)
+    # A learning rate far too large: a few steps may still help the barely trained factors, then
+    # the loss overflows and the run stops; the best state evaluated so far is what remains.
+    diverging = FinetuneConfig(data=str(text), tokens=16 * 4 * 8, lr=10.0, batch_size=4, max_length=16, warmup=0.0, eval_steps=1)
+    summary = finetune(loaded, diverging, progress=False)
+    history = summary["history"]
+    best = min((h for h in history if h["perplexity"] is not None), key=lambda h: h["perplexity"])
+    assert summary["best_step"] == best["step"] and summary["eval"]["perplexity"] == pytest.approx(best["perplexity"])
+    assert summary["stopped"] is not None or best["step"] != history[-1]["step"], "an earlier state was kept"
+    assert _heldout_perplexity(loaded, text) == pytest.approx(best["perplexity"], rel=1e-5)
+
+    # After a sound recovery, the same learning rate only makes things worse: the starting state
+    # comes back bit for bit.
+    finetune(loaded, FinetuneConfig(data=str(text), epochs=3, lr=3e-3, batch_size=4, max_length=16), progress=False)
+    before = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
+    summary = finetune(loaded, diverging, progress=False)
+    assert summary["best_step"] == 0 and len(summary["history"]) > 1
+    for name, p in loaded.model.named_parameters():
+        assert torch.equal(p, before[name]), name
+
+
+def test_causal_distillation_runs_and_needs_the_dense_model(llama_text):
+    folder, text = llama_text
+    loaded, dense = _compressed_llama(folder)
+    teacher_state = {n: p.detach().clone() for n, p in dense.named_parameters()}
+    config = FinetuneConfig(data=str(text), tokens=16 * 4 * 6, lr=3e-3, batch_size=4, max_length=16, distill=True, eval_steps=3)
+    with pytest.raises(FwsvdError, match="dense model"):
+        finetune(loaded, config, progress=False)
+    summary = finetune(loaded, config, progress=False, teacher=dense)
+    assert summary["distill"] and summary["steps"] == 6
+    kls = [h["kl"] for h in summary["history"][1:]]
+    assert len(kls) == 2 and all(k is not None and 0 <= k < 10 for k in kls)
+    assert summary["eval"]["perplexity"] <= summary["initial_perplexity"]
+    # The teacher only runs forward.
+    assert all(torch.equal(p, teacher_state[n]) for n, p in dense.named_parameters())
+
+
+def test_causal_recovery_needs_two_blocks(llama_text, tmp_path):
+    folder, _ = llama_text
+    short = tmp_path / "short.txt"
+    short.write_text("the cat sat on the mat and the dog ran in the park on a day\n", encoding="utf-8")
+    loaded, _ = _compressed_llama(folder)
+    with pytest.raises(DataError, match="at least 2"):
+        finetune(loaded, FinetuneConfig(data=str(short), max_length=10), progress=False)  # 16 words: one block
+
+
+def test_cli_compress_causal_lm_with_recovery(llama_text, tmp_path, capsys):
+    folder, text = llama_text
+    out = tmp_path / "rec"
+    result = _run(["compress", str(folder), "--out", str(out), "--method", "svd-llm", "--keep", "0.5", "--data", str(text),
+                   "--samples", "8", "--max-length", "16", "--finetune-data", str(text), "--finetune-tokens", "1000",
+                   "--finetune-lr", "3e-3", "--finetune-distill"], capsys)
+    summary = result["finetune"]
+    assert summary["task"] == "causal-lm" and summary["distill"] and summary["max_length"] == 16
+    assert summary["steps"] == 16 and summary["tokens"] == 16 * 4 * 16  # ceil(1000 / (4 x 16)) steps of 4 blocks
+    assert summary["cpu_seconds"] > 0 and summary["eval"]["perplexity"] <= summary["initial_perplexity"]
+    record = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert record["finetune"]["tokens"] == summary["tokens"] and record["finetune"]["lr"] == pytest.approx(3e-3)
+    back = fwsvd.load(out)
+    assert _ranks(back) == {k: int(v) for k, v in record["ranks"].items()}
+    scored = _run(["eval", str(out), "--data", str(text), "--max-length", "16"], capsys)
+    assert scored["metric"] == "perplexity" and scored["perplexity"] > 1
+    # The table form names the recovery, and `fwsvd finetune` continues from the compressed folder.
+    assert main(["finetune", str(out), "--data", str(text), "--out", str(tmp_path / "more"), "--tokens", "256", "--max-length", "16",
+                 "--distill", "--teacher", str(folder), "--quiet"]) == 0
+    shown = capsys.readouterr().out
+    assert "held-out perplexity" in shown and "s CPU" in shown
+    again = json.loads((tmp_path / "more" / "config.json").read_text())["quantization_config"]["finetune"]
+    assert again["distill"] and again["previous"][0]["tokens"] == summary["tokens"]
+
+
+def test_cli_causal_recovery_errors_are_one_line(llama_text, classifier_dir, data, tmp_path, capsys):
+    folder, text = llama_text
+    base = ["compress", str(folder), "--out", str(tmp_path / "x"), "--method", "svd", "--keep", "0.5", "--quiet"]
+    cases = [
+        (base + ["--finetune-data", str(text), "--finetune-tokens", "0"], "--finetune-tokens"),
+        (base + ["--finetune-data", str(text), "--finetune-tokens", "100", "--finetune-epochs", "1"], "one of them"),
+        (base + ["--finetune-distill"], "--finetune-data"),
+        (base + ["--finetune-tokens", "100"], "--finetune-data"),
+        (base + ["--finetune-data", str(text), "--finetune-lr", "-1"], "--lr"),
+        (["compress", str(classifier_dir), "--out", str(tmp_path / "y"), "--method", "svd", "--keep", "0.5", "--quiet",
+          "--finetune-data", str(data["sst2"]), "--finetune-tokens", "100"], "causal"),
+        (["finetune", str(folder), "--data", str(text), "--out", str(tmp_path / "z"), "--distill", "--quiet"], "--teacher"),
+        (["finetune", str(folder), "--data", str(text), "--out", str(tmp_path / "z"), "--teacher", str(folder), "--quiet"], "--distill"),
+    ]
+    for argv, needle in cases:
+        try:
+            status = main(argv)
+        except SystemExit as exit:  # argparse's own checks (a non-positive count) exit from the parser
+            status = exit.code
+        assert status == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and needle in err, (argv, err)
+    assert not any((tmp_path / name).exists() for name in ("x", "y", "z"))

@@ -1,12 +1,15 @@
-"""Fine-tuning sequence classifiers, dense or compressed, with a plain torch training loop.
+"""Fine-tuning sequence classifiers and causal LMs, dense or compressed, with a plain torch training loop.
 
-Two uses:
+Three uses:
 
 * a fresh classifier: :func:`load_for_finetune` on a pretrained encoder folder without a task head
   adds one (classes counted from the training labels, or one output for a regression task);
-* recovery after compression (FWSVD + fine-tuning): a compressed model keeps its structure and
+* recovery of a compressed classifier (FWSVD + fine-tuning): the model keeps its structure and
   ranks; its low-rank factors (``LowRankLinear.weight_in`` / ``weight_out``) train together with
-  everything else, and the compression record gains a ``finetune`` entry.
+  everything else, and the compression record gains a ``finetune`` entry;
+* recovery of a compressed causal LM: the low-rank factors train on next-token loss over blocks of
+  a text file, optionally distilled from the dense model's next-token distribution, for a number of
+  epochs or tokens; a held-out share of the blocks picks the best state by perplexity.
 
 Typical use::
 
@@ -27,7 +30,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -37,6 +40,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import data as d
+from . import metrics
 from .api import _help
 from .errors import DataError, FwsvdError, ModelError
 from .evaluate import EvalConfig, evaluate
@@ -52,7 +56,7 @@ from .models import (
     model_source,
     weight_shapes,
 )
-from .nn import LowRankLinear
+from .nn import LowRankLinear, find_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -60,23 +64,40 @@ __all__ = [
     "DEFAULT_BATCH_SIZE",
     "DEFAULT_EPOCHS",
     "DEFAULT_LR",
+    "DEFAULT_TOKENS",
     "FinetuneConfig",
     "build_classifier",
     "finetune",
+    "finetune_causal",
     "head_config",
     "is_compressed",
     "load_for_finetune",
 ]
 
 #: Epochs when none is given: a compressed model only needs to recover what the factorization lost,
-#: a fresh head has to learn the task.
+#: a fresh head has to learn the task. Causal LMs train for :data:`DEFAULT_TOKENS` instead.
 DEFAULT_EPOCHS = {"compressed": 1, "dense": 3}
 #: Learning rates when none is given. For one recovery epoch of MiniLM/SST-2 at keep 0.3, 5e-5 to 3e-4
 #: all landed within noise of each other, 1e-4 at the top and 5e-4 diverged (README "Fine-tuning").
-DEFAULT_LR = {"compressed": 1e-4, "dense": 5e-5}
-#: Batch sizes when none is given. A recovery run is usually a single epoch: batches of 16 give it
-#: twice the updates of 32 (MiniLM/SST-2 keep 0.3, 5 seeds: mean dev accuracy 0.853 vs 0.851).
-DEFAULT_BATCH_SIZE = {"compressed": 16, "dense": 32}
+#: Causal LMs: see :data:`DEFAULT_TOKENS`.
+DEFAULT_LR = {"compressed": 1e-4, "dense": 5e-5, "causal-lm": 1e-4}
+#: Batch sizes when none is given (rows for classifiers, --max-length token blocks for causal LMs).
+#: A recovery run is usually a single epoch: batches of 16 give it twice the updates of 32
+#: (MiniLM/SST-2 keep 0.3, 5 seeds: mean dev accuracy 0.853 vs 0.851).
+DEFAULT_BATCH_SIZE = {"compressed": 16, "dense": 32, "causal-lm": 4}
+#: Training tokens of a causal LM when neither epochs nor tokens are given.
+DEFAULT_TOKENS = 65536
+#: Whether causal-LM recovery distils from the dense model by default.
+DEFAULT_DISTILL = False
+#: Which parameters train by default: ``low-rank`` (the factors of the compressed layers only),
+#: ``blocks`` (everything inside the transformer blocks) or ``all``.
+TRAINABLE = ("low-rank", "blocks", "all")
+DEFAULT_TRAIN = {"compressed": "all", "dense": "all", "causal-lm": "low-rank"}
+#: Held-out blocks for choosing the best causal-LM state: a fraction of the blocks, at least one and
+#: at most this many (perplexity over 16 blocks ranks states reliably and costs little to compute).
+MAX_HOLDOUT_BLOCKS = 16
+#: Held-out evaluations of a token-budget run when no interval is given (besides the one at step 0).
+_EVALUATIONS = 4
 
 # Batches are formed from windows of this many batches' worth of examples sorted by length, so that
 # padding is small while the order stays random (the "group by length" of transformers' Trainer).
@@ -87,27 +108,58 @@ _GROUP_WINDOW = 50
 class FinetuneConfig:
     """What to fine-tune on and how. Every field's help text is reused by the command line."""
 
-    data: str = _help("training data: labelled .tsv/.csv/.jsonl (GLUE layouts detected) or a datasets hub name")
+    data: str = _help(
+        "training data: labelled .tsv/.csv/.jsonl for classifiers (GLUE layouts detected), a .txt file for causal LMs, or a datasets hub name"
+    )
     epochs: int | None = _help(
-        f"passes over the training data (default {DEFAULT_EPOCHS['compressed']} for a compressed model, "
-        f"{DEFAULT_EPOCHS['dense']} otherwise)",
+        f"passes over the training data (default {DEFAULT_EPOCHS['compressed']} for a compressed classifier, "
+        f"{DEFAULT_EPOCHS['dense']} for a dense one; causal LMs default to a token budget)",
+        default=None,
+    )
+    tokens: int | None = _help(
+        f"causal LMs: train on this many tokens instead of whole epochs (default {DEFAULT_TOKENS:,} when --epochs is not given)",
         default=None,
     )
     lr: float | None = _help(
-        f"peak learning rate of AdamW (default {DEFAULT_LR['compressed']:g} for a compressed model, {DEFAULT_LR['dense']:g} otherwise)",
+        f"peak learning rate of AdamW (default {DEFAULT_LR['compressed']:g} for a compressed classifier, {DEFAULT_LR['dense']:g} "
+        f"for a dense one, {DEFAULT_LR['causal-lm']:g} for a causal LM)",
         default=None,
     )
     batch_size: int | None = _help(
-        f"training batch size (default {DEFAULT_BATCH_SIZE['compressed']} for a compressed model, {DEFAULT_BATCH_SIZE['dense']} otherwise)",
+        f"training batch size (default {DEFAULT_BATCH_SIZE['compressed']} for a compressed classifier, {DEFAULT_BATCH_SIZE['dense']} "
+        f"for a dense one, {DEFAULT_BATCH_SIZE['causal-lm']} blocks for a causal LM)",
         default=None,
     )
-    max_length: int = _help("tokens per example, longer ones are truncated (64 is enough for short sentences)", default=128)
-    seed: int = _help("seed for the head's initialization, the shuffling and dropout", default=0)
-    limit: int | None = _help("train on this many rows drawn at random with --seed (all rows when omitted)", default=None)
+    max_length: int | None = _help(
+        "tokens per example, longer ones are truncated (default 128; 64 is enough for short sentences), "
+        "or per block of a causal LM's text (default 512)",
+        default=None,
+    )
+    seed: int = _help("seed for the head's initialization, the shuffling, the held-out blocks and dropout", default=0)
+    limit: int | None = _help("train on this many rows (causal LMs: text blocks) drawn at random with --seed (all when omitted)", default=None)
     warmup: float = _help("fraction of the steps spent warming the learning rate up linearly from 0; it then decays linearly to 0", default=0.1)
     weight_decay: float = _help("AdamW weight decay (not applied to biases and LayerNorm weights)", default=0.01)
     max_grad_norm: float = _help("gradients are clipped to this total norm", default=1.0)
     group_by_length: bool = _help("batch examples of similar length together (less padding, same randomness of order)", default=True)
+    distill: bool | None = _help(
+        "causal LMs: train on the KL divergence from the dense model's next-token distribution, added to the next-token loss "
+        f"(needs the dense model; default {'on' if DEFAULT_DISTILL else 'off'})",
+        default=None,
+    )
+    train: str | None = _help(
+        "which parameters train: 'low-rank' (the compressed layers' factors), 'blocks' (everything inside the transformer "
+        f"blocks) or 'all' (default {DEFAULT_TRAIN['causal-lm']} for a compressed causal LM, all otherwise)",
+        default=None,
+    )
+    holdout: float = _help(
+        f"causal LMs: fraction of the text blocks held out to keep the state with the best perplexity (at least 1, at most "
+        f"{MAX_HOLDOUT_BLOCKS} blocks)",
+        default=0.1,
+    )
+    eval_steps: int | None = _help(
+        f"causal LMs: steps between held-out evaluations (default: after each epoch, or {_EVALUATIONS} times in a token-budget run)",
+        default=None,
+    )
     text_column: str | None = _help("name of the text column (detected when omitted)", default=None)
     pair_column: str | None = _help("name of the second text column of a pair task (detected when omitted)", default=None)
     label_column: str | None = _help("name of the label column (detected when omitted)", default=None)
@@ -116,24 +168,47 @@ class FinetuneConfig:
         if not self.data:
             raise DataError("fine-tuning needs training data: pass --data with a labelled file")
         self.data = os.fspath(self.data)
-        for name in ("epochs", "batch_size", "max_length", "limit"):
+        for name in ("epochs", "tokens", "batch_size", "max_length", "limit", "eval_steps"):
             value = getattr(self, name)
-            if value is None and name != "max_length":
+            if value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise FwsvdError(f"--{name.replace('_', '-')} {value!r} must be a positive integer")
+        if self.epochs is not None and self.tokens is not None:
+            raise FwsvdError("--epochs and --tokens both set the length of the run: pass one of them")
         if self.lr is not None and (not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) or self.lr <= 0):
             raise FwsvdError(f"--lr {self.lr!r} must be a positive number such as 5e-5")
         if not 0 <= self.warmup < 1:
             raise FwsvdError(f"warmup {self.warmup!r} must be a fraction of the steps in [0, 1)")
         if self.weight_decay < 0 or self.max_grad_norm <= 0:
             raise FwsvdError("weight decay must be ≥ 0 and the gradient clipping norm > 0")
+        if not 0 < self.holdout < 1:
+            raise FwsvdError(f"holdout {self.holdout!r} must be a fraction of the text blocks in (0, 1)")
+        if self.train is not None and self.train not in TRAINABLE:
+            raise FwsvdError(f"train {self.train!r} must be one of {', '.join(TRAINABLE)}")
 
-    def resolved(self, compressed: bool) -> FinetuneConfig:
-        """A copy with ``epochs``, ``lr`` and ``batch_size`` filled in for a compressed or dense model."""
+    def resolved(self, compressed: bool, task: str = "sequence-classification") -> FinetuneConfig:
+        """A copy with the defaults filled in for a compressed or dense model of ``task``.
+
+        Raises:
+            FwsvdError: for a causal-LM-only setting (``tokens``, ``distill``) on another task.
+        """
+        if task == "causal-lm":
+            return replace(
+                self,
+                tokens=self.tokens or (None if self.epochs else DEFAULT_TOKENS),
+                lr=self.lr or DEFAULT_LR[task],
+                batch_size=self.batch_size or DEFAULT_BATCH_SIZE[task],
+                max_length=self.max_length or 512,
+                distill=DEFAULT_DISTILL if self.distill is None else self.distill,
+                train=self.train or (DEFAULT_TRAIN[task] if compressed else "all"),
+            )
+        if self.tokens is not None or self.distill:
+            raise FwsvdError(f"--tokens and --distill are for causal LMs; a {task} model trains for --epochs on its labels")
         kind = "compressed" if compressed else "dense"
         return replace(
-            self, epochs=self.epochs or DEFAULT_EPOCHS[kind], lr=self.lr or DEFAULT_LR[kind], batch_size=self.batch_size or DEFAULT_BATCH_SIZE[kind]
+            self, epochs=self.epochs or DEFAULT_EPOCHS[kind], lr=self.lr or DEFAULT_LR[kind], batch_size=self.batch_size or DEFAULT_BATCH_SIZE[kind],
+            max_length=self.max_length or 128, distill=False, train=self.train or DEFAULT_TRAIN[kind],
         )
 
     def read(self) -> d.Examples:
@@ -242,13 +317,13 @@ def build_classifier(
 
 
 def load_for_finetune(model: str | os.PathLike, config: FinetuneConfig, *, allow_pickle: bool = False) -> LoadedModel:
-    """Load a sequence classifier (dense or compressed) as it is, or add a head to a bare encoder.
+    """Load a sequence classifier or causal LM (dense or compressed) as it is, or add a head to a bare encoder.
 
     Nothing in the folder is executed and pickle weights are refused unless ``allow_pickle`` (see
     :func:`fwsvd.models.load_model`).
 
     Raises:
-        ModelError: for a model whose head is not sequence classification (e.g. a causal LM).
+        ModelError: for a model whose head is neither sequence classification nor a causal LM.
     """
     from transformers import AutoConfig
 
@@ -265,9 +340,10 @@ def load_for_finetune(model: str | os.PathLike, config: FinetuneConfig, *, allow
         task = None  # no task head: a pretrained encoder
     if task is None:
         return build_classifier(model, config, allow_pickle=allow_pickle)
-    if task != "sequence-classification":
+    if task not in ("sequence-classification", "causal-lm"):
         raise ModelError(
-            f"{model} is a {task} model: fwsvd finetune trains sequence classifiers; pass a classifier or a bare pretrained encoder"
+            f"{model} is a {task} model: fwsvd finetune trains sequence classifiers and causal LMs; "
+            "pass a classifier, a causal LM or a bare pretrained encoder"
         )
     return load_model(model, task, need_tokenizer=True, allow_pickle=allow_pickle)
 
@@ -308,6 +384,35 @@ def _optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr)
 
 
+def _select_trainable(model: nn.Module, train: str) -> list[tuple[nn.Parameter, bool]]:
+    """Freeze every parameter outside ``train``'s selection; returns what to restore afterwards.
+
+    Raises:
+        ModelError: when the selection is empty (``low-rank`` on a model without low-rank layers).
+    """
+    if train == "all":
+        return []
+    if train == "low-rank":
+        chosen = {id(p) for m in model.modules() if isinstance(m, LowRankLinear) for p in m.parameters()}
+    else:
+        blocks = find_blocks(model)
+        chosen = {id(p) for name in blocks for p in model.get_submodule(name).parameters()}
+    if not chosen:
+        what = "low-rank layers" if train == "low-rank" else "transformer blocks"
+        raise ModelError(f"the model has no {what} to train: pass train 'all' (fine-tunes every parameter)")
+    frozen = []
+    for p in model.parameters():
+        if id(p) not in chosen and p.requires_grad:
+            frozen.append((p, True))
+            p.requires_grad_(False)
+    return frozen
+
+
+def _restore_trainable(frozen: list[tuple[nn.Parameter, bool]]) -> None:
+    for p, flag in frozen:
+        p.requires_grad_(flag)
+
+
 def _score(result: dict[str, Any]) -> float:
     value = result.get(result.get("metric", ""), math.nan)
     return value if isinstance(value, (int, float)) and math.isfinite(value) else -math.inf
@@ -319,38 +424,54 @@ def finetune(
     *,
     eval_config: EvalConfig | None = None,
     progress: bool = True,
+    teacher: nn.Module | None = None,
 ) -> dict[str, Any]:
     """Fine-tune ``loaded.model`` in place on ``config.data``.
 
     AdamW with a linear warm-up/decay schedule, gradient clipping, dropout on, seeded shuffling.
-    With ``eval_config`` the model is evaluated after each epoch and the best epoch by the task's
-    headline metric is kept; otherwise the last. A compressed model keeps its ranks; the run is
-    recorded in ``model.config`` (``quantization_config.finetune`` for a compressed model,
-    ``fwsvd_finetune`` for a dense one), so :func:`fwsvd.save` writes it to ``config.json``.
+    A classifier trains on its labels; with ``eval_config`` it is evaluated after each epoch and
+    the best epoch by the task's headline metric is kept, otherwise the last. A causal LM trains
+    on next-token loss over ``max_length``-token blocks of a text file (optionally distilled from
+    ``teacher``), and keeps the state with the best perplexity on held-out blocks of that text
+    (see :func:`finetune_causal`). A compressed model keeps its ranks; the run is recorded in
+    ``model.config`` (``quantization_config.finetune`` for a compressed model, ``fwsvd_finetune``
+    for a dense one), so :func:`fwsvd.save` writes it to ``config.json``.
 
     Args:
-        loaded: a sequence classifier with its tokenizer (see :func:`load_for_finetune`).
+        loaded: a sequence classifier or causal LM with its tokenizer (see :func:`load_for_finetune`).
         config: training data and settings; ``epochs``, ``lr`` and ``batch_size`` default by
             whether the model is compressed (:data:`DEFAULT_EPOCHS`, :data:`DEFAULT_LR`,
             :data:`DEFAULT_BATCH_SIZE`).
-        eval_config: evaluation data for choosing the best epoch.
+        eval_config: classifiers: evaluation data for choosing the best epoch.
         progress: show a progress bar per epoch.
+        teacher: causal LMs: the dense model to distil from (needed when ``config.distill``).
 
     Returns:
-        A summary: the settings used, ``rows``, ``steps``, ``seconds``, ``history`` (per epoch
-        ``loss``, ``seconds`` and ``eval``), ``best_epoch``, ``metric`` and ``eval`` (of the kept
-        epoch, ``None`` without ``eval_config``).
+        A summary: the settings used, ``rows``, ``steps``, ``seconds`` (wall), ``cpu_seconds``
+        (this process's CPU time, all threads), ``history`` (per epoch ``loss``, ``seconds`` and
+        ``eval``), ``best_epoch``, ``metric`` and ``eval`` (of the kept epoch, ``None`` without
+        ``eval_config``). Causal LMs: see :func:`finetune_causal`.
 
     Raises:
-        ModelError: for a model that is not a sequence classifier or has no tokenizer.
+        ModelError: for a model that is neither a sequence classifier nor a causal LM, or has no tokenizer.
         DataError: for unusable training data.
+        FwsvdError: for settings that do not apply to the model's task.
     """
     from transformers import get_linear_schedule_with_warmup
 
+    if loaded.task == "causal-lm":
+        if eval_config is not None:
+            raise FwsvdError(
+                "a causal LM keeps its best state by the perplexity of held-out blocks of its training text (holdout); "
+                "score other text with fwsvd eval afterwards"
+            )
+        return finetune_causal(loaded, config, teacher=teacher, progress=progress)
     if loaded.task != "sequence-classification":
-        raise ModelError(f"fine-tuning supports sequence classifiers, not {loaded.task} models: pass a classifier or a bare encoder")
+        raise ModelError(f"fine-tuning supports sequence classifiers and causal LMs, not {loaded.task} models: pass a classifier or a bare encoder")
     if loaded.tokenizer is None:
         raise ModelError(f"{loaded.source} has no tokenizer: save the tokenizer files into the model folder")
+    if teacher is not None:
+        raise FwsvdError("distillation from a teacher is implemented for causal LMs only")
     model = loaded.model
     compressed = is_compressed(model)
     cfg = config.resolved(compressed)
@@ -380,8 +501,9 @@ def finetune(
     total = per_epoch * cfg.epochs
 
     ranks_before = {n: m.rank for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
-    # Every parameter that requires a gradient trains (all of them after loading: the low-rank
-    # factors, embeddings, norms and head); a caller may freeze some beforehand.
+    # With train="all" every parameter that requires a gradient trains (all of them after loading:
+    # the low-rank factors, embeddings, norms and head); a caller may freeze some beforehand.
+    frozen = _select_trainable(model, cfg.train or "all")
     optimizer = _optimizer(model, cfg.lr, cfg.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, round(cfg.warmup * total), total)
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -390,7 +512,7 @@ def finetune(
     history: list[dict[str, Any]] = []
     best: tuple[float, int, dict[str, torch.Tensor] | None, dict[str, Any] | None] = (-math.inf, 0, None, None)
     was_training = model.training
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     logger.info(
         "fine-tuning %s model on %d rows of %s: %d epoch(s), lr %g, batch %d, max length %d",
         "compressed" if compressed else "dense", len(items), cfg.data, cfg.epochs, cfg.lr, cfg.batch_size, cfg.max_length,
@@ -441,6 +563,7 @@ def finetune(
     finally:
         optimizer.zero_grad(set_to_none=True)
         model.train(was_training)
+        _restore_trainable(frozen)
     model.eval()
     ranks_after = {n: m.rank for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
     if ranks_after != ranks_before:  # pragma: no cover - structure never changes here
@@ -461,8 +584,10 @@ def finetune(
         "max_grad_norm": cfg.max_grad_norm,
         "compressed": compressed,
         "regression": regression,
+        "train": cfg.train,
         "steps": total,
         "seconds": round(time.perf_counter() - start, 3),
+        "cpu_seconds": round(time.process_time() - cpu_start, 3),
         "history": history,
         "best_epoch": best_epoch,
         "eval_data": eval_config.data if eval_config is not None else None,
@@ -473,13 +598,258 @@ def finetune(
     return summary
 
 
+# ---------------------------------------------------------------------------------------------
+# Causal LMs
+# ---------------------------------------------------------------------------------------------
+
+#: Weight of the KL term when distilling: the loss is ``(1 - w) * next-token loss + w * KL(dense || model)``.
+DISTILL_WEIGHT = 0.5
+
+
+def _causal_loss(
+    model: nn.Module, ids: torch.Tensor, teacher: nn.Module | None, weight: float
+) -> tuple[torch.Tensor, float, float | None]:
+    """The training objective on a batch of blocks, with its next-token and KL parts as numbers."""
+    logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
+    # The loss in float32 whatever the model's dtype: a log-softmax over a large vocabulary.
+    logp = torch.log_softmax(logits.float(), dim=-1).flatten(0, 1)
+    nll = torch.nn.functional.nll_loss(logp, ids[:, 1:].reshape(-1))
+    if teacher is None:
+        return nll, nll.item(), None
+    with torch.no_grad():
+        target = torch.log_softmax(teacher(input_ids=ids, use_cache=False).logits[:, :-1].float(), dim=-1).flatten(0, 1)
+    # KL(dense || model), summed over the vocabulary, averaged over predicted tokens.
+    kl = torch.nn.functional.kl_div(logp, target, log_target=True, reduction="batchmean")
+    return (1 - weight) * nll + weight * kl, nll.item(), kl.item()
+
+
+@torch.no_grad()
+def _block_nll(model: nn.Module, blocks: torch.Tensor, batch_size: int) -> float:
+    """Mean next-token negative log-likelihood over ``blocks``, as ``fwsvd eval`` computes perplexity."""
+    total, count = 0.0, 0
+    for chunk in blocks.split(batch_size):
+        logits = model(input_ids=chunk, use_cache=False).logits[:, :-1].float()
+        total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].reshape(-1), reduction="sum"))
+        count += chunk[:, 1:].numel()
+    return total / count
+
+
+def _block_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[list[int]]:
+    """Endless seeded batches of block indices: one permutation per epoch, cut into batches."""
+    while True:
+        order = torch.randperm(n, generator=generator).tolist()
+        yield from (order[i : i + batch_size] for i in range(0, n, batch_size))
+
+
+def _perplexity(nll: float) -> float | None:
+    ppl = metrics.perplexity(nll, 1)
+    return ppl if math.isfinite(ppl) else None
+
+
+def finetune_causal(
+    loaded: LoadedModel, config: FinetuneConfig, *, teacher: nn.Module | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """Recovery training of a (compressed) causal LM on a text file, in place.
+
+    The text is cut into ``max_length``-token blocks (:func:`fwsvd.data.causal_blocks`); a seeded
+    share of them (``holdout``, at least 1 and at most :data:`MAX_HOLDOUT_BLOCKS`) is held out.
+    The rest train for ``epochs`` passes or ``tokens`` tokens, on next-token loss or, with
+    ``distill``, on ``(1 - w)`` next-token loss plus ``w`` times the KL divergence from
+    ``teacher``'s next-token distribution (``w`` = :data:`DISTILL_WEIGHT`). By default only the
+    low-rank factors train (``train``). The held-out perplexity is measured before training and
+    after each epoch (or every ``eval_steps`` steps), and the best state is restored at the end,
+    so the run never leaves the model worse on held-out text than it found it. A non-finite loss
+    stops the run early; the best state is still restored.
+
+    Args:
+        loaded: a causal LM with its tokenizer.
+        config: the text file and settings (defaults: :data:`DEFAULT_TOKENS`, and ``DEFAULT_LR``,
+            ``DEFAULT_BATCH_SIZE``, ``DEFAULT_TRAIN`` for ``"causal-lm"``, :data:`DEFAULT_DISTILL`).
+        teacher: the dense model, for ``distill``; it only runs forward.
+        progress: show a progress bar with the training loss.
+
+    Returns:
+        A summary: the settings used, ``blocks`` (training) and ``heldout_blocks``, ``tokens``
+        (trained), ``steps``, ``seconds`` (wall), ``cpu_seconds`` (this process's CPU time, all
+        threads), ``history`` (per evaluation: ``step``, ``tokens``, the mean training ``loss``
+        (next token) and ``kl`` since the previous one, held-out ``perplexity``), ``best_step``,
+        ``initial_perplexity``, ``metric`` (``"perplexity"``), ``eval`` (the kept state's held-out
+        ``perplexity``, ``nll``, ``n``, ``tokens``) and ``stopped`` (why the run ended early, or ``None``).
+
+    Raises:
+        ModelError: for a model that is not a causal LM, has no tokenizer or nothing to train.
+        DataError: for a text that gives fewer than two blocks.
+        FwsvdError: for ``distill`` without a teacher.
+    """
+    from transformers import get_linear_schedule_with_warmup
+
+    if loaded.task != "causal-lm":
+        raise ModelError(f"{loaded.source} is a {loaded.task} model, not a causal LM")
+    if loaded.tokenizer is None:
+        raise ModelError(f"{loaded.source} has no tokenizer: save the tokenizer files into the model folder")
+    model = loaded.model
+    compressed = is_compressed(model)
+    cfg = config.resolved(compressed, "causal-lm")
+    assert cfg.lr is not None and cfg.batch_size is not None and cfg.max_length is not None and cfg.train is not None
+    if cfg.distill and teacher is None:
+        raise FwsvdError("distillation needs the dense model as the teacher (fwsvd compress keeps it in memory for --finetune-distill)")
+    teacher = teacher if cfg.distill else None
+
+    blocks = d.causal_blocks(loaded.tokenizer, d.read_text(cfg.data), cfg.max_length, samples=cfg.limit, seed=cfg.seed)
+    n = int(blocks.shape[0])
+    if n < 2:
+        raise DataError(
+            f"{cfg.data} gives {n} block of {cfg.max_length} tokens: recovery needs at least 2 (one is held out); "
+            "pass a longer text or a smaller --max-length"
+        )
+    generator = torch.Generator().manual_seed(cfg.seed)
+    order = torch.randperm(n, generator=generator)
+    n_hold = min(max(1, round(cfg.holdout * n)), MAX_HOLDOUT_BLOCKS, n - 1)
+    heldout, train = blocks[order[:n_hold].sort().values], blocks[order[n_hold:].sort().values]
+    if cfg.tokens is not None:
+        total = max(1, math.ceil(cfg.tokens / (cfg.batch_size * cfg.max_length)))
+        every = cfg.eval_steps or math.ceil(total / _EVALUATIONS)
+    else:
+        assert cfg.epochs is not None
+        per_epoch = math.ceil(len(train) / cfg.batch_size)
+        total = per_epoch * cfg.epochs
+        every = cfg.eval_steps or per_epoch
+
+    ranks_before = {name: mod.rank for name, mod in model.named_modules() if isinstance(mod, LowRankLinear)}
+    was_training = model.training
+    frozen = _select_trainable(model, cfg.train)
+    history: list[dict[str, Any]] = []
+    stopped: str | None = None
+    start, cpu_start = time.perf_counter(), time.process_time()
+    optimizer: torch.optim.Optimizer | None = None
+    try:
+        optimizer = _optimizer(model, cfg.lr, cfg.weight_decay)
+        scheduler = get_linear_schedule_with_warmup(optimizer, round(cfg.warmup * total), total)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        trainable = sum(p.numel() for p in params)
+        device = params[0].device  # blocks follow the model (CPU unless the caller moved it)
+        heldout, train = heldout.to(device), train.to(device)
+        logger.info(
+            "recovery of a %s causal LM on %s: %d blocks of %d tokens (%d held out), %d steps of %d blocks, lr %g, "
+            "training %s (%s parameters)%s",
+            "compressed" if compressed else "dense", cfg.data, len(train), cfg.max_length, n_hold, total, cfg.batch_size, cfg.lr,
+            cfg.train, f"{trainable:,}", ", distilled from the dense model" if teacher is not None else "",
+        )
+
+        def heldout_nll() -> float:
+            model.eval()
+            try:
+                return _block_nll(model, heldout, cfg.batch_size)
+            finally:
+                model.train()
+
+        initial_nll = best_nll = heldout_nll()
+        best_step = 0
+        # The starting state is a candidate too: a run that only makes things worse is undone.
+        best_state: list[torch.Tensor] | None = [p.detach().clone() for p in params]
+        history.append({"step": 0, "tokens": 0, "loss": None, "kl": None, "perplexity": _perplexity(initial_nll)})
+        batches = _block_batches(len(train), cfg.batch_size, generator)
+        seen, step = 0, 0
+        loss_sum, kl_sum, count = 0.0, 0.0, 0
+        bar = tqdm(total=total, desc="recovery", unit="step", disable=not progress, leave=False)
+        model.train()
+        # Dropout (where a model has any) draws from torch's global generator: fork it so the run
+        # is seeded without changing the caller's random state.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            for step in range(1, total + 1):
+                ids = train[next(batches)]
+                loss, nll, kl = _causal_loss(model, ids, teacher, DISTILL_WEIGHT)
+                if not torch.isfinite(loss):
+                    stopped = f"the training loss became {loss.item()} at step {step}: lower the learning rate (now {cfg.lr:g})"
+                    logger.warning("%s; keeping the best state so far", stopped)
+                    break
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                seen += ids.numel()
+                loss_sum, kl_sum, count = loss_sum + nll, kl_sum + (kl or 0.0), count + 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_sum / count:.4f}", **({"kl": f"{kl_sum / count:.4f}"} if kl is not None else {}))
+                if step % every and step != total:
+                    continue
+                nll_now = heldout_nll()
+                row = {
+                    "step": step, "tokens": seen, "loss": loss_sum / count, "kl": kl_sum / count if teacher is not None else None,
+                    "perplexity": _perplexity(nll_now),
+                }
+                history.append(row)
+                loss_sum, kl_sum, count = 0.0, 0.0, 0
+                logger.info("step %d/%d: training loss %.4f, held-out perplexity %.3f", step, total, row["loss"], metrics.perplexity(nll_now, 1))
+                if math.isfinite(nll_now) and nll_now < best_nll:
+                    best_nll, best_step = nll_now, step
+                    # No copy of the last state: nothing comes after it.
+                    best_state = None if step == total else [p.detach().clone() for p in params]
+        bar.close()
+        if best_state is not None and (stopped is not None or best_step != step):
+            with torch.no_grad():
+                for p, saved in zip(params, best_state):
+                    p.copy_(saved)
+            logger.info("kept the state of step %d (held-out perplexity %.3f)", best_step, metrics.perplexity(best_nll, 1))
+    finally:
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+        model.train(was_training)
+        _restore_trainable(frozen)
+    model.eval()
+    ranks_after = {name: mod.rank for name, mod in model.named_modules() if isinstance(mod, LowRankLinear)}
+    if ranks_after != ranks_before:  # pragma: no cover - structure never changes here
+        raise ModelError("fine-tuning changed the low-rank structure")
+
+    summary: dict[str, Any] = {
+        "task": "causal-lm",
+        "data": cfg.data,
+        "blocks": len(train),
+        "heldout_blocks": n_hold,
+        "epochs": cfg.epochs,
+        "token_budget": cfg.tokens,
+        "tokens": seen,
+        "lr": cfg.lr,
+        "batch_size": cfg.batch_size,
+        "max_length": cfg.max_length,
+        "seed": cfg.seed,
+        "limit": cfg.limit,
+        "warmup": cfg.warmup,
+        "weight_decay": cfg.weight_decay,
+        "max_grad_norm": cfg.max_grad_norm,
+        "distill": bool(cfg.distill),
+        "distill_weight": DISTILL_WEIGHT if cfg.distill else None,
+        "train": cfg.train,
+        "trainable_parameters": trainable,
+        "compressed": compressed,
+        "steps": total,
+        "eval_steps": every,
+        "seconds": round(time.perf_counter() - start, 3),
+        "cpu_seconds": round(time.process_time() - cpu_start, 3),
+        "history": history,
+        "best_step": best_step,
+        "initial_perplexity": _perplexity(initial_nll),
+        "metric": "perplexity",
+        "eval": {"perplexity": metrics.perplexity(best_nll, 1), "nll": best_nll, "n": n_hold, "tokens": int(heldout[:, 1:].numel())},
+        "stopped": stopped,
+    }
+    _record(model, summary)
+    return summary
+
+
 def _record(model: nn.Module, summary: dict[str, Any]) -> None:
     """Write a compact record of the run into the model config (``config.json`` once saved)."""
     record = {k: v for k, v in summary.items() if k not in ("history", "eval")}
-    record["history"] = [
-        {"epoch": h["epoch"], "loss": round(h["loss"], 6), **({h["eval"]["metric"]: h["eval"][h["eval"]["metric"]]} if "eval" in h else {})}
-        for h in summary["history"]
-    ]
+    if summary.get("task") == "causal-lm":
+        record["perplexity"] = _perplexity(summary["eval"]["nll"])
+        record["history"] = [{k: round(v, 6) if isinstance(v, float) else v for k, v in h.items()} for h in summary["history"]]
+    else:
+        record["history"] = [
+            {"epoch": h["epoch"], "loss": round(h["loss"], 6), **({h["eval"]["metric"]: h["eval"][h["eval"]["metric"]]} if "eval" in h else {})}
+            for h in summary["history"]
+        ]
     from . import __version__
 
     record["library_version"] = __version__
