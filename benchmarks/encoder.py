@@ -1,6 +1,6 @@
-"""Encoder benchmark: SVD vs FWSVD (the paper's Fisher per output or per input feature; the default
-Fisher per output with whitened inputs) vs SVD-LLM vs default FWSVD + one recovery fine-tuning
-epoch, on MiniLM-L6 fine-tuned for SST-2, across keep ratios.
+"""Encoder benchmark: SVD vs FWSVD (the paper's Fisher per output or per input feature; Fisher per
+output with whitened inputs, with uniform or globally allocated ranks) vs SVD-LLM vs default FWSVD +
+one recovery fine-tuning epoch, on MiniLM-L6 fine-tuned for SST-2, across keep ratios.
 
     python benchmarks/encoder.py [--shared ../shared] [--out benchmarks/results]
 
@@ -37,7 +37,7 @@ logger = logging.getLogger("benchmarks.encoder")
 
 
 def _variants(keeps: list[float], recovery_keeps: list[float]) -> list[tuple[str, str, float, bool]]:
-    """``(label, method spec, keep, recovery)`` in table order; a spec is ``method[:reduction:whiten]``."""
+    """``(label, method spec, keep, recovery)`` in table order; a spec is ``method[:reduction:whiten[:allocation]]``."""
     out = []
     for keep in keeps:
         out += [
@@ -45,10 +45,12 @@ def _variants(keeps: list[float], recovery_keeps: list[float]) -> list[tuple[str
             ("fwsvd-out", "fwsvd:out:off", keep, False),  # the paper's FWSVD
             ("fwsvd-in", "fwsvd:in:off", keep, False),
             ("svd-llm", "svd-llm", keep, False),
-            ("fwsvd", "fwsvd:auto:auto", keep, False),  # the default: Fisher per output + whitened inputs
+            # Fisher per output + whitened inputs, ranks uniform or allocated globally.
+            ("fwsvd-uniform", "fwsvd:auto:auto:uniform", keep, False),
+            ("fwsvd-global", "fwsvd:auto:auto:global", keep, False),
         ]
         if keep in recovery_keeps:
-            out.append(("fwsvd+ft", "fwsvd:auto:auto", keep, True))
+            out.append(("fwsvd+ft", "fwsvd:auto:auto:default", keep, True))  # the command line's default + 1 epoch
     return out
 
 
@@ -87,13 +89,14 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     print(f"calibration (Fisher + covariances): {statistics.summary['samples']} rows, {statistics.summary['tokens']} tokens, {calib_s:.1f} s", flush=True)
 
     for label, spec, keep, recovery in _variants(args.keep, args.recovery_keep):
-        method, reduction, whiten = ([*spec.split(":"), "auto", "auto"])[:3]
+        method, reduction, whiten, allocation = ([*spec.split(":"), "auto", "auto", "default"])[:4]
         model = copy.deepcopy(dense.model)
         loaded = fwsvd.LoadedModel(model, dense.tokenizer, dense.task, dense.source)
-        config = api.CompressConfig(method=method, keep=keep, fisher_reduction=reduction, fisher_whiten=whiten)
+        allocation = api.DEFAULT_ALLOCATION if allocation == "default" else allocation
+        config = api.CompressConfig(method=method, keep=keep, fisher_reduction=reduction, fisher_whiten=whiten, allocation=allocation)
         report = api.compress(model, config, statistics if method != "svd" else None, task=dense.task, progress=False)
         row: dict[str, Any] = {
-            "label": label, "method": method, "method_options": report.method_options, "keep": keep,
+            "label": label, "method": method, "method_options": report.method_options, "allocation": allocation, "keep": keep,
             "target_keep": report.target_keep, "parameters": report.parameters_after, "model_keep": report.model_keep,
             "target_parameters": report.target_parameters_after, "seconds_svd": report.seconds_factorize,
             "seconds_calibration": round(calib_s, 3) if method != "svd" else 0.0,
@@ -107,9 +110,11 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         rows.append(row)
         print(f"{label:9s} keep {keep:.1f}: accuracy {row['accuracy']:.4f}", flush=True)
 
-    timing = next(r for r in rows if r["label"] == "fwsvd" and r["keep"] == 0.3) if 0.3 in args.keep else next(r for r in rows if r["label"] == "fwsvd")
+    default_label = f"fwsvd-{api.DEFAULT_ALLOCATION}"
+    timing = next(r for r in rows if r["label"] == default_label and (r["keep"] == 0.3 or 0.3 not in args.keep))
     return {
         "benchmark": NAME,
+        "default_allocation": api.DEFAULT_ALLOCATION,
         "command": " ".join(["python", "benchmarks/encoder.py", *sys.argv[1:]]),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(),
@@ -138,7 +143,9 @@ def markdown(record: dict[str, Any]) -> str:
         f"and reused for every ratio. One default fwsvd compress at keep {record['compress_timing']['keep']:g}: calibration "
         f"{record['compress_timing']['calibration_seconds']:.1f} s + factorization {record['compress_timing']['svd_seconds']:.1f} s. "
         "`fwsvd-out`: the paper's FWSVD (Fisher per output feature); `fwsvd-in`: Fisher per input feature; `svd-llm`: whitened inputs only; "
-        "`fwsvd`: the default for classifiers, Fisher per output feature with whitened inputs; `fwsvd+ft`: default fwsvd + 1 recovery epoch on train.tsv.",
+        "`fwsvd-uniform` / `fwsvd-global`: Fisher per output feature with whitened inputs, every layer keeping the same share / ranks allocated "
+        f"over all layers by the Fisher loss estimate (`--allocation`; the default is {record.get('default_allocation', 'uniform')}); "
+        "`fwsvd+ft`: default fwsvd + 1 recovery epoch on train.tsv.",
         "",
         "| method | keep | targeted kept | whole-model params | dev accuracy | dev F1 | eval time vs dense | build s |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -168,7 +175,8 @@ def plot(record: dict[str, Any], path: Path) -> None:
         "fwsvd-out": ("tab:orange", "s", "-"),
         "fwsvd-in": ("tab:olive", "^", "-"),
         "svd-llm": ("tab:purple", "v", "-"),
-        "fwsvd": ("tab:red", "s", "-"),
+        "fwsvd-uniform": ("tab:pink", "s", "-"),
+        "fwsvd-global": ("tab:red", "s", "-"),
         "fwsvd+ft": ("tab:red", "D", "--"),
     }
     for label, (color, marker, line) in styles.items():

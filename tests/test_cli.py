@@ -334,3 +334,23 @@ def test_subprocess_error_is_one_line(tmp_path):
     lines = error_lines(proc.stderr)
     assert len(lines) == 1 and lines[0].startswith("fwsvd: error:") and "does not exist" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_inspect_shows_ranks_by_layer_type_and_depth(capsys, tmp_path, llama_dir, corpus_txt):
+    out = tmp_path / "global"
+    status, _, err = run(capsys, "compress", llama_dir, "--out", out, "--method", "fwsvd", "--keep", "0.5", "--data", corpus_txt,
+                         "--allocation", "global", "--quiet", *CAUSAL)
+    assert status == 0, err
+    status, stdout, err = run(capsys, "inspect", out, "--json")
+    assert status == 0, err
+    info = json.loads(stdout)
+    assert info["allocation"]["mode"] == "global"
+    table = info["rank_table"]
+    assert set(table) == {f"self_attn.{p}_proj" for p in "qkvo"} | {f"mlp.{p}_proj" for p in ("gate", "up", "down")}
+    for kind, entry in table.items():
+        assert entry["depths"] == [0, 1]
+        for depth, rank in zip(entry["depths"], entry["ranks"]):
+            assert info["ranks"].get(f"model.layers.{depth}.{kind}") == rank
+    status, stdout, err = run(capsys, "inspect", out)
+    assert status == 0, err
+    assert "allocation        global" in stdout and "rank by depth" in stdout and "q_proj" in stdout

@@ -16,7 +16,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -670,8 +670,31 @@ def inspect(model: nn.Module) -> dict[str, Any]:
         "target_parameters": record.get("target_parameters"),
         "target_dense_parameters": record.get("target_dense_parameters"),
         "ranks": ranks,
+        "allocation": record.get("allocation", {"mode": "uniform"} if record else None),
+        "rank_table": rank_table(ranks, record.get("dense_layers", [])),
         "calibration": record.get("calibration", {}),
     }
+
+
+def rank_table(ranks: Mapping[str, int], dense_layers: Iterable[str] = ()) -> dict[str, dict[str, Any]]:
+    """Ranks by layer type and depth: ``model.layers.3.self_attn.q_proj`` is type ``self_attn.q_proj``
+    at depth 3 (the first number in the name; names without one are their own type, depth ``None``).
+
+    Returns:
+        ``{layer type: {"depths": [...], "ranks": [rank or None (dense), ...]}}``, depths ascending.
+    """
+    table: dict[str, dict[int | None, int | None]] = {}
+    entries = [(name, rank) for name, rank in ranks.items()] + [(name, None) for name in dense_layers]
+    for name, rank in entries:
+        parts = name.split(".")
+        at = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+        kind, depth = (name, None) if at is None else (".".join(parts[at + 1 :]) or name, int(parts[at]))
+        table.setdefault(kind, {})[depth] = rank
+    out: dict[str, dict[str, Any]] = {}
+    for kind, by_depth in table.items():
+        depths = sorted(by_depth, key=lambda d: (d is None, d if d is not None else 0))
+        out[kind] = {"depths": depths, "ranks": [by_depth[d] for d in depths]}
+    return out
 
 
 def iter_config_fields(cls: type) -> Iterator[tuple[str, Any, str]]:

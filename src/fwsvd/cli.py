@@ -507,6 +507,18 @@ def format_inspect(result: dict[str, Any]) -> str:
         f"model keep        {result['model_keep']:.4f}",
         f"target keep       {result['target_keep']:.4f}",
     ]
+    if result.get("allocation"):
+        alloc = result["allocation"]
+        lines.append(f"allocation        {alloc.get('mode')}" + (f" (rank floor {alloc['rank_floor']:g})" if "rank_floor" in alloc else ""))
+    if result.get("rank_table"):
+        # One row per layer type: its rank at each depth ('-' = dense), so the allocation shows.
+        rows = []
+        for kind, entry in result["rank_table"].items():
+            kept = [r for r in entry["ranks"] if r is not None]
+            median = sorted(kept)[len(kept) // 2] if kept else "-"
+            by_depth = " ".join("-" if r is None else str(r) for r in entry["ranks"])
+            rows.append([kind, str(len(entry["ranks"]) - len(kept)), str(median), by_depth])
+        lines += ["", _table(["layer type", "dense", "median rank", "rank by depth ('-' dense)"], rows)]
     if result["ranks"]:
         lines += ["", _table(["layer", "rank"], sorted(result["ranks"].items(), key=lambda kv: kv[0]))]
     return "\n".join(lines)
