@@ -257,7 +257,37 @@ def test_encode_pair_bos_tokenizer_and_empty_context(bpe, bpe_bos):
     assert encode_pair(bpe, "", " sat")[0] == [bpe.bos_token_id]
 
 
+def tiny_opt(vocab_size: int):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    seed_everything()
+    config = OPTConfig(
+        vocab_size=vocab_size, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2, word_embed_proj_dim=32,
+        max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0, dropout=0.0,
+    )
+    return OPTForCausalLM(config).eval()
+
+
 # --- real tiny decoders against the direct reference ---------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+def test_shared_context_cache_equals_whole_requests(family, bpe):
+    """Choices scored on copies of their question's key/value cache = each request run whole."""
+    model = {"llama": tiny_llama, "gpt2": tiny_gpt2, "opt": tiny_opt}[family](len(bpe))
+    questions = [r["query"] + "Answer:" for r in MC_ROWS + ARC_ROWS] + ["Question: cat?\nAnswer:", "Question: dog?\nAnswer:"]
+    answers = [" a", " mat", " the old city park", "o", " Use a towel."]
+    requests = [(q, a) for q in questions for a in answers] + [("The cat sat on the", " mat")]
+    pairs = [encode_pair(bpe, c, x) for c, x in requests]
+    assert any(len(cont) == 1 for _, cont in pairs) and any(len(cont) > 3 for _, cont in pairs)
+    lengths = [len(encode_pair(bpe, q, " a")[0]) for q in questions]
+    assert len(set(lengths)) < len(lengths)  # some questions batch together (equal context lengths)
+    for batch_size in (3, 16):  # 3: fewer rows than one question's answers
+        shared = loglikelihoods(model, pairs, batch_size=batch_size)
+        whole = loglikelihoods(model, pairs, batch_size=batch_size, share_context=False)
+        for (ll, greedy), (ref_ll, ref_greedy) in zip(shared, whole):
+            assert ll == pytest.approx(ref_ll, abs=TOL)
+            assert greedy == ref_greedy
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
