@@ -362,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
             "peak_rss_mib": _mib(peak) if peak else None,
             # What this run added on top of what was already in memory (the dense model, statistics).
             "peak_rise_mib": _mib(peak - rss_start) if peak else None,
-            "allocation": config.allocation,
+            "allocation": config.resolved_allocation(),
             "refit": report.calibration.get("refit"),
             "zeroshot": zeroshot,
         }

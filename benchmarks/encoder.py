@@ -110,11 +110,11 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         rows.append(row)
         print(f"{label:9s} keep {keep:.1f}: accuracy {row['accuracy']:.4f}", flush=True)
 
-    default_label = f"fwsvd-{api.DEFAULT_ALLOCATION}"
+    default_label = f"fwsvd-{api.CompressConfig(method='fwsvd').resolved_allocation()}"
     timing = next(r for r in rows if r["label"] == default_label and (r["keep"] == 0.3 or 0.3 not in args.keep))
     return {
         "benchmark": NAME,
-        "default_allocation": api.DEFAULT_ALLOCATION,
+        "default_allocation": api.CompressConfig(method="fwsvd").resolved_allocation(),
         "command": " ".join(["python", "benchmarks/encoder.py", *sys.argv[1:]]),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(),

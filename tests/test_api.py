@@ -63,6 +63,9 @@ def compressed(model_dirs, sst2_tsv, corpus_txt):
         if key not in cache:
             loaded = fwsvd.load_model(model_dirs[model])
             data = corpus_txt if loaded.task == "causal-lm" else sst2_tsv
+            # Uniform ranks: these tests check each layer against its own budget (global
+            # allocation has its own tests in test_core and test_decoder).
+            options.setdefault("allocation", "uniform")
             config = CompressConfig(method=method, keep=options.pop("keep", KEEP), **options)
             needs = config.needs(loaded.task)
             stats = calibrate(loaded, calibration_config(loaded.task, data), needs, progress=False) if needs else None

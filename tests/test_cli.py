@@ -203,7 +203,7 @@ def test_fisher_whitening_flag_is_recorded_and_changes_the_factors(capsys, tmp_p
     for whiten in ("on", "off"):
         out = tmp_path / whiten
         status, text, err = run(capsys, "compress", bert_dir, "--out", out, "--method", "fwsvd", "--fisher-whiten", whiten,
-                                "--keep", "0.3", "--data", sst2_tsv, "--json", *SMALL)
+                                "--keep", "0.3", "--data", sst2_tsv, "--allocation", "uniform", "--json", *SMALL)
         assert status == 0, err
         report = json.loads(text)
         assert report["method_options"]["whiten"] == whiten and report["method_options"]["reduction"] == "out"

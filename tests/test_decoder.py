@@ -272,7 +272,9 @@ def test_sequential_fwsvd_takes_fisher_from_one_dense_pass(family, tokenizer, te
     inputs in both modes) gets exactly the one-pass factors, and statistics handed in are used as
     they are (same model as when computed inside)."""
     first_block = {"llama": r"model\.layers\.0\..*", "gpt2": r"transformer\.h\.0\..*", "opt": r"model\.decoder\.layers\.0\..*"}[family]
-    config = CompressConfig(method="fwsvd", keep=0.5, include=(first_block,), refit=False)
+    # Uniform ranks: with global allocation a near-tie between two layers' components could let
+    # float round-off in the two Fisher passes move one rank; this test is about where Fisher comes from.
+    config = CompressConfig(method="fwsvd", keep=0.5, include=(first_block,), refit=False, allocation="uniform")
     seq = _loaded(family, tokenizer)
     report = compress_sequential(seq, config, _calibration(text_file), progress=False)
     assert report.calibration["sequential"] is True and report.calibration["fisher_granularity"] == "example"

@@ -74,7 +74,7 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .api import ALLOCATIONS, DEFAULT_ALLOCATION, CompressConfig
+    from .api import ALLOCATIONS, DEFAULT_ALLOCATION, DEFAULT_RANK_FLOOR, CompressConfig
     from .methods import METHODS
     from .models import TASKS
 
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--fisher-reduction", choices=["auto", "out", "in", "both"], default="auto", help=_help(CompressConfig, "fisher_reduction"))
     c.add_argument("--fisher-whiten", choices=["auto", "on", "off"], default="auto", help=_help(CompressConfig, "fisher_whiten"))
     c.add_argument("--allocation", choices=list(ALLOCATIONS), default=DEFAULT_ALLOCATION, help=_help(CompressConfig, "allocation"))
-    c.add_argument("--rank-floor", type=float, default=0.25, help=_help(CompressConfig, "rank_floor"))
+    c.add_argument("--rank-floor", type=float, default=DEFAULT_RANK_FLOOR, help=_help(CompressConfig, "rank_floor"))
     c.add_argument("--asvd-alpha", type=float, default=0.5, help=_help(CompressConfig, "asvd_alpha"))
     c.add_argument("--damping", type=float, default=0.01, help=_help(CompressConfig, "damping"))
     c.add_argument("--task", choices=list(TASKS), default=None, help="model task (detected from config.json when omitted)")

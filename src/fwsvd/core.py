@@ -352,7 +352,7 @@ def allocate_ranks(
     losses: Sequence[torch.Tensor],
     shapes: Sequence[tuple[int, int, bool]],
     keep: float,
-    floor: float = 0.25,
+    floor: float = 0.5,
 ) -> list[int | None]:
     """Ranks per matrix that keep ``keep`` of all their parameters and lose the least estimated loss.
 

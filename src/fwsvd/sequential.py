@@ -302,7 +302,8 @@ def compress_sequential(
         )
 
     # Whole-model statistics first: Fisher, and what global allocation prices components with.
-    global_kinds = frozenset(needs & {"fisher"}) | (frozenset(needs) if config.allocation == "global" else frozenset())
+    allocation = config.resolved_allocation()
+    global_kinds = frozenset(needs & {"fisher"}) | (frozenset(needs) if allocation == "global" else frozenset())
     seconds_global = 0.0
     if global_kinds:
         t0 = time.perf_counter()
@@ -315,7 +316,7 @@ def compress_sequential(
             )
         seconds_global = time.perf_counter() - t0
     ranks: dict[str, int | None] | None = None
-    if config.allocation == "global":
+    if allocation == "global":
         t0 = time.perf_counter()
         ranks, _ = allocate(model, targets, method, config.keep, statistics, floor=config.rank_floor, progress=progress)
         seconds_global += time.perf_counter() - t0

@@ -22,6 +22,9 @@ class Method(ABC):
     name: ClassVar[str]
     needs: ClassVar[frozenset[str]] = frozenset()
     description: ClassVar[str] = ""
+    #: Rank allocation under ``--allocation auto``: ``uniform`` (every layer keeps the same share, as
+    #: the methods were published) unless the method's loss estimate is worth trusting across layers.
+    default_allocation: ClassVar[str] = "uniform"
 
     def needs_for(self, task: str) -> frozenset[str]:
         """Statistics needed for ``task`` (most methods need the same for every task)."""
