@@ -272,8 +272,17 @@ def tiny_opt(vocab_size: int):
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
-def test_shared_context_cache_equals_whole_requests(family, bpe):
+def test_shared_context_cache_equals_whole_requests(family, bpe, monkeypatch):
     """Choices scored on copies of their question's key/value cache = each request run whole."""
+    import fwsvd.zeroshot as zs
+
+    real, calls = zs._score_shared, []
+
+    def spy(*args):
+        calls.append(len(args[2]))  # groups given to the cache path
+        return real(*args)
+
+    monkeypatch.setattr(zs, "_score_shared", spy)
     model = {"llama": tiny_llama, "gpt2": tiny_gpt2, "opt": tiny_opt}[family](len(bpe))
     questions = [r["query"] + "Answer:" for r in MC_ROWS + ARC_ROWS] + ["Question: cat?\nAnswer:", "Question: dog?\nAnswer:"]
     answers = [" a", " mat", " the old city park", "o", " Use a towel."]
@@ -288,6 +297,7 @@ def test_shared_context_cache_equals_whole_requests(family, bpe):
         for (ll, greedy), (ref_ll, ref_greedy) in zip(shared, whole):
             assert ll == pytest.approx(ref_ll, abs=TOL)
             assert greedy == ref_greedy
+    assert calls and calls[0] >= 2
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

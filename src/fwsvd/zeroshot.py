@@ -436,9 +436,9 @@ def loglikelihoods(
     real positions never see the padding, so no attention mask is needed, as in lm-eval); only the
     continuation positions go through the LM head where the model takes ``logits_to_keep``.
     Requests that share their context tokens (the choices of one question) run that context once
-    and their continuations on copies of its key/value cache, where the model returns one: the
-    same numbers, up to float rounding, as running each request whole, for less work (ARC's four
-    short answers after one question).
+    and their continuations on copies of its key/value cache, where the model returns one and
+    that removes at least half of their tokens (ARC's four short answers after one question): the
+    same numbers, up to float rounding, as running each request whole, for less work.
 
     Args:
         model: a causal LM returning ``.logits``.
@@ -470,7 +470,7 @@ def loglikelihoods(
         for i, (ctx, cont) in enumerate(pairs):
             if len(ctx) + len(cont) <= max_length + 1:  # not cut on the left: the context is whole
                 groups.setdefault(tuple(ctx), []).append(i)
-    shared = [members for members in groups.values() if len(members) > 1]
+    shared = [members for members in groups.values() if _worth_sharing(pairs, members)]
     results: list[tuple[float, bool] | None] = [None] * len(pairs)
     device = next(model.parameters()).device
     was_training = model.training
@@ -487,6 +487,18 @@ def loglikelihoods(
         bar.close()
         model.train(was_training)
     return results  # type: ignore[return-value]
+
+
+def _worth_sharing(pairs: Sequence[tuple[list[int], list[int]]], members: list[int]) -> bool:
+    """Whether running the context once removes at least half of a group's tokens.
+
+    Shared contexts batch only with contexts of the same length, so batches are smaller; on 2 CPU
+    cores that cost about as much as the tokens saved on PIQA (two long answers after a short
+    question), while ARC (four short answers) ran 30 % faster.
+    """
+    context = len(pairs[members[0]][0])
+    whole = sum(context + len(pairs[i][1]) for i in members)
+    return 2 * (len(members) - 1) * context >= whole
 
 
 def _result(scores: torch.Tensor, cont: list[int]) -> tuple[float, bool]:
