@@ -368,6 +368,7 @@ def test_layouts_names_and_limit(task_dir, tmp_path):
     assert [t.name for t in tasks] == [f"{task_dir.name}/piqa", "sub/piqa", "winogrande"]
     assert [t.layout for t in tasks] == ["multiple_choice", "multiple_choice", "multiple_context"]
     assert [len(t.examples) for t in tasks] == [2, 2, 2]
+    assert tasks[1].requests()[0][0] == "Question: How do you dry a wet dog?\nAnswer:"  # still lm-eval's piqa prompt
     assert unique_names(["a/test.txt", "b/test.txt", "c/valid.txt"]) == ["a/test", "b/test", "valid"]
     assert split_list(["a.txt,b.txt", " c.txt ", ""]) == ["a.txt", "b.txt", "c.txt"]
     # Blank lines are skipped, and line numbers in errors count them.

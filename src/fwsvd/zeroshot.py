@@ -102,9 +102,11 @@ class ZeroShotTask:
     def requests(self) -> list[tuple[str, str]]:
         """The ``(context, continuation)`` pairs to score, example by example, choice by choice."""
         out: list[tuple[str, str]] = []
+        # "sub/piqa" (two piqa files in one call) is still piqa.
+        question_answer = self.name.rsplit("/", 1)[-1] in _QUESTION_ANSWER_TASKS
         for ex in self.examples:
             if self.layout == "multiple_choice":
-                context = _question_answer_prompt(ex["query"]) if self.name in _QUESTION_ANSWER_TASKS else ex["query"]
+                context = _question_answer_prompt(ex["query"]) if question_answer else ex["query"]
                 out += [(context, _delimited(choice)) for choice in ex["choices"]]
             elif self.layout == "multiple_context":
                 out += [(context, _delimited(ex["continuation"])) for context in ex["context_options"]]
