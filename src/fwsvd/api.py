@@ -59,7 +59,7 @@ ALLOCATIONS = ("auto", "uniform", "global")
 #: ``auto`` takes the method's own default (:attr:`Method.default_allocation`): global for fwsvd,
 #: whose Fisher estimate prices components across layers; uniform for the others, as published.
 #: Global allocation is fwsvd's default by measurement (README, benchmarks/results): fwsvd on
-#: SmolLM2-135M, WikiText-2 perplexity at keep 0.8 / 0.6, 40.8 / 67 against 62.7 / 134 with uniform
+#: SmolLM2-135M, WikiText-2 perplexity at keep 0.8 / 0.6, 40.8 / 67 against 62.6 / 125 with uniform
 #: ranks (dense 27.4); MiniLM-L6 SST-2 dev accuracy with rank floor 0.5, keep 0.8 / 0.5 / 0.3,
 #: 0.876 / 0.870 / 0.852 against 0.880 / - / 0.843 uniform.
 DEFAULT_ALLOCATION = "auto"
