@@ -460,3 +460,21 @@ def test_cli_causal_recovery_errors_are_one_line(llama_text, classifier_dir, dat
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and needle in err, (argv, err)
     assert not any((tmp_path / name).exists() for name in ("x", "y", "z"))
+
+
+def test_causal_blocks_one_at_a_time_give_the_batch_gradient(llama_text, monkeypatch):
+    import fwsvd.finetune as ft
+
+    folder, text = llama_text
+    config = FinetuneConfig(data=str(text), tokens=16 * 4 * 3, lr=3e-3, batch_size=4, max_length=16, distill=True, eval_steps=3)
+    states = []
+    for micro in (1, 4):
+        monkeypatch.setattr(ft, "_MICRO_BATCH", micro)
+        loaded, dense = _compressed_llama(folder)
+        summary = finetune(loaded, config, progress=False, teacher=dense)
+        states.append((summary, {n: p.detach().clone() for n, p in loaded.model.named_parameters()}))
+    (one, a), (whole, b) = states
+    assert one["history"][-1]["loss"] == pytest.approx(whole["history"][-1]["loss"], rel=1e-5)
+    assert one["history"][-1]["kl"] == pytest.approx(whole["history"][-1]["kl"], rel=1e-4, abs=1e-7)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)

@@ -606,6 +606,8 @@ def finetune(
 # Causal LMs
 # ---------------------------------------------------------------------------------------------
 
+#: Blocks per forward/backward pass within a training batch (gradients are accumulated over the batch).
+_MICRO_BATCH = 1
 #: Weight of the KL term when distilling: the loss is ``(1 - w) * next-token loss + w * KL(dense || model)``.
 DISTILL_WEIGHT = 0.5
 
@@ -764,12 +766,22 @@ def finetune_causal(
             torch.manual_seed(cfg.seed)
             for step in range(1, total + 1):
                 ids = train[next(batches)]
-                loss, nll, kl = _causal_loss(model, ids, teacher, DISTILL_WEIGHT)
+                nll, kl = 0.0, None if teacher is None else 0.0
+                # One block at a time, gradients accumulated: every block has the same number of
+                # predicted tokens, so this is the batch's mean loss, while the activations and the
+                # vocabulary-wide logits (and the teacher's) are held for one block only.
+                for block in ids.split(_MICRO_BATCH):
+                    loss, block_nll, block_kl = _causal_loss(model, block, teacher, DISTILL_WEIGHT)
+                    if not torch.isfinite(loss):
+                        break
+                    (loss * (len(block) / len(ids))).backward()
+                    nll += block_nll * len(block) / len(ids)
+                    if kl is not None and block_kl is not None:
+                        kl += block_kl * len(block) / len(ids)
                 if not torch.isfinite(loss):
                     stopped = f"the training loss became {loss.item()} at step {step}: lower the learning rate (now {cfg.lr:g})"
                     logger.warning("%s; keeping the best state so far", stopped)
                     break
-                loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
