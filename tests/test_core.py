@@ -15,6 +15,7 @@ from fwsvd.core import (
     reduce_importance,
     rank_for_kept_fraction,
     weighted_svd,
+    whitened_decomposition,
     whitened_svd,
 )
 
@@ -259,6 +260,25 @@ def test_whitened_svd_rank_deficient_covariance_is_finite_without_damping(case):
         # Rank 3 covers every direction the 3 samples visit: the output error is ~0 (rel 1e-6).
         a, b = whitened_svd(w.double(), 3, cov, damping=0.0)
         assert output_error(w, a, b, x) <= 1e-6 * float(torch.linalg.matrix_norm(w.double() @ x.T))
+
+
+def test_whitened_decomposition_falls_back_on_an_indefinite_covariance():
+    """A covariance that round-off made indefinite (beyond the floor) cannot be Cholesky-factored:
+    the eigendecomposition path clamps it and gives the same truncation as the clamped matrix."""
+    x = randn(3, 8, seed=14, dtype=torch.float64)
+    cov = x.T @ x
+    evals, evecs = torch.linalg.eigh(cov)
+    indefinite = evecs @ torch.diag(torch.where(evals < 1e-9, torch.full_like(evals, -1e-6), evals)) @ evecs.T
+    assert int(torch.linalg.cholesky_ex(indefinite)[1]) != 0
+    w = randn(6, 8, seed=15, dtype=torch.float64)
+    fallback = whitened_decomposition(w, indefinite, damping=0.0)
+    direct = whitened_decomposition(w, cov, damping=0.0)  # positive semi-definite: Cholesky
+    assert torch.isfinite(fallback.left).all() and torch.isfinite(fallback.right).all()
+    torch.testing.assert_close(fallback.values, direct.values, rtol=1e-6, atol=1e-8)
+    for rank in (1, 3):
+        a_f, b_f = fallback.truncate(rank)
+        a_d, b_d = direct.truncate(rank)
+        torch.testing.assert_close(a_f @ b_f, a_d @ b_d, rtol=1e-6, atol=1e-8)
 
 
 def test_whitened_svd_rejects_bad_input():

@@ -266,19 +266,37 @@ def whitened_decomposition(
     if scale <= 0:
         # No signal at all: whitening carries no information, fall back to the (row-weighted) SVD.
         return weighted_decomposition(weight, row_weight=row_weight)
-    evals, evecs = torch.linalg.eigh(cov)
-    # Negative eigenvalues are round-off; the floor keeps S invertible even with damping=0 and a
-    # singular covariance (directions the data never visits then carry almost no weight).
-    evals = (evals.clamp_min(0) + damping * scale).clamp_min(EIGENVALUE_FLOOR * scale)
-    sqrt_e = evals.sqrt()
     w = weight.detach().to(torch.float64)
-    # W S with S = Q diag(sqrt(e)); S^{-1} = diag(1/sqrt(e)) Q^T.
-    ws = (w @ evecs) * sqrt_e[None, :]
+    r = None if row_weight is None else _check_scale(row_weight, out_f, "row_weight").to(w)
+    # Any square root S of the damped covariance (S S^T = C) gives the same truncation, since the
+    # output error is ||(W - W') S||_F. A Cholesky factor costs a fraction of an eigendecomposition
+    # (the 1536-wide MLP covariance of SmolLM2: most of the whitening time); the floor keeps it
+    # defined with damping=0 and a singular covariance (directions the data never visits then carry
+    # almost no weight).
+    eye = torch.eye(in_f, dtype=torch.float64, device=cov.device)
+    chol, info = torch.linalg.cholesky_ex(cov + (damping + EIGENVALUE_FLOOR) * scale * eye)
+    if int(info) == 0:
+        ws = w @ chol
+
+        def unwhiten(vh: torch.Tensor) -> torch.Tensor:
+            # Vh S^{-1}, by a triangular solve rather than an inverse.
+            return torch.linalg.solve_triangular(chol, vh, upper=False, left=False)
+
+    else:
+        # Round-off made the floored covariance indefinite (only possible with little or no
+        # damping): the eigendecomposition clamps the offending eigenvalues instead.
+        evals, evecs = torch.linalg.eigh(cov)
+        sqrt_e = (evals.clamp_min(0) + damping * scale).clamp_min(EIGENVALUE_FLOOR * scale).sqrt()
+        # S = Q diag(sqrt(e)); S^{-1} = diag(1/sqrt(e)) Q^T.
+        ws = (w @ evecs) * sqrt_e[None, :]
+
+        def unwhiten(vh: torch.Tensor) -> torch.Tensor:
+            return (vh / sqrt_e[None, :]) @ evecs.T
+
     # Rows weighted: the truncation is chosen on diag(r) W S; A = W S V_k needs no unscaling.
-    r = None if row_weight is None else _check_scale(row_weight, out_f, "row_weight").to(ws)
     _, sv, vh = torch.linalg.svd(ws if r is None else r[:, None] * ws, full_matrices=False)
     left = ws @ vh.T
-    right = (vh / sqrt_e[None, :]) @ evecs.T
+    right = unwhiten(vh)
     # Kept in float32 (float64 weights stay float64): the factors are cast to the weight's dtype
     # anyway, and a whole decomposition per layer is held during rank allocation.
     keep_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
