@@ -214,13 +214,21 @@ def _run_probe(mode: str, keep: float, calibration: dict[str, Any]) -> dict[str,
     return json.loads(out.strip().splitlines()[-1])
 
 
+def _protocol(result: dict[str, Any]) -> dict[str, Any]:
+    """What makes rows of two runs comparable: the calibration draw and the evaluation blocks."""
+    return {
+        "calibration": {k: result["calibration"][k] for k in ("samples", "max_length", "seed")},
+        "evaluation": {k: result["evaluation"][k] for k in ("blocks", "max_length")},
+    }
+
+
 def _table(result: dict[str, Any]) -> str:
     dense = result["dense"]["perplexity"]
     lines = [
         f"Dense perplexity: **{dense:.2f}** ({result['dense']['parameters']:,} parameters).",
         "",
-        "| method | keep | perplexity | × dense | zero-shot mean acc | piqa | arc_easy | winogrande | lambada | model keep | compress s | recovery s | peak RSS MiB | rise MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | keep | perplexity | × dense | zero-shot mean acc | piqa | arc_easy | winogrande | lambada | model keep | compress s | recovery s | peak RSS MiB | rise MiB | zero-shot N |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
     def shots(row: dict[str, Any]) -> str:
@@ -230,14 +238,17 @@ def _table(result: dict[str, Any]) -> str:
         return f"| {z['mean_acc']:.3f} " + "".join(f"| {z['tasks'][t]['acc']:.3f} " for t in ZEROSHOT_TASKS)
 
     dense_row = {"label": "dense", "keep": 1.0, "perplexity": dense, "zeroshot": result["dense"].get("zeroshot")}
-    lines.append(f"| dense | 1 | {dense:.4g} | 1 {shots(dense_row)}| 1.000 | - | - | - | - |")
+    def limit(row: dict[str, Any]) -> str:
+        return str((row.get("zeroshot") or {}).get("limit") or "-")
+
+    lines.append(f"| dense | 1 | {dense:.4g} | 1 {shots(dense_row)}| 1.000 | - | - | - | - | {limit(dense_row)} |")
     for row in result["runs"]:
         recovery = row.get("recovery")
         trained = f"{recovery['seconds']:.0f}" if recovery else "-"
         lines.append(
             f"| {row['label']} | {row['keep']:g} | {row['perplexity']:.4g} | {row['perplexity'] / dense:.3g} {shots(row)}| "
             f"{row['model_keep']:.3f} | {row['seconds_compress']:.1f} | {trained} | "
-            f"{row['peak_rss_mib'] or '-'} | {row['peak_rise_mib'] or '-'} |"
+            f"{row['peak_rss_mib'] or '-'} | {row['peak_rise_mib'] or '-'} | {limit(row)} |"
         )
     if result.get("fisher_reduction"):
         lines += ["", "fwsvd weightings (Fisher reduction; inputs whitened or not):", "", "| keep | reduction | whitened inputs | perplexity |", "|---:|---|---|---:|"]
@@ -298,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-memory", action="store_true", help="skip the two calibration-memory subprocesses")
     parser.add_argument("--reduction", action="store_true", help="also compare fwsvd's weightings (Fisher reductions, whitening)")
+    parser.add_argument("--stats", type=Path, default=None, help="reuse statistics saved by `fwsvd compress --save-stats` on this protocol instead of calibrating")
     parser.add_argument("--recovery-tokens", type=int, default=None, help="recovery rows: training tokens (default: the library's)")
     parser.add_argument(
         "--merge", action="store_true",
@@ -326,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import fwsvd
     from fwsvd import finetune
+    from fwsvd.api import load_statistics
     from fwsvd.sequential import compress_sequential
 
     transformers.logging.set_verbosity_error()
@@ -345,19 +358,22 @@ def main(argv: list[str] | None = None) -> int:
     protocol = {
         "calibration": {k: calibration[k] for k in ("samples", "max_length", "seed")},
         "evaluation": {"blocks": args.eval_blocks, "max_length": args.max_length},
-        "zeroshot_limit": args.zeroshot_limit,
     }
     previous = None
     if args.merge:
         path = args.out / f"{STEM}.json"
         previous = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-        if previous is not None and previous.get("protocol") != protocol:
-            parser.error(f"--merge: {path} was made with {previous.get('protocol')}, this run would use {protocol}; drop --merge or match it")
+        if previous is not None and _protocol(previous) != protocol:
+            parser.error(f"--merge: {path} was made with {_protocol(previous)}, this run would use {protocol}; drop --merge or match it")
 
     if previous is not None:
         dense_ppl, dense_eval_s = previous["dense"]["perplexity"], previous["dense"]["seconds_eval"]
         dense_zeroshot = previous["dense"].get("zeroshot") or {}
         log.info("dense: perplexity %.3f (from %s)", dense_ppl, args.out / f"{STEM}.json")
+        if args.zeroshot_limit and dense_zeroshot.get("limit") != args.zeroshot_limit:
+            # Rows are compared with the dense model on the same examples.
+            dense_zeroshot = _zeroshot(lm, args.zeroshot_limit)
+            log.info("dense: zero-shot %s", dense_zeroshot)
     else:
         dense_ppl, dense_eval_s = _perplexity(lm, args.eval_blocks, args.max_length)
         log.info("dense: perplexity %.3f (%.0f s)", dense_ppl, dense_eval_s)
@@ -367,11 +383,21 @@ def main(argv: list[str] | None = None) -> int:
     _reset_peak()
     rss_before = _rss_kb("VmRSS")
     start = time.perf_counter()
-    # One pass, every kind: the statistics are reused for every method and budget below.
-    stats = fwsvd.calibrate(lm, cal, {"fisher", "act", "cov"}, progress=False)
+    if args.stats is not None:
+        # Saved by `fwsvd compress --save-stats` (or an earlier run) on the same protocol; the
+        # summary inside says how they were made and is checked against this run's.
+        stats = load_statistics(args.stats)
+        made = {k: stats.summary.get(k) for k in ("samples", "max_length", "seed")}
+        if made != protocol["calibration"]:
+            parser.error(f"--stats {args.stats} was calibrated with {made}, this run's protocol is {protocol['calibration']}")
+        kinds = sorted(stats.kinds)
+    else:
+        # One pass, every kind: the statistics are reused for every method and budget below.
+        kinds = ["fisher", "act", "cov"]
+        stats = fwsvd.calibrate(lm, cal, set(kinds), progress=False)
     calibration_s = time.perf_counter() - start
     calibration_peak = _rss_kb("VmHWM")
-    log.info("calibration (fisher + act + cov): %.0f s, peak RSS %.0f MiB", calibration_s, calibration_peak / 1024)
+    log.info("calibration (%s%s): %.0f s, peak RSS %.0f MiB", " + ".join(kinds), ", reused" if args.stats else "", calibration_s, calibration_peak / 1024)
 
     def run(variant: Variant, keep: float) -> dict[str, Any]:
         reset = _reset_peak()
@@ -467,7 +493,8 @@ def main(argv: list[str] | None = None) -> int:
         "calibration": {
             **calibration,
             "data": "../shared/data/wikitext-2/valid.txt",
-            "kinds": ["fisher", "act", "cov"],
+            "kinds": kinds,
+            "reused": None if args.stats is None else str(args.stats),
             "seconds": round(calibration_s, 1),
             "rss_before_mib": _mib(rss_before),
             "peak_rss_mib": _mib(calibration_peak),
@@ -490,10 +517,14 @@ def main(argv: list[str] | None = None) -> int:
         f"`{result['command']}` — {result['date']}; {m['processor']}, {m['cpu_count']} CPUs, {m['platform']}, "
         f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}.\n\n"
         f"Calibration: {args.samples} blocks × {args.max_length} tokens of WikiText-2 valid (seed {args.seed}), "
-        f"all statistics in one pass ({result['calibration']['seconds']:.0f} s, peak RSS {result['calibration']['peak_rss_mib']:.0f} MiB). "
-        f"Perplexity: first {args.eval_blocks} blocks × {args.max_length} tokens of WikiText-2 test. "
-        f"Zero-shot: acc on the first {args.zeroshot_limit} examples of each of {', '.join(ZEROSHOT_TASKS)} (lm-evaluation-harness definitions). "
-        "Peak RSS per method: high-water mark from a fresh copy of the dense model through compression "
+        "all statistics in one pass, shared by every row"
+        + (f" (reused from `{args.stats}`). " if args.stats else f" ({result['calibration']['seconds']:.0f} s, peak RSS {result['calibration']['peak_rss_mib']:.0f} MiB). ")
+        + f"Perplexity: first {args.eval_blocks} blocks × {args.max_length} tokens of WikiText-2 test. "
+        f"Zero-shot: acc on the first N examples of each of {', '.join(ZEROSHOT_TASKS)} (lm-evaluation-harness definitions), "
+        "N in the last column (the same N for the dense row it is compared with; - where not run). "
+        "Recovery rows: compress, then the library's default recovery training on WikiText-2 valid (never test). "
+        + ("Rows come from several runs (`--merge`); each row's JSON entry holds its command and date. " if previous else "")
+        + "Peak RSS per method: high-water mark from a fresh copy of the dense model through compression "
         "(rise: above the memory in use before it, i.e. the dense model and the shared statistics).\n\n"
     )
     (args.out / f"{STEM}.md").write_text(header + table + "\n", encoding="utf-8")
