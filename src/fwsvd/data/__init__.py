@@ -1,0 +1,33 @@
+"""Reading task data: labelled text tables, plain text for causal LMs, tokenized batches.
+
+The package is split by concern; imports point one way, from the top of this list down:
+
+* :mod:`fwsvd.data.encoding` -- tokenizing and batching (:func:`encode_examples`,
+  :func:`encode_token_examples`, :func:`causal_blocks`, :func:`batches`).
+* :mod:`fwsvd.data.tasks` -- the example containers and their layouts (:class:`Examples`,
+  :class:`TokenExamples`, :func:`read_labelled`, :func:`read_token_labelled`).
+* :mod:`fwsvd.data.labels` -- parsing raw labels and turning them into targets
+  (:func:`label_mapping`).
+* :mod:`fwsvd.data.readers` -- reading ``.tsv``/``.csv``/``.jsonl``/``.json`` files and hub
+  datasets into tables, detecting columns, reading plain text (:func:`read_text`).
+
+No model code lives here: tokenizers are passed in by the caller.
+"""
+
+from .encoding import batches, causal_blocks, encode_examples, encode_token_examples
+from .labels import label_mapping
+from .readers import read_text
+from .tasks import Examples, TokenExamples, read_labelled, read_token_labelled
+
+__all__ = [
+    "Examples",
+    "TokenExamples",
+    "batches",
+    "causal_blocks",
+    "encode_examples",
+    "label_mapping",
+    "encode_token_examples",
+    "read_labelled",
+    "read_text",
+    "read_token_labelled",
+]
