@@ -411,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             report = fwsvd.compress(candidate.model, config, stats, task=lm.task, progress=False)
         seconds = time.perf_counter() - start
+        peak = _rss_kb("VmHWM") if reset else None
         recovery = None
         if variant.recovery:
             # What `fwsvd compress --finetune-data valid.txt` does: the library's defaults, on the
