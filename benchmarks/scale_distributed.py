@@ -120,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=24, help="perplexity blocks")
     p.add_argument("--work", default=None, help="folder for the outputs (default: a temporary folder)")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/scale-distributed"))
+    p.add_argument("--single-from", default=None, metavar="JSON",
+                   help="take the single-process row (and its statistics file) from an earlier result instead of rerunning it")
     args = p.parse_args(argv)
 
     work = Path(args.work or tempfile.mkdtemp(prefix="fwsvd-scale-"))
@@ -131,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         f"torchrun {args.procs} processes": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.procs), "-m", "fwsvd"],
     }
     rows = []
+    if args.single_from:
+        earlier = json.loads(Path(args.single_from).read_text(encoding="utf-8"))
+        rows.append({**earlier["modes"][0], "from_earlier_run": earlier["date"]})
+        modes.pop("single process")
     for label, launcher in modes.items():
         slug = label.split()[0]
         out, stats = work / f"out-{slug}", work / f"stats-{slug}.safetensors"

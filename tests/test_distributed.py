@@ -200,3 +200,13 @@ def test_single_process_helpers_are_no_ops():
     items = [(2, 3), (1, 1)]
     got = list(distributed.spread(items, lambda shape: [torch.ones(shape)], lambda shape: [(shape, torch.float32)]))
     assert [(item, tuple(t.shape)) for item, (t,) in got] == [((2, 3), (2, 3)), ((1, 1), (1, 1))]
+
+
+def test_owners_balance_costs_deterministically():
+    assert distributed.owners([1.0] * 4, 2) == [0, 1, 0, 1]
+    # Two large layers among small ones go to different processes.
+    costs = [18.0, 1, 1, 1, 1, 1, 1, 18.0, 1, 1, 1, 1, 1, 1]
+    owner = distributed.owners(costs, 2)
+    assert owner[0] != owner[7]
+    loads = [sum(c for c, o in zip(costs, owner) if o == r) for r in range(2)]
+    assert loads == [24.0, 24.0]

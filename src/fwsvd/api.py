@@ -496,9 +496,9 @@ def _factorize_targets(
         return [((info.out_features, rank), dtype), ((rank, info.in_features), dtype), ((1,), torch.float64)]
 
     # Under torchrun each layer is factorized by one process (the one that decomposed it in
-    # allocate, as both spread the same targets) and its factors handed to all.
+    # allocate, as both spread the same targets at the same costs) and its factors handed to all.
     rows: list[LayerReport] = []
-    for info, factors in tqdm(spread(targets, factorize, like), total=len(targets), desc=f"{method.name} keep={keep:g}", unit="layer", disable=not progress, leave=False):
+    for info, factors in tqdm(spread(targets, factorize, like, decomposition_cost), total=len(targets), desc=f"{method.name} keep={keep:g}", unit="layer", disable=not progress, leave=False):
         dense = dense_parameters(info.out_features, info.in_features, info.bias)
         rank = chosen[info.name]
         if rank is None:
@@ -523,6 +523,13 @@ def _factorize_targets(
             )
         )
     return rows
+
+
+def decomposition_cost(info: LinearInfo) -> float:
+    """Relative cost of decomposing one layer (flops of an SVD of it plus an eigendecomposition of
+    its input covariance), to share layers out evenly among processes."""
+    out_f, in_f = info.out_features, info.in_features
+    return float(out_f * in_f * min(out_f, in_f) + in_f**3)
 
 
 def allocate(
@@ -563,7 +570,7 @@ def allocate(
     like = lambda info: [((min(info.out_features, info.in_features),), torch.float64)]  # noqa: E731
     losses = [
         loss
-        for _, (loss,) in tqdm(spread(targets, decompose, like), total=len(targets), desc=f"{method.name} allocate", unit="layer", disable=not progress, leave=False)
+        for _, (loss,) in tqdm(spread(targets, decompose, like, decomposition_cost), total=len(targets), desc=f"{method.name} allocate", unit="layer", disable=not progress, leave=False)
     ]
     shapes = [(info.out_features, info.in_features, info.bias) for info in targets]
     ranks = allocate_ranks(losses, shapes, keep, floor=floor)

@@ -12,10 +12,10 @@ Under ``torchrun``:
 - statistics are sums, so each process's running sums are added up with ``all_reduce``
   (:func:`reduce_sums`) before they become statistics: the result equals one process's to float
   summation tolerance;
-- the per-layer decompositions are spread over the processes: layer ``i`` of each round of
-  ``world_size`` layers is computed by process ``i`` and its tensors broadcast to all
-  (:func:`spread`), so every process ends with the same compressed model and rank 0 alone writes
-  it;
+- the per-layer decompositions are spread over the processes, balanced by their cost: each
+  process computes its layers, then every layer's tensors are broadcast from the process that
+  computed them (:func:`spread`), so every process ends with the same compressed model and rank
+  0 alone writes it;
 - failures: whenever the processes meet, they first agree on whether any of them failed
   (:func:`agree`). A process that fails calls :func:`report_failure` on its way out; the others
   learn of it at their next meeting and leave with :class:`PeerFailed`, which the command line
@@ -50,6 +50,7 @@ __all__ = [
     "current",
     "init_from_env",
     "launched",
+    "owners",
     "reduce_sums",
     "report_failure",
     "shard",
@@ -270,22 +271,40 @@ def reduce_sums(sums: RunningSums) -> RunningSums:
     return RunningSums(sums.tensors, sums.shared, int(batches), int(samples), int(tokens), loss_sum)
 
 
+def owners(costs: Sequence[float], world_size: int) -> list[int]:
+    """The process that computes each item: longest first, each to the least loaded process.
+
+    Deterministic (ties go to the lowest rank), so every process computes the same assignment.
+    """
+    load = [0.0] * world_size
+    owner = [0] * len(costs)
+    for index in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        rank = min(range(world_size), key=lambda r: (load[r], r))
+        owner[index] = rank
+        load[rank] += costs[index]
+    return owner
+
+
 def spread(
     items: Sequence[T],
     compute: Callable[[T], list[torch.Tensor]],
     like: Callable[[T], list[tuple[tuple[int, ...], torch.dtype]]],
+    cost: Callable[[T], float] | None = None,
 ) -> Iterator[tuple[T, list[torch.Tensor]]]:
     """``compute(item)`` for every item, each computed by one process and handed to all, in order.
 
-    Items go out in rounds of ``world_size``: in each round process ``j`` computes item ``j``, then
-    every result is broadcast from its process. Memory holds one round's results; a single
-    process computes everything, one item at a time, exactly as a plain loop would.
+    A single process computes the items one at a time as they are consumed, exactly as a plain
+    loop would. Under ``torchrun`` the items are shared out by :func:`owners` (balanced by
+    ``cost``), every process computes all of its own first (holding its share of the results),
+    and then each result is broadcast from its owner, in the order of ``items``.
 
     Args:
         items: the work, in the same order on every process.
         compute: the tensors of one item (on the process that owns it).
         like: the ``(shape, dtype)`` of each tensor ``compute`` returns for an item, known to
             every process beforehand (the receivers allocate them).
+        cost: relative cost of an item (e.g. its flops), the same on every process; equal when
+            omitted. Calls with the same items and costs assign each item to the same process.
 
     Yields:
         ``(item, tensors)`` in the order of ``items``.
@@ -300,20 +319,18 @@ def spread(
         return
     import torch.distributed as dist
 
-    for start in range(0, len(items), ctx.world_size):
-        chunk = items[start : start + ctx.world_size]
-        mine: list[torch.Tensor] = []
-        if ctx.rank < len(chunk):
-            mine = [t.contiguous() for t in compute(chunk[ctx.rank])]
-            expected = [(tuple(shape), dtype) for shape, dtype in like(chunk[ctx.rank])]
-            if [(tuple(t.shape), t.dtype) for t in mine] != expected:
-                raise FwsvdError(f"internal error: computed tensors {[(tuple(t.shape), t.dtype) for t in mine]} differ from the announced {expected}")
-        agree()
-        for owner, item in enumerate(chunk):
-            if owner == ctx.rank:
-                tensors = mine
-            else:
-                tensors = [torch.empty(shape, dtype=dtype) for shape, dtype in like(item)]
-            for t in tensors:
-                dist.broadcast(t, src=owner)
-            yield item, tensors
+    owner = owners([cost(item) if cost is not None else 1.0 for item in items], ctx.world_size)
+    mine: dict[int, list[torch.Tensor]] = {}
+    for index, item in enumerate(items):
+        if owner[index] == ctx.rank:
+            tensors = [t.contiguous() for t in compute(item)]
+            expected = [(tuple(shape), dtype) for shape, dtype in like(item)]
+            if [(tuple(t.shape), t.dtype) for t in tensors] != expected:
+                raise FwsvdError(f"internal error: computed tensors {[(tuple(t.shape), t.dtype) for t in tensors]} differ from the announced {expected}")
+            mine[index] = tensors
+    agree()
+    for index, item in enumerate(items):
+        tensors = mine.pop(index) if owner[index] == ctx.rank else [torch.empty(shape, dtype=dtype) for shape, dtype in like(item)]
+        for t in tensors:
+            dist.broadcast(t, src=owner[index])
+        yield item, tensors
