@@ -190,3 +190,17 @@ def test_write_safetensors_reads_back(tmp_path):
     back = load_file(str(tmp_path / "t.safetensors"))
     assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) and back[k].dtype == tensors[k].dtype for k in tensors)
     assert load_file_metadata(tmp_path / "t.safetensors") == {"k": "v"}
+
+
+@pytest.mark.parametrize("interval, writes", [(1e9, 1), (0.0, 6)])
+def test_default_checkpoints_by_time_and_after_the_last_batch(monkeypatch, tmp_path, llama_dir, corpus_txt, fresh, interval, writes):
+    lm = fresh(llama_dir)
+    monkeypatch.setattr(resume, "DEFAULT_INTERVAL_S", interval)
+    monkeypatch.setattr(resume, "_WRITE_SHARE", 0.0)  # (else: wait ten times the last write's duration)
+    written: list[int] = []
+    original = resume.write_checkpoint
+    monkeypatch.setattr(resume, "write_checkpoint", lambda path, sums, facts: (written.append(sums.batches), original(path, sums, facts)))
+    calibrate(lm, CalibrationConfig(data=str(corpus_txt), **CAL), frozenset({"cov"}), progress=False,
+              checkpoint=Checkpointing(tmp_path / ".out.checkpoint.safetensors"))
+    # Never due within a short run: the last batch alone; always due: every batch.
+    assert written == ([6] if writes == 1 else [1, 2, 3, 4, 5, 6])
