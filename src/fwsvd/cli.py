@@ -329,6 +329,8 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
 
             remove_checkpoints(checkpointing.base)
     distributed.agree()  # the other processes wait here until rank 0 has written the output
+    if checkpointing is not None:
+        checkpointing.discard(ctx)  # on other nodes of a job, each process's own file
     result = report.to_dict()
     if finetuned is not None:
         result["finetune"] = finetuned

@@ -213,6 +213,12 @@ class Checkpointing:
     _last: float = field(default=0.0, repr=False)
     _write_seconds: float = field(default=0.0, repr=False)
 
+    def discard(self, ctx: Context) -> None:
+        """Remove this process's checkpoint (once its output is safely written)."""
+        path = _for_process(Path(self.base), ctx)
+        path.unlink(missing_ok=True)
+        _tmp(path).unlink(missing_ok=True)
+
     def begin(self, facts: Mapping[str, Any], ctx: Context, total: int) -> tuple[RunningSums | None, Callable[[RunningSums], None]]:
         """The sums to resume from (``None``: start over) and the callback that checkpoints after each batch."""
         path = _for_process(Path(self.base), ctx)
