@@ -33,6 +33,7 @@ from .hf import FwsvdQuantizationConfig, compression_record
 from .methods import METHODS, Method, get_method
 from .models import TASKS, LoadedModel, load_model
 from .nn import LinearInfo, LowRankLinear, find_targets, linear_bias, linear_weight, swap_module
+from .resume import Checkpointing
 from .stats import Statistics, collect_statistics
 
 logger = logging.getLogger(__name__)
@@ -313,22 +314,48 @@ def calibrate(
     exclude: tuple[str, ...] = (),
     keep_full_fisher: bool = False,
     progress: bool = True,
+    checkpoint: Checkpointing | None = None,
 ) -> Statistics:
-    """Collect the statistics ``kinds`` for the targeted layers in one pass over the calibration data."""
+    """Collect the statistics ``kinds`` for the targeted layers in one pass over the calibration data.
+
+    Under ``torchrun`` (see :mod:`fwsvd.distributed`) each process calibrates on its share of the
+    batches and every process gets the sums over all of them. With ``checkpoint`` the running sums
+    are saved every few batches, and a run with the same settings resumes from them
+    (:mod:`fwsvd.resume`).
+    """
+    from . import distributed
+
     targets = find_targets(loaded.model, include, exclude)
+    names = [t.name for t in targets]
     need_labels = "fisher" in kinds
     batches, summary = calibration_batches(loaded, config, labels=need_labels)
     summary["task"] = loaded.task
+    ctx = distributed.current()
+    if ctx.active:
+        summary["processes"] = ctx.world_size
+    mine = distributed.shard(batches)
+    start = save = None
+    if checkpoint is not None:
+        from .resume import fingerprint
+
+        facts = fingerprint(
+            model=loaded.model, source=loaded.source, task=loaded.task, calibration=asdict(config.resolved(loaded.task)),
+            kinds=kinds, targets=names, keep_full_fisher=keep_full_fisher, ctx=ctx,
+        )
+        start, save = checkpoint.begin(facts, ctx, total=len(mine))
     return collect_statistics(
         loaded.model,
-        [t.name for t in targets],
-        batches,
+        names,
+        mine[start.batches if start is not None else 0 :],
         kinds,
         keep_full_fisher=keep_full_fisher,
         task=loaded.task,
-        total=len(batches),
+        total=len(mine),
         progress=progress,
         summary=summary,
+        start=start,
+        checkpoint=save,
+        reduce=distributed.reduce_sums,
     )
 
 
@@ -442,27 +469,47 @@ def _factorize_targets(
     Returns:
         One :class:`LayerReport` per target, in the order given.
     """
-    rows: list[LayerReport] = []
-    for info in tqdm(targets, desc=f"{method.name} keep={keep:g}", unit="layer", disable=not progress, leave=False):
+    from .distributed import spread
+
+    chosen: dict[str, int | None] = {}
+    for info in targets:
+        chosen[info.name] = ranks[info.name] if ranks is not None else rank_for_kept_fraction(info.out_features, info.in_features, keep, bias=info.bias)
+
+    def factorize(info: LinearInfo) -> list[torch.Tensor]:
         t0 = time.perf_counter()
-        dense = dense_parameters(info.out_features, info.in_features, info.bias)
-        if ranks is not None:
-            rank = ranks[info.name]
-        else:
-            rank = rank_for_kept_fraction(info.out_features, info.in_features, keep, bias=info.bias)
+        rank = chosen[info.name]
         if rank is None:
-            rows.append(LayerReport(info.name, (info.out_features, info.in_features), None, dense, dense, 0.0))
-            continue
-        module = model.get_submodule(info.name)
-        weight = linear_weight(module).detach()
+            return []
+        weight = linear_weight(model.get_submodule(info.name)).detach()
         stats = statistics.for_module(info.name) if statistics is not None else {}
         with torch.no_grad():
             cached = decompositions.pop(info.name, None) if decompositions is not None else None
             a, b = cached.truncate(rank) if cached is not None else method.factorize(weight, rank, stats)
             if correct is not None:
                 a, b = correct(weight, a, b, stats)
+        return [a.to(weight.dtype), b.to(weight.dtype), torch.tensor([time.perf_counter() - t0], dtype=torch.float64)]
+
+    def like(info: LinearInfo) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        rank, dtype = chosen[info.name], linear_weight(model.get_submodule(info.name)).dtype
+        if rank is None:
+            return []
+        return [((info.out_features, rank), dtype), ((rank, info.in_features), dtype), ((1,), torch.float64)]
+
+    # Under torchrun each layer is factorized by one process (the one that decomposed it in
+    # allocate, as both spread the same targets at the same costs) and its factors handed to all.
+    rows: list[LayerReport] = []
+    for info, factors in tqdm(spread(targets, factorize, like, decomposition_cost), total=len(targets), desc=f"{method.name} keep={keep:g}", unit="layer", disable=not progress, leave=False):
+        dense = dense_parameters(info.out_features, info.in_features, info.bias)
+        rank = chosen[info.name]
+        if rank is None:
+            rows.append(LayerReport(info.name, (info.out_features, info.in_features), None, dense, dense, 0.0))
+            continue
+        t0 = time.perf_counter()
+        a, b, seconds = factors
+        module = model.get_submodule(info.name)
+        with torch.no_grad():
             bias = linear_bias(module)
-            new = LowRankLinear.from_factors(a.to(weight.dtype), b.to(weight.dtype), None if bias is None else bias.detach())
+            new = LowRankLinear.from_factors(a, b, None if bias is None else bias.detach())
         new.train(module.training)
         swap_module(model, info.name, new)
         rows.append(
@@ -472,10 +519,17 @@ def _factorize_targets(
                 rank,
                 dense,
                 factorized_parameters(info.out_features, info.in_features, rank, info.bias),
-                round(time.perf_counter() - t0, 4),
+                round(float(seconds) + time.perf_counter() - t0, 4),
             )
         )
     return rows
+
+
+def decomposition_cost(info: LinearInfo) -> float:
+    """Relative cost of decomposing one layer (flops of an SVD of it plus an eigendecomposition of
+    its input covariance), to share layers out evenly among processes."""
+    out_f, in_f = info.out_features, info.in_features
+    return float(out_f * in_f * min(out_f, in_f) + in_f**3)
 
 
 def allocate(
@@ -496,19 +550,29 @@ def allocate(
     every layer is decomposed once.
 
     Returns:
-        ``({target name: rank or None}, {target name: decomposition})``.
+        ``({target name: rank or None}, {target name: decomposition})``; under ``torchrun`` the
+        decompositions are those this process made (see :func:`fwsvd.distributed.spread`).
     """
-    losses: list[torch.Tensor] = []
-    shapes: list[tuple[int, int, bool]] = []
+    from .distributed import spread
+
     decompositions: dict[str, Decomposition] = {}
-    for info in tqdm(targets, desc=f"{method.name} allocate", unit="layer", disable=not progress, leave=False):
-        module = model.get_submodule(info.name)
+
+    def decompose(info: LinearInfo) -> list[torch.Tensor]:
         stats = statistics.for_module(info.name) if statistics is not None else {}
         with torch.no_grad():
-            dec = method.decompose(linear_weight(module).detach(), stats)
-            losses.append(method.component_loss(dec, stats))
+            dec = method.decompose(linear_weight(model.get_submodule(info.name)).detach(), stats)
+            loss = method.component_loss(dec, stats).double()
         decompositions[info.name] = dec
-        shapes.append((info.out_features, info.in_features, info.bias))
+        return [loss]
+
+    # Under torchrun each layer is decomposed by one process (which keeps the decomposition) and
+    # its component losses handed to all, so every process allocates the same ranks.
+    like = lambda info: [((min(info.out_features, info.in_features),), torch.float64)]  # noqa: E731
+    losses = [
+        loss
+        for _, (loss,) in tqdm(spread(targets, decompose, like, decomposition_cost), total=len(targets), desc=f"{method.name} allocate", unit="layer", disable=not progress, leave=False)
+    ]
+    shapes = [(info.out_features, info.in_features, info.bias) for info in targets]
     ranks = allocate_ranks(losses, shapes, keep, floor=floor)
     return {info.name: rank for info, rank in zip(targets, ranks)}, decompositions
 

@@ -29,8 +29,11 @@ class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line (no usage dump)."""
 
     def error(self, message: str) -> NoReturn:
-        # "fwsvd: error:" for every command, like the errors raised while running one.
-        self.exit(EXIT_USAGE, f"fwsvd: error: {message} (see {self.prog} --help)\n")
+        # "fwsvd: error:" for every command, like the errors raised while running one; under
+        # torchrun every process meets the same error, and rank 0 alone prints it.
+        from .distributed import env_rank
+
+        self.exit(EXIT_USAGE, f"fwsvd: error: {message} (see {self.prog} --help)\n" if env_rank() == 0 else None)
 
 
 def positive_int(text: str) -> int:
@@ -100,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--task", choices=list(TASKS), default=None, help="model task (detected from config.json when omitted)")
     c.add_argument("--save-stats", default=None, metavar="FILE", help="also write the calibration statistics to this .safetensors file")
     c.add_argument("--stats", default=None, metavar="FILE", help="reuse statistics saved with --save-stats instead of calibrating")
+    c.add_argument(
+        "--checkpoint-every", type=int, default=None, metavar="N",
+        help="save the calibration's running sums every N batches to a hidden file beside --save-stats (else beside --out), "
+        "so that the same command resumes after an interruption; removed on success. Default: every batch that ends 5 "
+        "minutes after the last checkpoint (and ten times the last write's duration); 0: no checkpoints, no resuming",
+    )
     c.add_argument(
         "--sequential", action="store_true",
         help="compress one transformer block at a time, each fitted to the inputs the compressed blocks before it produce "
@@ -255,15 +264,27 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         samples=args.samples, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
         text_column=args.text_column, pair_column=args.pair_column, label_column=args.label_column,
     )
-    out = _check_out(args, args.model, ("statistics file", args.stats), ("--save-stats target", args.save_stats),
-                     ("data file", args.data), ("fine-tuning data", args.finetune_data))
+    from . import distributed
+
+    ctx = distributed.current()
+    # Only rank 0 writes: on other nodes of a torchrun job the output's folder need not exist.
+    out = Path(args.out).expanduser()
+    if ctx.is_main:
+        out = _check_out(args, args.model, ("statistics file", args.stats), ("--save-stats target", args.save_stats),
+                         ("data file", args.data), ("fine-tuning data", args.finetune_data))
+    if ctx.active and args.sequential:
+        raise FwsvdError("--sequential runs in one process: launch it without torchrun, or drop --sequential to calibrate on all processes")
+    if ctx.active and args.finetune_data is not None:
+        raise FwsvdError("--finetune-data runs in one process: compress under torchrun without it, then run fwsvd finetune on the output")
+    if args.checkpoint_every is not None and args.checkpoint_every < 0:
+        raise FwsvdError(f"--checkpoint-every {args.checkpoint_every} must be a number of batches (0: no checkpoints)")
     if args.stats and args.save_stats:
         raise FwsvdError("--stats and --save-stats together make no sense: --stats reuses a file, --save-stats writes one")
     if args.sequential and (args.stats or args.save_stats):
         raise FwsvdError("--sequential collects each block's statistics on the fly: drop --stats/--save-stats")
     if args.stats and (args.data is not None or args.samples is not None):
         raise FwsvdError("--stats reuses saved statistics, so --data/--samples would be ignored: drop them, or drop --stats to recalibrate")
-    if args.save_stats:
+    if args.save_stats and ctx.is_main:
         _check_stats_target(args.save_stats)
     recovery = _recovery_config(args)
     statistics = api.load_statistics(args.stats) if args.stats else None  # a bad file fails before the model loads
@@ -275,14 +296,21 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
 
         teacher = copy.deepcopy(loaded.model)  # the dense model, for distillation after compression
     needs = config.needs(loaded.task)
+    checkpointing = None
+    if args.checkpoint_every != 0:
+        from .resume import Checkpointing, checkpoint_base
+
+        checkpointing = Checkpointing(checkpoint_base(out, args.save_stats), every=args.checkpoint_every)
     if args.sequential:
         from .sequential import compress_sequential
 
         report = compress_sequential(loaded, config, calibration, progress=not args.quiet)
     else:
         if statistics is None and needs:
-            statistics = api.calibrate(loaded, calibration, needs, include=config.include, exclude=config.exclude, progress=not args.quiet)
-            if args.save_stats:
+            statistics = api.calibrate(
+                loaded, calibration, needs, include=config.include, exclude=config.exclude, progress=not args.quiet, checkpoint=checkpointing,
+            )
+            if args.save_stats and ctx.is_main:
                 from .fsutil import follow_umask
 
                 statistics.save(args.save_stats)
@@ -294,7 +322,15 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
 
         finetuned = finetune(loaded, recovery, progress=not args.quiet, teacher=teacher)
         del teacher
-    api.save(loaded.model, out, loaded.tokenizer, overwrite=args.overwrite)
+    if ctx.is_main:
+        api.save(loaded.model, out, loaded.tokenizer, overwrite=args.overwrite)
+        if checkpointing is not None:
+            from .resume import remove_checkpoints
+
+            remove_checkpoints(checkpointing.base)
+    distributed.agree()  # the other processes wait here until rank 0 has written the output
+    if checkpointing is not None:
+        checkpointing.discard(ctx)  # on other nodes of a job, each process's own file
     result = report.to_dict()
     if finetuned is not None:
         result["finetune"] = finetuned
@@ -551,38 +587,74 @@ def _terminate_like_interrupt() -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``fwsvd`` console script; returns the exit status."""
+    """Entry point of the ``fwsvd`` console script; returns the exit status.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) ``compress`` runs data-parallel (see
+    :mod:`fwsvd.distributed`): rank 0 alone prints, logs and writes, and an error on any process
+    is printed once while every process exits non-zero.
+    """
+    from . import distributed
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    launched = distributed.launched()
+    main_rank = distributed.env_rank() == 0
+    if not main_rank:
+        args.quiet = True  # progress bars and messages once, from rank 0
     _setup_logging(args.quiet)
+    if not main_rank:
+        import warnings
+
+        logging.getLogger().setLevel(logging.ERROR)
+        warnings.simplefilter("ignore")
     run, fmt = COMMANDS[args.command]
     start = time.perf_counter()
     previous = _terminate_like_interrupt()
     try:
+        if launched and args.command != "compress":
+            raise FwsvdError(f"fwsvd {args.command} runs in one process: launch it without torchrun (only compress calibrates on several)")
+        distributed.init_from_env()
         # Under --json stdout carries the one JSON object only: anything a library prints goes to stderr.
         with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
             result = run(args)
+    except distributed.PeerFailed:
+        return 1  # the failing process printed the error
     except FwsvdError as err:
-        print(f"fwsvd: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(f"fwsvd: error: {err}", EXIT_USAGE)
     except OSError as err:
         # Disk full, permission denied and the like: one line, the files already on disk untouched.
-        print(f"fwsvd: error: {err.strerror or err} ({err.filename or 'file system'})", file=sys.stderr)
-        return 1
+        return _fail(f"fwsvd: error: {err.strerror or err} ({err.filename or 'file system'})", 1)
     except KeyboardInterrupt as err:
         # Ctrl-C or SIGTERM: the finally blocks on the way up removed any temporary output folder.
+        # torchrun hands the signal to every process: rank 0 says so.
         terminated = isinstance(err, _Terminated)
-        print(f"fwsvd: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        if main_rank:
+            print(f"fwsvd: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
         return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
+    except Exception:
+        distributed.report_failure()  # a bug: the others stop, this process shows its traceback
+        raise
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        distributed.shutdown()
     result.setdefault("wall_seconds", round(time.perf_counter() - start, 3))
+    if not main_rank:
+        return 0
     if args.json:
         print(json.dumps(result, default=str))
     else:
         print(fmt(result))
     return 0
+
+
+def _fail(line: str, status: int) -> int:
+    """Print ``line`` on stderr unless another process of a torchrun job prints the error; return ``status``."""
+    from . import distributed
+
+    if distributed.report_failure() if distributed.current().active else distributed.env_rank() == 0:
+        print(line, file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -42,7 +42,7 @@ from .nn import linear_weight
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["STAT_KINDS", "ActivationHooks", "PairedInputHooks", "Statistics", "collect_statistics"]
+__all__ = ["STAT_KINDS", "ActivationHooks", "PairedInputHooks", "RunningSums", "Statistics", "collect_statistics"]
 
 STAT_KINDS = frozenset({"fisher", "act", "cov"})
 #: The tensors each kind of statistic leaves per module.
@@ -115,6 +115,34 @@ class Statistics:
         return cls(tensors, json.loads(meta["shared"]), json.loads(meta["summary"]))
 
 
+@dataclass
+class RunningSums:
+    """What a calibration has added up so far: every statistic as a plain sum over the batches seen.
+
+    This is what a checkpoint holds (:mod:`fwsvd.resume`) and what the processes of a
+    ``torchrun`` job add up (:mod:`fwsvd.distributed`): sums over disjoint sets of batches add up
+    to the sums over all of them. :func:`collect_statistics` turns them into :class:`Statistics`
+    (the only non-sum, ``act_abs_mean``, is divided out there).
+
+    Attributes:
+        tensors: ``{module name: {key: tensor}}`` with keys ``fisher_out``, ``fisher_in``,
+            ``fisher_full``, ``act_abs_sum``, ``act_tokens`` (a 0-d int64 count) and ``cov``.
+        shared: as :attr:`Statistics.shared`.
+        batches, samples, tokens: counts of what was seen.
+        loss_sum: sum of the per-example calibration losses (Fisher only).
+    """
+
+    tensors: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    shared: dict[str, str] = field(default_factory=dict)
+    batches: int = 0
+    samples: int = 0
+    tokens: int = 0
+    loss_sum: float = 0.0
+
+    def counts(self) -> dict[str, Any]:
+        return {"batches": self.batches, "samples": self.samples, "tokens": self.tokens, "loss_sum": self.loss_sum}
+
+
 def _token_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Rows of ``x`` (flattened to ``[tokens, features]``) that belong to real, non-padding tokens."""
     if mask is not None and x.shape[:-1] == mask.shape:
@@ -156,6 +184,26 @@ class ActivationHooks:
     def new_batch(self, mask: torch.Tensor | None) -> None:
         self.mask = mask
         self._seen.clear()
+
+    def sums(self, name: str) -> dict[str, torch.Tensor]:
+        """The running sums of ``name``: ``act_abs_sum``, ``act_tokens``, ``cov`` (those it has)."""
+        entry: dict[str, torch.Tensor] = {}
+        if name in self.abs_sum:
+            entry["act_abs_sum"] = self.abs_sum[name]
+            entry["act_tokens"] = torch.tensor(self.tokens[name], dtype=torch.int64)
+        if name in self.cov:
+            entry["cov"] = self.cov[name]
+        return entry
+
+    def restore(self, sums: RunningSums) -> None:
+        """Start from ``sums`` (a checkpoint) instead of zero."""
+        for name, entry in sums.tensors.items():
+            if "act_abs_sum" in entry:
+                self.abs_sum[name] = entry["act_abs_sum"]
+                self.tokens[name] = int(entry["act_tokens"])
+            if "cov" in entry:
+                self.cov[name] = entry["cov"]
+        self.shared.update(sums.shared)
 
     def entries(self, name: str) -> dict[str, torch.Tensor]:
         """The ``act_abs_mean`` and ``cov`` collected for ``name`` (those it has)."""
@@ -299,16 +347,12 @@ class _FisherHooks:
             handle.remove()
         self._handles.clear()
 
-    def entries(self, name: str, like: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``fisher_out``/``fisher_in`` (and ``fisher_full``) of ``name``; zeros when the loss never reached it."""
-        out_features, in_features = like.shape
-        entry = {
-            "fisher_out": self.out.get(name, torch.zeros(out_features)),
-            "fisher_in": self.inp.get(name, torch.zeros(in_features)),
-        }
-        if self.keep_full:
-            entry["fisher_full"] = self.full.get(name, torch.zeros(out_features, in_features))
-        return entry
+    def restore(self, sums: RunningSums) -> None:
+        """Start from ``sums`` (a checkpoint) instead of zero."""
+        for name, entry in sums.tensors.items():
+            for key, acc in (("fisher_out", self.out), ("fisher_in", self.inp), ("fisher_full", self.full)):
+                if key in entry:
+                    acc[name] = entry[key]
 
     def _hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
@@ -369,6 +413,9 @@ def collect_statistics(
     total: int | None = None,
     progress: bool = True,
     summary: Mapping[str, Any] | None = None,
+    start: RunningSums | None = None,
+    checkpoint: Callable[[RunningSums], None] | None = None,
+    reduce: Callable[[RunningSums], RunningSums] | None = None,
 ) -> Statistics:
     """Run the calibration batches once and collect every statistic asked for.
 
@@ -383,6 +430,10 @@ def collect_statistics(
         total: number of batches, for the progress bar.
         progress: show a tqdm bar.
         summary: extra facts recorded in :attr:`Statistics.summary` (source, samples, ...).
+        start: sums of batches already seen (a resumed checkpoint); ``batches`` are the rest.
+        checkpoint: called with the running sums after every batch (it decides whether to save).
+        reduce: applied to the running sums once all batches are seen, before they become
+            statistics (the sum over the processes of a distributed run).
 
     Returns:
         The collected :class:`Statistics`.
@@ -406,11 +457,9 @@ def collect_statistics(
     modes = {m: m.training for m in model.modules()}
     saved_flags = {p: p.requires_grad for p in model.parameters()}
     saved_grads = {p: p.grad for p in model.parameters()}
-    n_batches = 0
-    n_rows = 0
-    n_tokens = 0
-    loss_sum = 0.0
-    start = time.perf_counter()
+    sums = RunningSums() if start is None else start
+    counts = sums.counts()
+    start_time = time.perf_counter()
     model.eval()  # deterministic statistics: no dropout
     try:
         if want_fisher:
@@ -424,13 +473,18 @@ def collect_statistics(
         with ActivationHooks(model, names, kinds & {"act", "cov"}) as hooks, _FisherHooks(
             model, names if want_fisher else [], keep_full_fisher
         ) as fisher:
-            bar = tqdm(batches, total=total, desc="calibrating", unit="batch", disable=not progress, leave=False)
+            hooks.restore(sums)
+            fisher.restore(sums)
+
+            def running() -> RunningSums:
+                tensors = {n: {**hooks.sums(n), **{k: acc[n] for k, acc in (("fisher_out", fisher.out), ("fisher_in", fisher.inp), ("fisher_full", fisher.full)) if n in acc}} for n in names}
+                return RunningSums({n: t for n, t in tensors.items() if t}, dict(hooks.shared), **counts)
+
+            bar = tqdm(batches, total=total, initial=counts["batches"], desc="calibrating", unit="batch", disable=not progress, leave=False)
             for batch in bar:
                 mask = batch.get("attention_mask")
                 hooks.new_batch(mask)
-                n_batches += 1
-                n_rows += int(batch["input_ids"].shape[0])
-                n_tokens += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+                rows = int(batch["input_ids"].shape[0])
                 if want_fisher:
                     if "labels" not in batch:
                         raise FwsvdError("Fisher calibration needs labelled data: the batch has no 'labels'")
@@ -444,11 +498,17 @@ def collect_statistics(
                             raise FwsvdError(f"calibration loss is {losses.tolist()}: check the labels and the model weights for NaN/inf")
                         # The sum's gradient for each example is that of its own loss.
                         losses.sum().backward()
-                    loss_sum += float(losses.detach().sum())
-                    bar.set_postfix(loss=f"{loss_sum / n_rows:.4f}")
+                    counts["loss_sum"] += float(losses.detach().sum())
+                    bar.set_postfix(loss=f"{counts['loss_sum'] / (counts['samples'] + rows):.4f}")
                 else:
                     with torch.no_grad():
                         model(**{k: v for k, v in batch.items() if k != "labels"})
+                counts["batches"] += 1
+                counts["samples"] += rows
+                counts["tokens"] += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+                if checkpoint is not None:
+                    checkpoint(running())
+            sums = running()
     finally:
         for m, mode in modes.items():
             m.training = mode
@@ -456,33 +516,43 @@ def collect_statistics(
             p.requires_grad_(flag)
             p.grad = saved_grads[p]
 
-    if n_batches == 0:
+    if reduce is not None:
+        sums = reduce(sums)
+    if sums.batches == 0:
         raise FwsvdError("no calibration batches: the calibration data is empty; pass a file with at least one example")
 
     stats = Statistics()
     for n in names:
+        acc = sums.tensors.get(n, {})
         entry: dict[str, torch.Tensor] = {}
         if want_fisher:
-            entry.update(fisher.entries(n, linear_weight(modules[n])))
-        entry.update(hooks.entries(n))
+            out_features, in_features = linear_weight(modules[n]).shape
+            entry["fisher_out"] = acc.get("fisher_out", torch.zeros(out_features))
+            entry["fisher_in"] = acc.get("fisher_in", torch.zeros(in_features))
+            if keep_full_fisher:
+                entry["fisher_full"] = acc.get("fisher_full", torch.zeros(out_features, in_features))
+        if "act_abs_sum" in acc:
+            entry["act_abs_mean"] = acc["act_abs_sum"] / max(int(acc["act_tokens"]), 1)
+        if "cov" in acc:
+            entry["cov"] = acc["cov"]
         for key, t in entry.items():
             if not torch.isfinite(t).all():
                 raise FwsvdError(f"statistic {key} of {n} is not finite: the model or data produce NaN/inf")
         stats.tensors[n] = entry
-    stats.shared = dict(hooks.shared)
+    stats.shared = dict(sums.shared)
     stats.summary = {
         **dict(summary or {}),
         "kinds": sorted(kinds),
-        "batches": n_batches,
-        "samples": n_rows,
-        "tokens": n_tokens,
-        "seconds": round(time.perf_counter() - start, 3),
+        "batches": sums.batches,
+        "samples": sums.samples,
+        "tokens": sums.tokens,
+        "seconds": round(time.perf_counter() - start_time, 3),
     }
     if want_fisher:
         # Per example, so the figure and the statistics do not depend on the batch size.
-        stats.summary["mean_loss"] = loss_sum / n_rows
+        stats.summary["mean_loss"] = sums.loss_sum / sums.samples
         stats.summary["fisher_granularity"] = FISHER_GRANULARITY
-    logger.info("calibrated %s on %d samples (%d tokens) in %.1f s", sorted(kinds), n_rows, n_tokens, stats.summary["seconds"])
+    logger.info("calibrated %s on %d samples (%d tokens) in %.1f s", sorted(kinds), sums.samples, sums.tokens, stats.summary["seconds"])
     return stats
 
 
