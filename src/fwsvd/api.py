@@ -155,6 +155,11 @@ class CalibrationConfig:
     text_column: str | None = _help("name of the text column (detected when omitted)", default=None)
     pair_column: str | None = _help("name of the second text column of a pair task (detected when omitted)", default=None)
     label_column: str | None = _help("name of the label column (detected when omitted)", default=None)
+    low_memory: bool = _help(
+        "calibrate one transformer block at a time (the same statistics; the block-boundary states wait on disk), "
+        "so memory holds one block's activations instead of the whole model's, and a causal LM's logits a few tokens at a time",
+        default=False,
+    )
 
     def __post_init__(self) -> None:
         for name in ("samples", "batch_size", "max_length"):
@@ -173,6 +178,7 @@ class CalibrationConfig:
             text_column=self.text_column,
             pair_column=self.pair_column,
             label_column=self.label_column,
+            low_memory=self.low_memory,
         )
 
 
@@ -319,6 +325,12 @@ def calibrate(
     need_labels = "fisher" in kinds
     batches, summary = calibration_batches(loaded, config, labels=need_labels)
     summary["task"] = loaded.task
+    if config.low_memory:
+        from .streaming import stream_statistics_in_scratch
+
+        return stream_statistics_in_scratch(
+            loaded.model, [t.name for t in targets], batches, kinds, keep_full_fisher=keep_full_fisher, task=loaded.task, progress=progress, summary=summary
+        )
     return collect_statistics(
         loaded.model,
         [t.name for t in targets],

@@ -49,7 +49,7 @@ from .stats import FISHER_GRANULARITY, STAT_KINDS, ActivationHooks, FisherHooks,
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BlockWeights", "block_targets", "stream_statistics"]
+__all__ = ["BlockWeights", "block_targets", "stream_statistics", "stream_statistics_in_scratch"]
 
 #: Logit elements formed at once by the chunked causal-LM loss (64 MiB of float32): the vocabulary
 #: never dominates memory, whatever the batch and sequence length.
@@ -463,6 +463,18 @@ def stream_statistics(
         stats.summary["fisher_granularity"] = FISHER_GRANULARITY
     logger.info("calibrated %s block by block on %d samples (%d tokens) in %.1f s", sorted(kinds), n_rows, n_tokens, stats.summary["seconds"])
     return stats
+
+
+def stream_statistics_in_scratch(*args: Any, **kwargs: Any) -> Statistics:
+    """:func:`stream_statistics` with the block-boundary states in a temporary folder, removed after.
+
+    The folder lies in the system's temporary directory (``TMPDIR``); it holds the states entering
+    every block: ``(blocks + 1) x samples x tokens x hidden`` values of the model's dtype.
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="fwsvd-states-") as scratch:
+        return stream_statistics(*args, scratch=scratch, **kwargs)
 
 
 def _finite(name: str, entry: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
