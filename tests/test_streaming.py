@@ -78,7 +78,7 @@ def test_causal_loss_is_chunked(llama_dir, corpus_txt, fresh, monkeypatch):
     streamed = stream_statistics(loaded.model, names, batches, {"fisher"}, progress=False)
     assert widths and max(widths) <= 8 and 3 in widths  # 8: the one-time check of the head on 8 tokens
     assert_same_statistics(streamed, reference, names)
-    assert LOGIT_CHUNK_ELEMENTS == 1 << 24
+    assert LOGIT_CHUNK_ELEMENTS == 1 << 22
 
 
 def test_targets_outside_blocks_are_refused(llama_dir, corpus_txt, fresh):

@@ -51,7 +51,7 @@ from .fsutil import atomic_dir
 from .models import LoadedModel, check_no_custom_code, check_record, detect_task, model_source, weight_shapes
 from .nn import LinearInfo, find_blocks, find_targets, linear_weight
 from .stats import Statistics
-from .streaming import block_targets, stream_statistics
+from .streaming import block_targets, release_freed_memory, stream_statistics
 
 logger = logging.getLogger(__name__)
 
@@ -313,6 +313,7 @@ def compress_low_memory(
                 if block is not None:
                     # Whatever the block holds now (its factors) goes back to the meta device.
                     weights.unload(block)
+                release_freed_memory()
             seconds = time.perf_counter() - start
             position = {t.name: i for i, t in enumerate(targets)}
             rows.sort(key=lambda r: position[r.name])
@@ -385,5 +386,6 @@ def _global_ranks(
                 shapes.append((t.out_features, t.in_features, t.bias))
         finally:
             weights.unload(block)
+            release_freed_memory()
     chosen = allocate_ranks(losses, shapes, config.keep, floor=config.rank_floor)
     return dict(zip(names, chosen))

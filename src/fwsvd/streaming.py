@@ -51,9 +51,25 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["BlockWeights", "block_targets", "stream_statistics", "stream_statistics_in_scratch"]
 
-#: Logit elements formed at once by the chunked causal-LM loss (64 MiB of float32): the vocabulary
-#: never dominates memory, whatever the batch and sequence length.
-LOGIT_CHUNK_ELEMENTS = 1 << 24
+#: Logit elements formed at once by the chunked causal-LM loss (16 MiB of float32; the softmax and
+#: its gradient take as much again each): the vocabulary never dominates memory, whatever the batch
+#: and sequence length.
+LOGIT_CHUNK_ELEMENTS = 1 << 22
+
+
+def release_freed_memory() -> None:
+    """Hand memory that was freed back to the system (glibc ``malloc_trim``; elsewhere nothing).
+
+    Streaming allocates and frees tensors of the same few sizes block after block; glibc keeps
+    freed chunks below its (adaptive) mmap threshold in its heaps, so without this the resident
+    size creeps up to many blocks' worth of memory that is free but never returned.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class BlockWeights(Protocol):
@@ -391,6 +407,7 @@ def stream_statistics(
                         del out
             finally:
                 weights.unload(name)
+                release_freed_memory()
             if act_kinds:
                 block_stats = Statistics(shared=dict(hooks.shared))
                 for target in by_block[name]:
@@ -415,6 +432,8 @@ def stream_statistics(
                 losses, grad = head(batch, states.get(top, b))
                 loss_sum += float(losses.sum())
                 states.put(top, b, grad)  # the level's states are no longer needed: gradients take their place
+                del losses, grad
+                release_freed_memory()
             # Backward, one block at a time from the top: each block's Fisher, and the gradient below it.
             bar = tqdm(list(zip(block_names, blocks))[::-1], desc="calibrating (backward)", unit="block", disable=not progress, leave=False)
             for offset, (name, block) in enumerate(bar):
@@ -433,6 +452,7 @@ def stream_statistics(
                             del out, x, grad_out
                 finally:
                     weights.unload(name)
+                    release_freed_memory()
                 states.drop(index + 1, n)
                 for target in by_block[name]:
                     like_weight = _weight_shape(model.get_submodule(target))
