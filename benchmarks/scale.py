@@ -15,9 +15,10 @@ tokens of ``test.txt``):
 * ``low-memory``: ``fwsvd compress --low-memory``, weights read from disk one block at a time.
 
 Then a synthetic Llama with 7B-shaped blocks (hidden 4096, intermediate 11008, 32 heads, 8 KV heads,
-random weights, a 1,024-word vocabulary) with 2 and with 3 blocks, compressed with ``--low-memory``:
-equal peaks say that memory is bounded by one block; the difference in time is one block's. The
-7B/70B table extrapolates from those measurements (see ``extrapolate``).
+random weights, a 1,024-word vocabulary; 2 blocks unless ``--synthetic-blocks``), compressed with
+``--low-memory``: its peak is one block's working set plus the fixed part (interpreter, libraries),
+measured alone; with several block counts, equal peaks show that memory does not grow with depth.
+The 7B/70B table extrapolates from that measurement (see ``extrapolate``).
 
 Every heavy process runs under ``flock`` on ``--lock`` (the machine's shared lock), one at a time.
 Writes ``benchmarks/results/scale.{json,md}`` with the command, the machine and the date. Not a
@@ -62,8 +63,9 @@ EVAL = ["--limit", "24", "--max-length", "512"]
 #: The synthetic model: Llama-2-7B's block shape (with Llama-3's 8 KV heads), a small vocabulary.
 SHAPE_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32, "num_key_value_heads": 8}
 SYNTHETIC_VOCAB = 1024
-#: Synthetic calibration: 4 blocks of 512 tokens, 2 per micro-batch (2 CPUs: each block's pass is minutes).
-SYNTHETIC_CALIBRATION = ["--samples", "4", "--max-length", "512", "--batch-size", "2"]
+#: Synthetic calibration: 2 blocks of 512 tokens in one micro-batch, uniform ranks (one decomposition
+#: per layer: on 2 CPUs each 7B-shaped block's eigendecompositions and SVDs take minutes).
+SYNTHETIC_CALIBRATION = ["--samples", "2", "--max-length", "512", "--batch-size", "2", "--allocation", "uniform"]
 #: Real shapes for the extrapolation (float32 weights, as fwsvd loads them).
 TARGETS = {
     "Llama-2-7B": {"hidden": 4096, "intermediate": 11008, "heads": 32, "kv_heads": 32, "blocks": 32, "vocab": 32000, "tied": False},
@@ -174,6 +176,7 @@ def build_synthetic(folder: Path, blocks: int) -> Path:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, PreTrainedTokenizerFast
 
+    folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
     words = collections.Counter(VALID.read_text(encoding="utf-8").split())
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
@@ -251,38 +254,47 @@ def synthetic(work: Path, lock: str | None, env: dict[str, str], counts: list[in
 
 
 def extrapolate(rows: list[dict[str, Any]], base_rss_gib: float | None) -> dict[str, Any]:
-    """Memory per process and time per calibration token for real 7B/70B models, from the synthetic runs.
+    """Memory per process and time per calibration token for real 7B/70B models, from the synthetic run.
 
-    Memory: the synthetic peak minus its non-block part (the tiny embeddings) is one 7B block's
-    working set (its float32 weights, the widest layer's float64 input covariance and decomposition,
-    one micro-batch's activations); it is scaled by the ratio of (block weights + widest covariance)
-    of the target, and the target's embedding and head (float32) are added. Time: the difference
-    between the 3- and 2-block runs is one block's calibration + factorization; per calibration
-    token it is scaled by the ratio of block parameters (the work is matrix products over the
-    block's weights) and multiplied by the number of blocks.
+    Memory: the synthetic peak minus the fixed part (``base_rss_gib``: interpreter and libraries,
+    measured alone; the synthetic embeddings are negligible) is one 7B-shaped block's working set,
+    dominated by its float32 weights and the float64 whitening of its widest input (covariance,
+    eigenvectors, workspace). It is scaled by the ratio of (block weights + widest covariance) of
+    the target, and the target's float32 embedding and head are added. Time: calibration and
+    factorization seconds per block and calibration token, scaled by the ratio of block parameters
+    (the work is products with the block's weights; the widest eigendecomposition grows faster, so
+    70B is a lower bound) and multiplied by the number of blocks.
     """
-    if len(rows) < 2:
+    if not rows:
         return {}
-    rows = sorted(rows, key=lambda r: r["blocks"])
-    small, large = rows[0], rows[-1]
-    per_block_seconds = (large["wall_seconds"] - small["wall_seconds"]) / (large["blocks"] - small["blocks"])
-    tokens = small["tokens"]
     ref = {"hidden": 4096, "intermediate": 11008, "heads": 32, "kv_heads": 8}
+    row = max(rows, key=lambda r: r["blocks"])
+    tokens = row["tokens"]
+    calib_per_block_token = row["seconds_calibration"] / row["blocks"] / tokens
+    factorize_per_block = row["seconds_factorize"] / row["blocks"]
     peak = max(r["peak_rss_gib"] for r in rows)
-    ref_cost = block_params(ref) * 4 + max(ref["hidden"], ref["intermediate"]) ** 2 * 8
-    out = {"per_block_seconds_7b_shape": round(per_block_seconds, 1), "calibration_tokens": tokens, "peak_rss_gib_7b_shape": peak, "targets": {}}
-    working = peak - (base_rss_gib or 0.0)
+    base = base_rss_gib or 0.0
+    working = peak - base
+
+    def cost(shape: dict[str, Any]) -> float:
+        return block_params(shape) * 4 + max(shape["hidden"], shape["intermediate"]) ** 2 * 8
+
+    out: dict[str, Any] = {
+        "from_blocks": row["blocks"], "calibration_tokens": tokens, "peak_rss_gib_7b_shape": peak, "fixed_rss_gib": base,
+        "block_working_set_gib": round(working, 2), "calibration_seconds_per_block_token": round(calib_per_block_token, 4),
+        "factorization_seconds_per_block": round(factorize_per_block, 1), "targets": {},
+    }
     for name, shape in TARGETS.items():
-        cost = block_params(shape) * 4 + max(shape["hidden"], shape["intermediate"]) ** 2 * 8
+        ratio = block_params(shape) / block_params(ref)
         embed = shape["vocab"] * shape["hidden"] * 4 * (1 if shape["tied"] else 2) / 2**30
-        memory = (base_rss_gib or 0.0) + working * cost / ref_cost + embed
-        seconds_per_token = per_block_seconds / tokens * block_params(shape) / block_params(ref) * shape["blocks"]
-        dense = (block_params(shape) * shape["blocks"] * 4) / 2**30 + embed
+        memory = base + working * cost(shape) / cost(ref) + embed
+        seconds_per_token = calib_per_block_token * ratio * shape["blocks"]
+        dense = block_params(shape) * shape["blocks"] * 4 / 2**30 + embed
         out["targets"][name] = {
             "dense_float32_gib": round(dense, 1),
             "peak_rss_gib": round(memory, 1),
-            "seconds_per_calibration_token": round(seconds_per_token, 2),
-            "hours_for_16x512_tokens": round(seconds_per_token * 16 * 512 / 3600, 1),
+            "calibration_seconds_per_token": round(seconds_per_token, 2),
+            "factorization_hours": round(factorize_per_block * ratio * shape["blocks"] / 3600, 1),
         }
     return out
 
@@ -307,7 +319,7 @@ def markdown(result: dict[str, Any]) -> str:
     if result.get("synthetic"):
         lines += [
             "",
-            "## Synthetic Llama with 7B-shaped blocks (random weights, 1,024-word vocabulary), `--low-memory`, 4 x 512 tokens, batch 2",
+            "## Synthetic Llama with 7B-shaped blocks (random weights, 1,024-word vocabulary), `--low-memory`, 2 x 512 tokens, batch 2, uniform ranks",
             "",
             "| blocks | peak RSS (GiB) | one block's float32 weights (GiB) | wall (s) | calibration (s) | factorization (s) |",
             "|---|---|---|---|---|---|",
@@ -322,11 +334,11 @@ def markdown(result: dict[str, Any]) -> str:
             "",
             "## Extrapolation (`--low-memory`, one process; derived from the synthetic runs, see scale.py `extrapolate`)",
             "",
-            "| model | dense float32 (GiB) | peak RSS per process (GiB) | seconds per calibration token | hours for 16 x 512 tokens |",
+            "| model | dense float32 (GiB) | peak RSS per process (GiB) | calibration seconds per token | factorization hours (uniform ranks; global: x2) |",
             "|---|---|---|---|---|",
         ]
         for name, t in ex["targets"].items():
-            lines.append(f"| {name} | {t['dense_float32_gib']} | {t['peak_rss_gib']} | {t['seconds_per_calibration_token']} | {t['hours_for_16x512_tokens']} |")
+            lines.append(f"| {name} | {t['dense_float32_gib']} | {t['peak_rss_gib']} | {t['calibration_seconds_per_token']} | {t['factorization_hours']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -334,7 +346,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--modes", default="one-pass,streamed-fisher,low-memory", help="SmolLM2 modes to run (comma-separated; empty: none)")
     parser.add_argument("--skip-synthetic", action="store_true", help="skip the synthetic 7B-shaped runs")
-    parser.add_argument("--synthetic-blocks", default="2,3", help="block counts of the synthetic model")
+    parser.add_argument("--synthetic-blocks", default="2", help="block counts of the synthetic model (comma-separated)")
     parser.add_argument("--lock", default="/tmp/fwsvd-heavy.lock", help="flock this file around each heavy process ('' for none)")
     parser.add_argument("--merge", action="store_true", help="keep the sections of an existing results file that this run does not redo")
     args = parser.parse_args()
@@ -346,12 +358,15 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{STEM}.json"
     result: dict[str, Any] = json.loads(path.read_text()) if args.merge and path.is_file() else {}
-    result.update({"command": " ".join([Path(sys.executable).name, *sys.argv]), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine_info()})
+    result.update({"command": " ".join(["python", *sys.argv]), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine_info()})
     lock = args.lock or None
     with tempfile.TemporaryDirectory(prefix="fwsvd-scale-") as work:
         modes = [m for m in args.modes.split(",") if m]
         if modes:
-            result["smollm2"] = smollm2(Path(work), lock, env, modes)
+            fresh = smollm2(Path(work), lock, env, modes)
+            kept = [r for r in result.get("smollm2", []) if r["mode"] not in modes]
+            order = ["one-pass", "streamed-fisher", "low-memory"]
+            result["smollm2"] = sorted(kept + fresh, key=lambda r: order.index(r["mode"]) if r["mode"] in order else len(order))
         if not args.skip_synthetic:
             counts = [int(c) for c in args.synthetic_blocks.split(",")]
             base = measured([sys.executable, "-c", "import fwsvd, fwsvd.lowmem, torch, transformers"], lock, env)["peak_rss_gib"]

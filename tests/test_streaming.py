@@ -88,3 +88,9 @@ def test_targets_outside_blocks_are_refused(llama_dir, corpus_txt, fresh):
     batches = _batches(loaded, corpus_txt)
     with pytest.raises(FwsvdError, match="lm_head lie outside the blocks"):
         stream_statistics(loaded.model, ["lm_head"], batches, {"fisher"}, progress=False)
+
+
+def test_low_memory_batches_default_to_one_example():
+    assert api.CalibrationConfig(low_memory=True).resolved("causal-lm").batch_size == 1
+    assert api.CalibrationConfig(low_memory=True, batch_size=4).resolved("causal-lm").batch_size == 4
+    assert api.CalibrationConfig().resolved("causal-lm").batch_size == 4

@@ -157,7 +157,8 @@ class CalibrationConfig:
     label_column: str | None = _help("name of the label column (detected when omitted)", default=None)
     low_memory: bool = _help(
         "calibrate one transformer block at a time (the same statistics; the block-boundary states wait on disk), "
-        "so memory holds one block's activations instead of the whole model's, and a causal LM's logits a few tokens at a time",
+        "so memory holds one block's activations instead of the whole model's, and a causal LM's logits a few tokens at a time; "
+        "batches default to 1 example",
         default=False,
     )
 
@@ -172,7 +173,9 @@ class CalibrationConfig:
         return CalibrationConfig(
             data=self.data,
             samples=self.samples or (32 if causal else 512),
-            batch_size=self.batch_size or (4 if causal else 16),
+            # With low_memory, blocks run one example at a time unless asked otherwise: a block's
+            # working set grows with the batch, and there is no whole-model pass to amortize.
+            batch_size=self.batch_size or (1 if self.low_memory else 4 if causal else 16),
             max_length=self.max_length or (512 if causal else 128),
             seed=self.seed,
             text_column=self.text_column,

@@ -55,7 +55,7 @@ def _add_data_options(p: argparse.ArgumentParser, *, calibration: bool) -> None:
     from .api import CalibrationConfig
 
     p.add_argument("--max-length", type=positive_int, default=None, help=_help(CalibrationConfig, "max_length"))
-    p.add_argument("--batch-size", type=positive_int, default=None, help="batch size: memory and speed only (calibration 16 rows or 4 causal-LM blocks, evaluation 32)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="batch size: memory and speed only (calibration 16 rows or 4 causal-LM blocks, 1 with --low-memory; evaluation 32)")
     for name in ("text_column", "pair_column", "label_column"):
         p.add_argument("--" + name.replace("_", "-"), default=None, help=_help(CalibrationConfig, name))
     if calibration:

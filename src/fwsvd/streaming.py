@@ -5,7 +5,8 @@ so the activations of every block, the vocabulary-wide logits and every layer's 
 memory together. :func:`stream_statistics` computes the very same statistics block by block:
 
 1. **Capture** (:func:`fwsvd.sequential.capture_block_calls`): what every block is called with, and
-   the hidden states entering the first block, per micro-batch.
+   the hidden states entering the first block, per micro-batch, with the blocks skipped (each
+   returns its input; the arguments the model hands its blocks do not depend on their outputs).
 2. **Forward, block-major.** Each block in turn runs every micro-batch from the states the block
    before produced, without gradients; its ``act``/``cov`` statistics are collected as it runs and
    handed over before the next block starts. The block-boundary states are kept (in memory, or in a
@@ -44,7 +45,7 @@ from tqdm.auto import tqdm
 from .errors import FwsvdError
 from .losses import IGNORE_INDEX, example_losses, next_token_labels
 from .nn import find_blocks
-from .sequential import BlockCall, StopForward, capture_block_calls, split_hidden
+from .sequential import StopForward, capture_block_calls, split_hidden
 from .stats import FISHER_GRANULARITY, STAT_KINDS, ActivationHooks, FisherHooks, Statistics, task_of
 
 logger = logging.getLogger(__name__)
@@ -154,22 +155,9 @@ def _single_stack(model: nn.Module, block_names: list[str], what: str) -> None:
 
 
 @contextlib.contextmanager
-def _streamed_blocks(blocks: list[tuple[str, nn.Module]], weights: BlockWeights) -> Iterator[None]:
-    """Load each block's weights just before it runs and drop them just after."""
-    handles = []
-    for name, block in blocks:
-        handles.append(block.register_forward_pre_hook(lambda m, a, name=name: weights.load(name)))
-        handles.append(block.register_forward_hook(lambda m, a, o, name=name: weights.unload(name)))
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-@contextlib.contextmanager
-def _skipped_blocks(blocks: list[nn.Module], like: Any, last_output: torch.Tensor) -> Iterator[None]:
-    """Run the model around its blocks: each block returns what it is given, the last ``last_output``.
+def _skipped_blocks(blocks: list[nn.Module], like: Any, last_output: torch.Tensor | None = None) -> Iterator[None]:
+    """Run the model around its blocks: each block returns what it is given, the last ``last_output``
+    (when given).
 
     ``like`` is one real output of a block (a tensor, or a tuple led by the hidden states), whose
     shape the stand-in outputs copy, so the model's own code between and after the blocks runs
@@ -181,7 +169,7 @@ def _skipped_blocks(blocks: list[nn.Module], like: Any, last_output: torch.Tenso
 
     def make(index: int) -> Callable[..., Any]:
         def forward(*args: Any, **kwargs: Any) -> Any:
-            if index == len(blocks) - 1:
+            if index == len(blocks) - 1 and last_output is not None:
                 return shaped(last_output)
             hidden, _ = split_hidden(args, kwargs)
             return shaped(hidden)
@@ -384,15 +372,18 @@ def stream_statistics(
         for p in model.parameters():
             p.requires_grad_(False)
             p.grad = None
-        with torch.no_grad(), _streamed_blocks(list(zip(block_names, blocks))[:-1], weights):
-            captured = capture_block_calls(model, blocks, batches)
+        with torch.no_grad():
+            like = _block_output(model, blocks, block_names[0], batches[0], weights)
+            # What every block is called with, the blocks skipped (their arguments do not depend on
+            # what the blocks before them return): no block's weights are needed for it.
+            with _skipped_blocks(blocks, like):
+                captured = capture_block_calls(model, blocks, batches)
         for b, hidden in enumerate(captured.hidden):
             states.put(0, b, hidden)
         captured.hidden = []
         masks = captured.masks
 
         # Forward, one block at a time over every micro-batch: the act/cov of its layers.
-        like: Any = None
         bar = tqdm(list(zip(block_names, blocks)), desc="calibrating (forward)", unit="block", disable=not progress, leave=False)
         for index, (name, block) in enumerate(bar):
             weights.load(name)
@@ -401,8 +392,6 @@ def stream_statistics(
                     for b, (call, mask) in enumerate(zip(captured.calls[index], masks)):
                         hooks.new_batch(mask)
                         out = call.raw(block, states.get(index, b))
-                        if like is None:
-                            like = out
                         states.put(index + 1, b, out[0] if isinstance(out, (tuple, list)) else out)
                         del out
             finally:
@@ -422,7 +411,6 @@ def stream_statistics(
         if not want_fisher:
             states.drop(len(blocks), n)
             states.drop(0, n)
-        like = _detached(like)
 
         if want_fisher:
             # The loss of each example, and the gradient at the last block's output.
@@ -495,6 +483,16 @@ def stream_statistics_in_scratch(*args: Any, **kwargs: Any) -> Statistics:
 
     with tempfile.TemporaryDirectory(prefix="fwsvd-states-") as scratch:
         return stream_statistics(*args, scratch=scratch, **kwargs)
+
+
+def _block_output(model: nn.Module, blocks: list[nn.Module], first: str, batch: Mapping[str, torch.Tensor], weights: BlockWeights) -> Any:
+    """One real output of the first block (its shape: a tensor, or a tuple led by the hidden states)."""
+    captured = capture_block_calls(model, blocks[:1], [dict(batch)])
+    weights.load(first)
+    try:
+        return _detached(captured.calls[0][0].raw(blocks[0], captured.hidden[0]))
+    finally:
+        weights.unload(first)
 
 
 def _finite(name: str, entry: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
