@@ -59,6 +59,8 @@ STEM = "scale"
 
 KEEP = 0.8
 CALIBRATION = ["--samples", "16", "--max-length", "512", "--batch-size", "4"]
+#: --low-memory at its own default batch (1 example: the block working set grows with the batch).
+LOW_MEMORY_CALIBRATION = ["--samples", "16", "--max-length", "512"]
 EVAL = ["--limit", "24", "--max-length", "512"]
 #: The synthetic model: Llama-2-7B's block shape (with Llama-3's 8 KV heads), a small vocabulary.
 SHAPE_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32, "num_key_value_heads": 8}
@@ -120,7 +122,8 @@ def smollm2(work: Path, lock: str | None, env: dict[str, str], modes: list[str])
         if mode == "streamed-fisher":
             cmd = [sys.executable, "-c", STREAMED_FISHER, str(SMOLLM2), str(out), str(KEEP), str(VALID)]
         else:
-            cmd = fwsvd_cmd("compress", str(SMOLLM2), "--out", str(out), "--keep", str(KEEP), "--data", str(VALID), *CALIBRATION, "--quiet", "--json")
+            calibration = CALIBRATION if mode != "low-memory" else LOW_MEMORY_CALIBRATION
+            cmd = fwsvd_cmd("compress", str(SMOLLM2), "--out", str(out), "--keep", str(KEEP), "--data", str(VALID), *calibration, "--quiet", "--json")
             if mode == "low-memory":
                 cmd.append("--low-memory")
         run = measured(cmd, lock, env)
@@ -137,6 +140,7 @@ def smollm2(work: Path, lock: str | None, env: dict[str, str], modes: list[str])
                 "seconds_calibration": report["seconds_calibration"],
                 "seconds_factorize": report["seconds_factorize"],
                 "tokens": report["calibration"]["tokens"],
+                "batch_size": report["calibration"]["batch_size"],
                 "model_keep": round(report["model_keep"], 4),
                 "perplexity": round(_perplexity(perplexity), 3),
                 "ranks_digest": hash_ranks(report),
@@ -306,14 +310,14 @@ def markdown(result: dict[str, Any]) -> str:
         f"Date {result['date']}; machine: {result['machine']['processor']}, {result['machine']['cpu_count']} cores, "
         f"load {result['machine']['load_average_1min']}; command: `{result['command']}`.",
         "",
-        f"## SmolLM2-135M, fwsvd (default) keep {KEEP}, 16 x 512 calibration tokens, batch 4",
+        f"## SmolLM2-135M, fwsvd (default) keep {KEEP}, 16 x 512 calibration tokens",
         "",
-        "| mode | peak RSS (GiB) | x float32 model | wall (s) | calibration (s) | factorization (s) | perplexity | ranks |",
-        "|---|---|---|---|---|---|---|---|",
+        "| mode | batch | peak RSS (GiB) | x float32 model | wall (s) | calibration (s) | factorization (s) | perplexity | ranks |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["smollm2"]:
         lines.append(
-            f"| {r['mode']} | {r['peak_rss_gib']:.2f} | {r['peak_over_model']:.2f} | {r['wall_seconds']:.0f} | {r['seconds_calibration']:.0f} "
+            f"| {r['mode']} | {r.get('batch_size', '-')} | {r['peak_rss_gib']:.2f} | {r['peak_over_model']:.2f} | {r['wall_seconds']:.0f} | {r['seconds_calibration']:.0f} "
             f"| {r['seconds_factorize']:.0f} | {r['perplexity']:.2f} | {r['ranks_digest']} |"
         )
     if result.get("synthetic"):
