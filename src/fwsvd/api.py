@@ -156,6 +156,12 @@ class CalibrationConfig:
     text_column: str | None = _help("name of the text column (detected when omitted)", default=None)
     pair_column: str | None = _help("name of the second text column of a pair task (detected when omitted)", default=None)
     label_column: str | None = _help("name of the label column (detected when omitted)", default=None)
+    low_memory: bool = _help(
+        "calibrate one transformer block at a time (the same statistics; the block-boundary states wait on disk), "
+        "so memory holds one block's activations instead of the whole model's, and a causal LM's logits a few tokens at a time; "
+        "batches default to 1 example",
+        default=False,
+    )
 
     def __post_init__(self) -> None:
         for name in ("samples", "batch_size", "max_length"):
@@ -168,12 +174,15 @@ class CalibrationConfig:
         return CalibrationConfig(
             data=self.data,
             samples=self.samples or (32 if causal else 512),
-            batch_size=self.batch_size or (4 if causal else 16),
+            # With low_memory, blocks run one example at a time unless asked otherwise: a block's
+            # working set grows with the batch, and there is no whole-model pass to amortize.
+            batch_size=self.batch_size or (1 if self.low_memory else 4 if causal else 16),
             max_length=self.max_length or (512 if causal else 128),
             seed=self.seed,
             text_column=self.text_column,
             pair_column=self.pair_column,
             label_column=self.label_column,
+            low_memory=self.low_memory,
         )
 
 
@@ -331,6 +340,14 @@ def calibrate(
     batches, summary = calibration_batches(loaded, config, labels=need_labels)
     summary["task"] = loaded.task
     ctx = distributed.current()
+    if config.low_memory:
+        if ctx.active:
+            raise FwsvdError("--low-memory calibrates in one process: run it without torchrun")
+        from .streaming import stream_statistics_in_scratch
+
+        return stream_statistics_in_scratch(
+            loaded.model, names, batches, kinds, keep_full_fisher=keep_full_fisher, task=loaded.task, progress=progress, summary=summary
+        )
     if ctx.active:
         summary["processes"] = ctx.world_size
     mine = distributed.shard(batches)

@@ -58,7 +58,7 @@ def _add_data_options(p: argparse.ArgumentParser, *, calibration: bool) -> None:
     from .api import CalibrationConfig
 
     p.add_argument("--max-length", type=positive_int, default=None, help=_help(CalibrationConfig, "max_length"))
-    p.add_argument("--batch-size", type=positive_int, default=None, help="batch size: memory and speed only (calibration 16 rows or 4 causal-LM blocks, evaluation 32)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="batch size: memory and speed only (calibration 16 rows or 4 causal-LM blocks, 1 with --low-memory; evaluation 32)")
     for name in ("text_column", "pair_column", "label_column"):
         p.add_argument("--" + name.replace("_", "-"), default=None, help=_help(CalibrationConfig, name))
     if calibration:
@@ -113,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--sequential", action="store_true",
         help="compress one transformer block at a time, each fitted to the inputs the compressed blocks before it produce "
         "(fwsvd's Fisher, and global allocation's prices, come from one pass over the dense model first)",
+    )
+    c.add_argument(
+        "--low-memory", action="store_true",
+        help="never hold the whole model: calibrate one transformer block at a time (the same statistics) and, for a "
+        "safetensors model folder, read each block's weights from disk when it is needed and write its factors before the next "
+        "(slower; peak memory about one block plus the embeddings)",
     )
     c.add_argument("--no-refit", dest="refit", action="store_false", help="with --sequential: keep the factors as the weighted SVD gives them, without the refit to the dense model's outputs")
     c.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
@@ -262,7 +268,7 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     calibration = api.CalibrationConfig(
         data=args.data if args.data is not None else args.finetune_data,
         samples=args.samples, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
-        text_column=args.text_column, pair_column=args.pair_column, label_column=args.label_column,
+        text_column=args.text_column, pair_column=args.pair_column, label_column=args.label_column, low_memory=args.low_memory,
     )
     from . import distributed
 
@@ -280,6 +286,8 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         raise FwsvdError(f"--checkpoint-every {args.checkpoint_every} must be a number of batches (0: no checkpoints)")
     if args.stats and args.save_stats:
         raise FwsvdError("--stats and --save-stats together make no sense: --stats reuses a file, --save-stats writes one")
+    if args.low_memory and (args.sequential or args.stats or args.save_stats or args.finetune_data):
+        raise FwsvdError("--low-memory never holds the whole model or all its statistics: drop --sequential/--stats/--save-stats/--finetune-data")
     if args.sequential and (args.stats or args.save_stats):
         raise FwsvdError("--sequential collects each block's statistics on the fly: drop --stats/--save-stats")
     if args.stats and (args.data is not None or args.samples is not None):
@@ -287,6 +295,15 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     if args.save_stats and ctx.is_main:
         _check_stats_target(args.save_stats)
     recovery = _recovery_config(args)
+    if args.low_memory:
+        from .lowmem import compress_low_memory, streamable
+
+        if streamable(args.model):
+            report, task = compress_low_memory(args.model, out, config, calibration, task=args.task, overwrite=args.overwrite, progress=not args.quiet)
+            return {**report.to_dict(), "out": str(out), "task": task}
+        logging.getLogger("fwsvd").warning(
+            "%s is not a folder of safetensors weights: its weights are loaded whole, calibration still runs one block at a time", args.model
+        )
     statistics = api.load_statistics(args.stats) if args.stats else None  # a bad file fails before the model loads
     loaded = load_model(args.model, args.task, allow_pickle=args.allow_pickle)
     api._refuse_compressed(loaded.model)

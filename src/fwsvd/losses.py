@@ -16,7 +16,7 @@ from torch.nn import functional as F
 
 from .errors import FwsvdError
 
-__all__ = ["IGNORE_INDEX", "example_losses"]
+__all__ = ["IGNORE_INDEX", "example_losses", "next_token_labels"]
 
 #: Label value that marks a token without a target (transformers' convention).
 IGNORE_INDEX = -100
@@ -40,9 +40,7 @@ def example_losses(task: str, logits: torch.Tensor, labels: torch.Tensor, config
     """
     logits = logits.float()
     if task == "causal-lm":
-        # Shift the labels, not the logits: the logits are the largest tensor here.
-        shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-        return _token_mean(logits, shifted)
+        return _token_mean(logits, next_token_labels(labels))
     if task == "token-classification":
         return _token_mean(logits, labels)
     if task == "sequence-classification":
@@ -62,6 +60,14 @@ def example_losses(task: str, logits: torch.Tensor, labels: torch.Tensor, config
             return F.cross_entropy(logits.reshape(-1, num_labels), labels.reshape(-1), reduction="none")
         return F.binary_cross_entropy_with_logits(logits, labels.float(), reduction="none").mean(dim=1)
     raise FwsvdError(f"no per-example loss for task {task!r}: choose causal-lm, token-classification or sequence-classification")
+
+
+def next_token_labels(labels: torch.Tensor) -> torch.Tensor:
+    """A causal LM's target at each position: the next token's label (``-100`` at the last position).
+
+    The labels are shifted, not the logits: the logits are the largest tensor of the loss.
+    """
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
 def _token_mean(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -63,19 +63,19 @@ from .stats import ActivationHooks, PairedInputHooks, Statistics
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["REFIT_DAMPING", "compress_sequential"]
+__all__ = ["REFIT_DAMPING", "BlockCall", "StopForward", "capture_block_calls", "compress_sequential", "split_hidden"]
 
 #: Damping of the refit's normal equations, as a fraction of their mean diagonal: enough to keep
 #: a rank-deficient calibration set solvable, small against any real signal.
 REFIT_DAMPING = 1e-4
 
 
-class _StopForward(Exception):
+class StopForward(Exception):
     """Raised by the capture hook to end a forward pass once the block inputs are recorded."""
 
 
 @dataclass
-class _BlockCall:
+class BlockCall:
     """How one block was called for one batch, without its hidden-states input."""
 
     args: tuple[Any, ...]
@@ -83,9 +83,13 @@ class _BlockCall:
     positional: bool  # hidden states came as the first positional argument (else as a keyword)
 
     def run(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        out = block(hidden, *self.args, **self.kwargs) if self.positional else block(*self.args, hidden_states=hidden, **self.kwargs)
+        out = self.raw(block, hidden)
         # Blocks return the hidden states alone or first in a tuple, depending on the family.
         return out[0] if isinstance(out, (tuple, list)) else out
+
+    def raw(self, block: nn.Module, hidden: torch.Tensor) -> Any:
+        """The block's own return value (a tensor, or a tuple led by the hidden states)."""
+        return block(hidden, *self.args, **self.kwargs) if self.positional else block(*self.args, hidden_states=hidden, **self.kwargs)
 
 
 @dataclass
@@ -94,19 +98,19 @@ class _Captured:
 
     hidden: list[torch.Tensor] = field(default_factory=list)
     masks: list[torch.Tensor | None] = field(default_factory=list)
-    calls: list[list[_BlockCall]] = field(default_factory=list)  # [block][batch]
+    calls: list[list[BlockCall]] = field(default_factory=list)  # [block][batch]
 
 
-def _split_hidden(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, _BlockCall]:
+def split_hidden(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, BlockCall]:
     if args:
-        return args[0], _BlockCall(tuple(args[1:]), dict(kwargs), positional=True)
+        return args[0], BlockCall(tuple(args[1:]), dict(kwargs), positional=True)
     if "hidden_states" not in kwargs:
         raise FwsvdError("cannot find the hidden states a transformer block is called with: run without sequential mode")
     rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-    return kwargs["hidden_states"], _BlockCall(tuple(args), rest, positional=False)
+    return kwargs["hidden_states"], BlockCall(tuple(args), rest, positional=False)
 
 
-def _capture(model: nn.Module, blocks: list[nn.Module], batches: list[dict[str, torch.Tensor]]) -> _Captured:
+def capture_block_calls(model: nn.Module, blocks: list[nn.Module], batches: list[dict[str, torch.Tensor]]) -> _Captured:
     """Record every block's call for every batch, stopping the forward pass at the last block.
 
     Every block's arguments are recorded, not only the first block's: some families hand different
@@ -119,12 +123,12 @@ def _capture(model: nn.Module, blocks: list[nn.Module], batches: list[dict[str, 
 
     def make_hook(index: int):
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            hidden, call = _split_hidden(args, kwargs)
+            hidden, call = split_hidden(args, kwargs)
             captured.calls[index].append(call)
             if index == 0:
                 captured.hidden.append(hidden.detach())
             if index == last:
-                raise _StopForward
+                raise StopForward
 
         return hook
 
@@ -136,7 +140,7 @@ def _capture(model: nn.Module, blocks: list[nn.Module], batches: list[dict[str, 
             inputs = {k: v for k, v in batch.items() if k != "labels"}
             try:
                 model(**inputs, **extra)
-            except _StopForward:
+            except StopForward:
                 pass
             else:
                 raise FwsvdError("the model's forward pass did not reach its last transformer block: run without sequential mode")
@@ -155,7 +159,7 @@ def _block_statistics(
     names: list[str],
     kinds: frozenset[str],
     hidden: list[torch.Tensor],
-    calls: list[_BlockCall],
+    calls: list[BlockCall],
     masks: list[torch.Tensor | None],
     dense_hidden: list[torch.Tensor] | None = None,
 ) -> tuple[Statistics, list[torch.Tensor] | None]:
@@ -340,7 +344,7 @@ def compress_sequential(
     try:
         with torch.no_grad():
             t0 = time.perf_counter()
-            captured = _capture(model, blocks, batches)
+            captured = capture_block_calls(model, blocks, batches)
             masks = captured.masks
             n_tokens = sum(int(m.sum()) if m is not None else int(h.shape[0] * h.shape[1]) for m, h in zip(masks, captured.hidden))
             # Only the current block's inputs stay alive: each block's outputs replace them. With

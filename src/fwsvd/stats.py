@@ -42,7 +42,7 @@ from .nn import linear_weight
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["STAT_KINDS", "ActivationHooks", "PairedInputHooks", "RunningSums", "Statistics", "collect_statistics"]
+__all__ = ["STAT_KINDS", "ActivationHooks", "FisherHooks", "PairedInputHooks", "RunningSums", "Statistics", "collect_statistics"]
 
 STAT_KINDS = frozenset({"fisher", "act", "cov"})
 #: The tensors each kind of statistic leaves per module.
@@ -313,7 +313,7 @@ _EXAMPLE_CHUNK_ELEMENTS = 1 << 24
 FISHER_GRANULARITY = "example"
 
 
-class _FisherHooks:
+class FisherHooks:
     """Per-example squared weight gradients of every targeted module, reduced as they are formed.
 
     The empirical Fisher of FWSVD is a sum over examples of squared per-example gradients. For a
@@ -335,7 +335,7 @@ class _FisherHooks:
         self.tokens = 0  # per example (padded), for inputs flattened to [batch * tokens, features]
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
-    def __enter__(self) -> _FisherHooks:
+    def __enter__(self) -> FisherHooks:
         for name in self.names:
             module = self.model.get_submodule(name)
             self._handles.append(module.register_forward_pre_hook(_require_grad))
@@ -346,6 +346,17 @@ class _FisherHooks:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+    def entries(self, name: str, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``fisher_out``/``fisher_in`` (and ``fisher_full``) of ``name``; zeros when the loss never reached it."""
+        out_features, in_features = like.shape
+        entry = {
+            "fisher_out": self.out.get(name, torch.zeros(out_features)),
+            "fisher_in": self.inp.get(name, torch.zeros(in_features)),
+        }
+        if self.keep_full:
+            entry["fisher_full"] = self.full.get(name, torch.zeros(out_features, in_features))
+        return entry
 
     def restore(self, sums: RunningSums) -> None:
         """Start from ``sums`` (a checkpoint) instead of zero."""
@@ -470,7 +481,7 @@ def collect_statistics(
                 p.grad = None
         # Activation hooks first: they must see each module's original input tensor (the Fisher
         # pre-hook may hand on a copy), so that modules reading one input share one covariance.
-        with ActivationHooks(model, names, kinds & {"act", "cov"}) as hooks, _FisherHooks(
+        with ActivationHooks(model, names, kinds & {"act", "cov"}) as hooks, FisherHooks(
             model, names if want_fisher else [], keep_full_fisher
         ) as fisher:
             hooks.restore(sums)

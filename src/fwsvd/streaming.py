@@ -1,0 +1,517 @@
+"""Calibration one transformer block at a time: exact per-example Fisher without a whole-model backward.
+
+:func:`fwsvd.stats.collect_statistics` runs each micro-batch through the whole model with gradients,
+so the activations of every block, the vocabulary-wide logits and every layer's covariance are in
+memory together. :func:`stream_statistics` computes the very same statistics block by block:
+
+1. **Capture** (:func:`fwsvd.sequential.capture_block_calls`): what every block is called with, and
+   the hidden states entering the first block, per micro-batch, with the blocks skipped (each
+   returns its input; the arguments the model hands its blocks do not depend on their outputs).
+2. **Forward, block-major.** Each block in turn runs every micro-batch from the states the block
+   before produced, without gradients; its ``act``/``cov`` statistics are collected as it runs and
+   handed over before the next block starts. The block-boundary states are kept (in memory, or in a
+   scratch folder on disk with ``scratch``).
+3. **Loss.** The model's own head runs on the last block's output (the blocks themselves are skipped:
+   each returns what it is given) and each example's loss is taken as
+   :func:`fwsvd.losses.example_losses` defines it. For a causal LM the logits are formed a few
+   tokens at a time from the output embedding's input, so the vocabulary never holds more than a
+   chunk: the gradient reaching the last block's output is accumulated chunk by chunk.
+4. **Backward, block-major, from the top.** Each block recomputes its forward pass for one
+   micro-batch with gradients, receives the gradient of the block above at its output, reduces its
+   layers' per-example weight gradients at once (:class:`fwsvd.stats.FisherHooks`, the reduction of
+   the one-pass path) and hands the gradient at its input to the block below.
+
+Peak memory is one block's activations and gradients for one micro-batch, one level of boundary
+states or gradients for the calibration set, and (with ``scratch``) nothing else that grows with
+depth. With ``weights`` (:class:`fwsvd.checkpoint.CheckpointWeights`) each block's weights are
+read from disk when the block runs and dropped after, so the dense model is never resident whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import FwsvdError
+from .losses import IGNORE_INDEX, example_losses, next_token_labels
+from .nn import find_blocks
+from .sequential import StopForward, capture_block_calls, split_hidden
+from .stats import FISHER_GRANULARITY, STAT_KINDS, ActivationHooks, FisherHooks, Statistics, task_of
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BlockWeights", "block_targets", "stream_statistics", "stream_statistics_in_scratch"]
+
+#: Logit elements formed at once by the chunked causal-LM loss (16 MiB of float32; the softmax and
+#: its gradient take as much again each): the vocabulary never dominates memory, whatever the batch
+#: and sequence length.
+LOGIT_CHUNK_ELEMENTS = 1 << 22
+
+
+def release_freed_memory() -> None:
+    """Hand memory that was freed back to the system (glibc ``malloc_trim``; elsewhere nothing).
+
+    Streaming allocates and frees tensors of the same few sizes block after block; glibc keeps
+    freed chunks below its (adaptive) mmap threshold in its heaps, so without this the resident
+    size creeps up to many blocks' worth of memory that is free but never returned.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class BlockWeights(Protocol):
+    """Where a block's weights come from when they are not resident (see :mod:`fwsvd.checkpoint`)."""
+
+    def load(self, prefix: str) -> None:
+        """Make the parameters under module ``prefix`` real tensors."""
+
+    def unload(self, prefix: str) -> None:
+        """Drop the parameters under module ``prefix`` (back to the meta device)."""
+
+
+class _Resident:
+    """The model's weights are in memory already: loading and unloading do nothing."""
+
+    def load(self, prefix: str) -> None:
+        pass
+
+    def unload(self, prefix: str) -> None:
+        pass
+
+
+class _States:
+    """Block-boundary tensors per ``(level, batch)``: in memory, or as safetensors files in ``folder``."""
+
+    def __init__(self, folder: Path | None) -> None:
+        self.folder = folder
+        self._memory: dict[tuple[int, int], torch.Tensor] = {}
+
+    def _path(self, level: int, batch: int) -> Path:
+        assert self.folder is not None
+        return self.folder / f"state-{level}-{batch}.safetensors"
+
+    def put(self, level: int, batch: int, tensor: torch.Tensor) -> None:
+        tensor = tensor.detach()
+        if self.folder is None:
+            self._memory[level, batch] = tensor
+        else:
+            save_file({"t": tensor.contiguous()}, str(self._path(level, batch)))
+
+    def get(self, level: int, batch: int) -> torch.Tensor:
+        if self.folder is None:
+            return self._memory[level, batch]
+        return load_file(str(self._path(level, batch)))["t"]
+
+    def drop(self, level: int, batches: int) -> None:
+        for b in range(batches):
+            if self.folder is None:
+                self._memory.pop((level, b), None)
+            else:
+                self._path(level, b).unlink(missing_ok=True)
+
+
+def block_targets(block_names: list[str], target_names: list[str], *, what: str) -> dict[str, list[str]]:
+    """The targets of each block, in order; every target must lie inside a block.
+
+    Raises:
+        FwsvdError: naming the targets outside the blocks.
+    """
+    by_block: dict[str, list[str]] = {name: [] for name in block_names}
+    outside: list[str] = []
+    for target in target_names:
+        owner = next((b for b in block_names if target.startswith(b + ".")), None)
+        (outside if owner is None else by_block[owner]).append(target)
+    if outside:
+        raise FwsvdError(
+            f"{what} works one transformer block at a time, but {', '.join(outside[:3])}{' ...' if len(outside) > 3 else ''} "
+            f"lie outside the blocks: narrow --include, or run without {what}"
+        )
+    return by_block
+
+
+def _single_stack(model: nn.Module, block_names: list[str], what: str) -> None:
+    if not block_names:
+        raise FwsvdError(f"{type(model).__name__} has no repeated transformer blocks to stream: run without {what}")
+    stacks = sorted({name.rpartition(".")[0] for name in block_names})
+    if len(stacks) > 1:
+        raise FwsvdError(
+            f"{type(model).__name__} has {len(stacks)} stacks of blocks ({', '.join(stacks)}); {what} follows one chain of "
+            f"blocks (decoder-only or encoder-only models): run without {what}"
+        )
+
+
+@contextlib.contextmanager
+def _skipped_blocks(blocks: list[nn.Module], like: Any, last_output: torch.Tensor | None = None) -> Iterator[None]:
+    """Run the model around its blocks: each block returns what it is given, the last ``last_output``
+    (when given).
+
+    ``like`` is one real output of a block (a tensor, or a tuple led by the hidden states), whose
+    shape the stand-in outputs copy, so the model's own code between and after the blocks runs
+    unchanged. The blocks' ``forward`` is replaced on the instance only and put back after.
+    """
+
+    def shaped(hidden: torch.Tensor) -> Any:
+        return (hidden, *like[1:]) if isinstance(like, (tuple, list)) else hidden
+
+    def make(index: int) -> Callable[..., Any]:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if index == len(blocks) - 1 and last_output is not None:
+                return shaped(last_output)
+            hidden, _ = split_hidden(args, kwargs)
+            return shaped(hidden)
+
+        return forward
+
+    saved = [block.__dict__.get("forward") for block in blocks]
+    try:
+        for index, block in enumerate(blocks):
+            block.forward = make(index)
+        yield
+    finally:
+        for block, previous in zip(blocks, saved):
+            del block.forward
+            if previous is not None:
+                block.forward = previous
+
+
+class _Head:
+    """The loss of each example from the last block's output, and the gradient it sends back.
+
+    A causal LM whose logits are exactly its output embedding applied to that embedding's input
+    (checked once, on a few tokens) gets its logits a chunk of tokens at a time; anything else (an
+    encoder's pooler and classifier, a family that scales or caps its logits) runs the model's own
+    head whole, whose logits are small or, for a causal LM, as large as the one-pass path's.
+    """
+
+    def __init__(self, model: nn.Module, task: str, blocks: list[nn.Module], like: Any) -> None:
+        self.model = model
+        self.task = task
+        self.blocks = blocks
+        self.like = like
+        self.extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+        self.chunked: bool | None = None if task == "causal-lm" and model.get_output_embeddings() is not None else False
+
+    def _run(self, inputs: Mapping[str, torch.Tensor], last: torch.Tensor, stop_at_head: bool) -> tuple[Any, torch.Tensor | None]:
+        captured: list[torch.Tensor] = []
+        head = self.model.get_output_embeddings() if stop_at_head else None
+
+        def grab(module: nn.Module, args: tuple[Any, ...]) -> None:
+            captured.append(args[0])
+            raise StopForward
+
+        handle = head.register_forward_pre_hook(grab) if head is not None else None
+        try:
+            with _skipped_blocks(self.blocks, self.like, last):
+                try:
+                    out = self.model(**inputs, **self.extra)
+                except StopForward:
+                    return None, captured[0]
+        finally:
+            if handle is not None:
+                handle.remove()
+        if head is not None:
+            raise FwsvdError("the model's forward pass did not reach its output embedding: run without --low-memory")
+        return out, None
+
+    def _check_chunkable(self, inputs: Mapping[str, torch.Tensor], last: torch.Tensor) -> bool:
+        """Whether the model's logits are its output embedding of that embedding's input (a few tokens)."""
+        head = self.model.get_output_embeddings()
+        seen: list[torch.Tensor] = []
+        handle = head.register_forward_hook(lambda m, a, o: seen.append(o))
+        small = {k: v[:1, :8] for k, v in inputs.items()}
+        try:
+            with torch.no_grad():
+                out, _ = self._run(small, last[:1, :8], stop_at_head=False)
+        finally:
+            handle.remove()
+        same = len(seen) == 1 and seen[0].shape == out.logits.shape and torch.equal(seen[0], out.logits)
+        if not same:
+            logger.info("%s transforms its logits after the output embedding: the loss runs over the whole vocabulary at once", type(self.model).__name__)
+        return same
+
+    def __call__(self, batch: Mapping[str, torch.Tensor], last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(per-example losses [batch], gradient of their sum at the last block's output)``."""
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        labels = batch["labels"]
+        if self.chunked is None:
+            self.chunked = self._check_chunkable(inputs, last)
+        x = last.detach().requires_grad_(True)
+        with torch.enable_grad():
+            if not self.chunked:
+                out, _ = self._run(inputs, x, stop_at_head=False)
+                losses = example_losses(self.task, out.logits, labels, getattr(self.model, "config", None))
+                del out
+                _check_losses(losses)
+                losses.sum().backward()
+                return losses.detach(), _grad_or_zeros(x)
+            _, features = self._run(inputs, x, stop_at_head=True)
+            losses, grad = self._chunked_loss(features, labels)
+            _check_losses(losses)
+            features.backward(grad)
+        return losses, _grad_or_zeros(x)
+
+    def _chunked_loss(self, features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-example mean next-token loss and its gradient at the head's input, a chunk of tokens at a time.
+
+        Example ``e``'s loss is ``sum_t CE(e, t) / n_e`` over its labelled positions (as
+        :func:`fwsvd.losses.example_losses`), so each chunk's gradient is that of its own terms.
+        """
+        head = self.model.get_output_embeddings()
+        targets = next_token_labels(labels)
+        counts = (targets != IGNORE_INDEX).sum(dim=1).clamp(min=1).float()
+        batch, tokens = targets.shape
+        vocab = int(head.weight.shape[0])
+        step = max(1, LOGIT_CHUNK_ELEMENTS // max(1, batch * vocab))
+        sums = torch.zeros(batch)
+        grad = torch.zeros_like(features)
+        for start in range(0, tokens, step):
+            piece = features[:, start : start + step].detach().requires_grad_(True)
+            logits = head(piece).float()
+            ce = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, vocab), targets[:, start : start + step].reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+            ).view(batch, -1).sum(dim=1)
+            del logits
+            (piece_grad,) = torch.autograd.grad((ce / counts).sum(), piece)
+            grad[:, start : start + step] = piece_grad
+            sums += ce.detach()
+        return sums / counts, grad
+
+
+def _check_losses(losses: torch.Tensor) -> None:
+    if not torch.isfinite(losses).all():
+        raise FwsvdError(f"calibration loss is {losses.tolist()}: check the labels and the model weights for NaN/inf")
+
+
+def _grad_or_zeros(x: torch.Tensor) -> torch.Tensor:
+    return x.grad if x.grad is not None else torch.zeros_like(x)
+
+
+def stream_statistics(
+    model: nn.Module,
+    target_names: list[str],
+    batches: list[dict[str, torch.Tensor]],
+    kinds: set[str] | frozenset[str],
+    *,
+    task: str | None = None,
+    keep_full_fisher: bool = False,
+    weights: BlockWeights | None = None,
+    scratch: str | Path | None = None,
+    on_block: Callable[[str, Statistics], Statistics | None] | None = None,
+    progress: bool = True,
+    summary: Mapping[str, Any] | None = None,
+) -> Statistics:
+    """The statistics of :func:`fwsvd.stats.collect_statistics`, computed one transformer block at a time.
+
+    Args:
+        model: the model (left in its mode, ``requires_grad`` flags and gradients as found). Its
+            parameters outside the blocks must be in memory; those inside may be on the meta device
+            when ``weights`` loads them.
+        target_names: linear modules to collect for; all must lie inside the transformer blocks.
+        batches: model inputs (with ``labels`` for ``fisher``).
+        kinds: subset of :data:`fwsvd.stats.STAT_KINDS`.
+        task: the task that defines each example's loss (detected from the model when ``None``).
+        keep_full_fisher: also keep the elementwise Fisher.
+        weights: loads and drops each block's weights around its use; ``None``: resident.
+        scratch: a folder for the block-boundary states (``None``: kept in memory).
+        on_block: called with each block's name and its ``act``/``cov`` statistics as soon as they
+            are complete; what it returns (e.g. ``None`` after writing them to disk) is kept in
+            their place. The Fisher vectors (two per layer) are always kept.
+        progress: show progress bars.
+        summary: extra facts for :attr:`Statistics.summary`.
+
+    Returns:
+        The :class:`~fwsvd.stats.Statistics` (``summary["streamed"]`` is true).
+
+    Raises:
+        FwsvdError: no batch, a batch without labels for Fisher, targets outside the blocks, a
+            model with several stacks of blocks, or a non-finite loss or statistic.
+    """
+    kinds = frozenset(kinds)
+    unknown = kinds - STAT_KINDS
+    if unknown:
+        raise ValueError(f"unknown statistics {sorted(unknown)}; known: {sorted(STAT_KINDS)}")
+    if not batches:
+        raise FwsvdError("no calibration batches: the calibration data is empty; pass a file with at least one example")
+    want_fisher = "fisher" in kinds
+    if want_fisher and any("labels" not in b for b in batches):
+        raise FwsvdError("Fisher calibration needs labelled data: the batch has no 'labels'")
+    if want_fisher and task is None:
+        task = task_of(model)
+    block_names = find_blocks(model)
+    what = "streamed calibration (--low-memory)"
+    _single_stack(model, block_names, what)
+    by_block = block_targets(block_names, list(target_names), what=what)
+    blocks = [model.get_submodule(name) for name in block_names]
+    weights = weights or _Resident()
+    states = _States(Path(scratch) if scratch is not None else None)
+    act_kinds = kinds & {"act", "cov"}
+
+    modes = {m: m.training for m in model.modules()}
+    saved_flags = {p: p.requires_grad for p in model.parameters()}
+    saved_grads = {p: p.grad for p in model.parameters()}
+    start = time.perf_counter()
+    stats = Statistics()
+    n = len(batches)
+    loss_sum = 0.0
+    model.eval()  # deterministic statistics: no dropout
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+            p.grad = None
+        with torch.no_grad():
+            like = _block_output(model, blocks, block_names[0], batches[0], weights)
+            # What every block is called with, the blocks skipped (their arguments do not depend on
+            # what the blocks before them return): no block's weights are needed for it.
+            with _skipped_blocks(blocks, like):
+                captured = capture_block_calls(model, blocks, batches)
+        for b, hidden in enumerate(captured.hidden):
+            states.put(0, b, hidden)
+        captured.hidden = []
+        masks = captured.masks
+
+        # Forward, one block at a time over every micro-batch: the act/cov of its layers.
+        bar = tqdm(list(zip(block_names, blocks)), desc="calibrating (forward)", unit="block", disable=not progress, leave=False)
+        for index, (name, block) in enumerate(bar):
+            weights.load(name)
+            try:
+                with torch.no_grad(), ActivationHooks(model, by_block[name], act_kinds) as hooks:
+                    for b, (call, mask) in enumerate(zip(captured.calls[index], masks)):
+                        hooks.new_batch(mask)
+                        out = call.raw(block, states.get(index, b))
+                        states.put(index + 1, b, out[0] if isinstance(out, (tuple, list)) else out)
+                        del out
+            finally:
+                weights.unload(name)
+                release_freed_memory()
+            if act_kinds:
+                block_stats = Statistics(shared=dict(hooks.shared))
+                for target in by_block[name]:
+                    block_stats.tensors[target] = _finite(target, hooks.entries(target))
+                kept = on_block(name, block_stats) if on_block is not None else block_stats
+                if kept is not None:
+                    for target, entry in kept.tensors.items():
+                        stats.tensors.setdefault(target, {}).update(entry)
+                stats.shared.update(block_stats.shared)
+            if not want_fisher and index > 0:
+                states.drop(index, n)
+        if not want_fisher:
+            states.drop(len(blocks), n)
+            states.drop(0, n)
+
+        if want_fisher:
+            # The loss of each example, and the gradient at the last block's output.
+            head = _Head(model, task, blocks, like)
+            top = len(blocks)
+            for b, batch in enumerate(tqdm(batches, desc="calibrating (loss)", unit="batch", disable=not progress, leave=False)):
+                losses, grad = head(batch, states.get(top, b))
+                loss_sum += float(losses.sum())
+                states.put(top, b, grad)  # the level's states are no longer needed: gradients take their place
+                del losses, grad
+                release_freed_memory()
+            # Backward, one block at a time from the top: each block's Fisher, and the gradient below it.
+            bar = tqdm(list(zip(block_names, blocks))[::-1], desc="calibrating (backward)", unit="block", disable=not progress, leave=False)
+            for offset, (name, block) in enumerate(bar):
+                index = len(blocks) - 1 - offset
+                weights.load(name)
+                try:
+                    with FisherHooks(model, by_block[name], keep_full_fisher) as fisher:
+                        for b, (call, batch) in enumerate(zip(captured.calls[index], batches)):
+                            fisher.batch_size, fisher.tokens = (int(s) for s in batch["input_ids"].shape[:2])
+                            grad_out = states.get(index + 1, b)
+                            with torch.enable_grad():
+                                x = states.get(index, b).requires_grad_(True)
+                                out = call.run(block, x)
+                                out.backward(grad_out)
+                            states.put(index, b, _grad_or_zeros(x))
+                            del out, x, grad_out
+                finally:
+                    weights.unload(name)
+                    release_freed_memory()
+                states.drop(index + 1, n)
+                for target in by_block[name]:
+                    like_weight = _weight_shape(model.get_submodule(target))
+                    stats.tensors.setdefault(target, {}).update(_finite(target, fisher.entries(target, like_weight)))
+            states.drop(0, n)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+        for p, flag in saved_flags.items():
+            p.requires_grad_(flag)
+            p.grad = saved_grads[p]
+
+    n_rows = sum(int(b["input_ids"].shape[0]) for b in batches)
+    n_tokens = sum(int(b["attention_mask"].sum()) if b.get("attention_mask") is not None else int(b["input_ids"].numel()) for b in batches)
+    for target in target_names:
+        stats.tensors.setdefault(target, {})
+    stats.summary = {
+        **dict(summary or {}),
+        "kinds": sorted(kinds),
+        "batches": n,
+        "samples": n_rows,
+        "tokens": n_tokens,
+        "seconds": round(time.perf_counter() - start, 3),
+        "streamed": True,
+    }
+    if want_fisher:
+        stats.summary["mean_loss"] = loss_sum / n_rows
+        stats.summary["fisher_granularity"] = FISHER_GRANULARITY
+    logger.info("calibrated %s block by block on %d samples (%d tokens) in %.1f s", sorted(kinds), n_rows, n_tokens, stats.summary["seconds"])
+    return stats
+
+
+def stream_statistics_in_scratch(*args: Any, **kwargs: Any) -> Statistics:
+    """:func:`stream_statistics` with the block-boundary states in a temporary folder, removed after.
+
+    The folder lies in the system's temporary directory (``TMPDIR``); it holds the states entering
+    every block: ``(blocks + 1) x samples x tokens x hidden`` values of the model's dtype.
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="fwsvd-states-") as scratch:
+        return stream_statistics(*args, scratch=scratch, **kwargs)
+
+
+def _block_output(model: nn.Module, blocks: list[nn.Module], first: str, batch: Mapping[str, torch.Tensor], weights: BlockWeights) -> Any:
+    """One real output of the first block (its shape: a tensor, or a tuple led by the hidden states)."""
+    captured = capture_block_calls(model, blocks[:1], [dict(batch)])
+    weights.load(first)
+    try:
+        return _detached(captured.calls[0][0].raw(blocks[0], captured.hidden[0]))
+    finally:
+        weights.unload(first)
+
+
+def _finite(name: str, entry: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    for key, t in entry.items():
+        if not torch.isfinite(t).all():
+            raise FwsvdError(f"statistic {key} of {name} is not finite: the model or data produce NaN/inf")
+    return entry
+
+
+def _weight_shape(module: nn.Module) -> torch.Tensor:
+    """A meta tensor of the module's ``[out, in]`` weight shape (for zero Fisher of unreached layers)."""
+    from .nn import linear_weight
+
+    return torch.empty(linear_weight(module).shape, device="meta")
+
+
+def _detached(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_detached(v) for v in value)
+    return value
