@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from conftest import make_llama
 from test_decoder import _write_tiny_gguf
@@ -56,3 +57,52 @@ def test_gguf_loaded_weights_are_ordinary_tensors(tmp_path: Path):
     model = fwsvd.load_model(folder).model
     bad = [name for name, p in model.named_parameters() if not _ordinary(p)]
     assert not bad, f"GGUF-loaded weights that are not ordinary tensors: {bad}"
+
+
+# --- factors stored in half precision -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_factors_halve_their_bytes_and_reload(llama_dir: Path, tmp_path: Path, dtype: str):
+    from safetensors import safe_open
+
+    ids = torch.tensor([[2, 5, 9, 14, 3]])
+    factor_bytes, outputs = {}, {}
+    for stored in ("float32", dtype):
+        lm = fwsvd.load_model(llama_dir)
+        config = fwsvd.CompressConfig(method="svd", keep=0.5, dtype=None if stored == "float32" else stored)
+        fwsvd.compress(lm.model, config, task="causal-lm", progress=False)
+        with torch.no_grad():
+            outputs[stored] = lm.model(ids).logits
+        out = fwsvd.save(lm.model, tmp_path / stored)
+        with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+            factors = [f.get_tensor(k) for k in f.keys() if k.endswith((".weight_in", ".weight_out"))]
+        assert {t.dtype for t in factors} == {getattr(torch, stored)}
+        factor_bytes[stored] = sum(t.numel() * t.element_size() for t in factors)
+        reloaded = fwsvd.load_model(out).model
+        assert fwsvd.inspect(reloaded)["factor_dtype"] == (None if stored == "float32" else stored)
+        assert reloaded.config.quantization_config.to_dict().get("factor_dtype") == (None if stored == "float32" else stored)
+        with torch.no_grad():
+            # The reloaded model computes in float32 with the stored (rounded) factors: same outputs.
+            torch.testing.assert_close(reloaded(ids).logits, outputs[stored], rtol=1e-3, atol=1e-3)
+    assert factor_bytes[dtype] * 2 == factor_bytes["float32"]
+    # Rounding the factors to 8 (bfloat16) or 11 (float16) significant bits moves the logits a little.
+    torch.testing.assert_close(outputs[dtype], outputs["float32"], rtol=0.05, atol=0.05)
+
+
+def test_dtype_is_validated():
+    with pytest.raises(fwsvd.FwsvdError, match="--dtype 'int8'"):
+        fwsvd.CompressConfig(method="svd", keep=0.5, dtype="int8")
+
+
+def test_cli_dtype_option_is_recorded_and_inspected(llama_dir: Path, tmp_path: Path, capsys):
+    import json
+
+    from fwsvd.cli import main
+
+    out = tmp_path / "bf16"
+    assert main(["compress", str(llama_dir), "--out", str(out), "--method", "svd", "--keep", "0.5", "--dtype", "bfloat16", "--json", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["factor_dtype"] == "bfloat16"
+    assert json.loads((out / "config.json").read_text(encoding="utf-8"))["quantization_config"]["factor_dtype"] == "bfloat16"
+    assert main(["inspect", str(out), "--quiet"]) == 0
+    assert "factors stored as bfloat16" in capsys.readouterr().out

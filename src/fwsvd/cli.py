@@ -74,7 +74,7 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .api import ALLOCATIONS, DEFAULT_ALLOCATION, DEFAULT_RANK_FLOOR, CompressConfig
+    from .api import ALLOCATIONS, DEFAULT_ALLOCATION, DEFAULT_RANK_FLOOR, FACTOR_DTYPES, CompressConfig
     from .methods import METHODS
     from .models import TASKS
 
@@ -97,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--rank-floor", type=float, default=DEFAULT_RANK_FLOOR, help=_help(CompressConfig, "rank_floor"))
     c.add_argument("--asvd-alpha", type=float, default=0.5, help=_help(CompressConfig, "asvd_alpha"))
     c.add_argument("--damping", type=float, default=0.01, help=_help(CompressConfig, "damping"))
+    c.add_argument("--dtype", choices=list(FACTOR_DTYPES), default=None, help=_help(CompressConfig, "dtype"))
     c.add_argument("--task", choices=list(TASKS), default=None, help="model task (detected from config.json when omitted)")
     c.add_argument("--save-stats", default=None, metavar="FILE", help="also write the calibration statistics to this .safetensors file")
     c.add_argument("--stats", default=None, metavar="FILE", help="reuse statistics saved with --save-stats instead of calibrating")
@@ -248,6 +249,8 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         method=args.method, keep=args.keep, include=tuple(args.include), exclude=tuple(args.exclude),
         fisher_reduction=args.fisher_reduction, fisher_whiten=args.fisher_whiten, asvd_alpha=args.asvd_alpha, damping=args.damping,
         allocation=args.allocation, rank_floor=args.rank_floor, refit=args.refit,
+        # With recovery fine-tuning the factors train in the model's dtype and are cast after it.
+        dtype=None if args.finetune_data is not None else args.dtype,
     )
     # Without --data, a recovery run's labelled training file also serves as calibration data.
     calibration = api.CalibrationConfig(
@@ -294,8 +297,12 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
 
         finetuned = finetune(loaded, recovery, progress=not args.quiet, teacher=teacher)
         del teacher
+        if args.dtype is not None:
+            api.cast_factors(loaded.model, args.dtype)
     api.save(loaded.model, out, loaded.tokenizer, overwrite=args.overwrite)
     result = report.to_dict()
+    if args.dtype is not None:
+        result["factor_dtype"] = args.dtype
     if finetuned is not None:
         result["finetune"] = finetuned
     result["out"] = str(out)
@@ -510,6 +517,8 @@ def format_inspect(result: dict[str, Any]) -> str:
     if result.get("allocation"):
         alloc = result["allocation"]
         lines.append(f"allocation        {alloc.get('mode')}" + (f" (rank floor {alloc['rank_floor']:g})" if "rank_floor" in alloc else ""))
+    if result.get("factor_dtype"):
+        lines.append(f"factors stored as {result['factor_dtype']}")
     if result.get("rank_table"):
         # One row per layer type: its rank at each depth ('-' = dense), so the allocation shows.
         rows = []

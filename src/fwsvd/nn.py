@@ -74,6 +74,9 @@ class LowRankLinear(nn.Module):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != self.weight_in.dtype:
+            # Factors stored in another dtype than the activations (``--dtype bfloat16``).
+            return F.linear(F.linear(x.to(self.weight_in.dtype), self.weight_in), self.weight_out, self.bias).to(x.dtype)
         return F.linear(F.linear(x, self.weight_in), self.weight_out, self.bias)
 
     def dense_weight(self) -> torch.Tensor:
