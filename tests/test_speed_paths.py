@@ -106,3 +106,94 @@ def test_cli_dtype_option_is_recorded_and_inspected(llama_dir: Path, tmp_path: P
     assert json.loads((out / "config.json").read_text(encoding="utf-8"))["quantization_config"]["factor_dtype"] == "bfloat16"
     assert main(["inspect", str(out), "--quiet"]) == 0
     assert "factors stored as bfloat16" in capsys.readouterr().out
+
+
+# --- first factors of layers reading the same input, stacked --------------------------------------
+
+
+def _compressed(make):
+    model = make()
+    fwsvd.compress(model, fwsvd.CompressConfig(method="svd", keep=0.5), task="causal-lm", progress=False)
+    return model
+
+
+def _count_linear_calls(monkeypatch) -> list[int]:
+    import fwsvd.nn as fnn
+
+    calls = [0]
+    plain = fnn.F.linear
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return plain(*args, **kwargs)
+
+    monkeypatch.setattr(fnn.F, "linear", counting)
+    return calls
+
+
+@pytest.mark.parametrize("name", ["llama", "bert", "gpt2"])
+def test_stacked_first_factors_equal_the_plain_forward(name: str, monkeypatch):
+    from conftest import make_bert, make_gpt2
+
+    from fwsvd.nn import stack_shared_inputs
+
+    model = _compressed({"llama": make_llama, "bert": make_bert, "gpt2": make_gpt2}[name])
+    ids = torch.tensor([[2, 5, 9, 14, 3, 7], [2, 8, 8, 11, 3, 0]])
+    keys = list(model.state_dict())
+    calls = _count_linear_calls(monkeypatch)
+    with torch.no_grad():
+        plain = model(ids)[0]
+    plain_calls, calls[0] = calls[0], 0
+    groups = stack_shared_inputs(model, ids)
+    # q/k/v (and gate/up) share their input in Llama and BERT; GPT-2's c_attn is one layer already.
+    expected = {"llama": [3, 2, 3, 2], "bert": [3, 3], "gpt2": []}[name]
+    assert [len(g) for g in groups] == expected
+    calls[0] = 0
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            torch.testing.assert_close(model(ids)[0], plain, rtol=1e-5, atol=1e-5)
+    assert calls[0] == 2 * (plain_calls - sum(len(g) - 1 for g in groups))  # one product per group instead of one per layer
+    assert list(model.state_dict()) == keys  # nothing to save or load changed
+
+
+def test_stacked_first_factors_train_like_plain_ones():
+    from fwsvd.nn import stack_shared_inputs
+
+    ids = torch.tensor([[2, 5, 9, 14, 3, 7]])
+    grads = []
+    for stacked in (False, True):
+        model = _compressed(make_llama).train()
+        if stacked:
+            stack_shared_inputs(model, ids)
+        model(ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        if stacked:
+            # A training step changes the factors in place: the stacked copy follows them.
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.1 * p.grad if p.grad is not None else 0
+                model.eval()
+                fast = model(ids).logits
+                for m in model.modules():
+                    m.__dict__.pop("_shared_input", None)
+                torch.testing.assert_close(model(ids).logits, fast, rtol=1e-5, atol=1e-5)
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6)
+
+
+def test_stacked_model_saves_and_reloads(tmp_path: Path):
+    import copy
+
+    from fwsvd.nn import stack_shared_inputs
+
+    model = _compressed(make_llama)
+    ids = torch.tensor([[2, 5, 9, 14, 3, 7]])
+    stack_shared_inputs(model, ids)
+    with torch.no_grad():
+        expected = model(ids).logits
+        torch.testing.assert_close(copy.deepcopy(model)(ids).logits, expected)
+    fwsvd.save(model, tmp_path / "m")
+    reloaded = fwsvd.load(tmp_path / "m")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, expected, rtol=1e-5, atol=1e-5)
