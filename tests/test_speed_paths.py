@@ -197,3 +197,21 @@ def test_stacked_model_saves_and_reloads(tmp_path: Path):
     reloaded = fwsvd.load(tmp_path / "m")
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+# --- rank rounding --------------------------------------------------------------------------------
+
+
+def test_round_ranks_keeps_the_budget_and_uses_multiples():
+    from fwsvd.core import factorized_parameters, round_ranks
+
+    shapes = [(576, 576, False), (192, 576, False), (1536, 576, False), (576, 1536, True), (64, 64, False)]
+    ranks = [131, 70, 205, 3, None]
+    rounded = round_ranks(ranks, shapes, 8)
+    params = lambda rs: sum(factorized_parameters(o, i, r, b) for (o, i, b), r in zip(shapes, rs) if r is not None)  # noqa: E731
+    assert params(rounded) <= params(ranks)
+    assert rounded[3] == 3 and rounded[4] is None  # below the multiple, or dense: untouched
+    assert all(r % 8 == 0 for r in rounded[:3])
+    # 70 and 131 rounded up with what rounding all three down freed; 205 -> 208 would overspend.
+    assert rounded == [136, 72, 200, 3, None]
+    assert round_ranks(ranks, shapes, 1) == ranks
