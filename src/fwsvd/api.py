@@ -45,6 +45,7 @@ __all__ = [
     "LayerReport",
     "calibrate",
     "calibration_batches",
+    "cast_factors",
     "compress",
     "count_parameters",
     "check_statistics",
@@ -68,6 +69,8 @@ DEFAULT_ALLOCATION = "auto"
 #: accuracy dropped (keep 0.8: 0.873, keep 0.3: 0.848 against 0.876 / 0.852 at 0.5), while the
 #: decoder barely noticed (keep 0.8: 40.4 against 40.8).
 DEFAULT_RANK_FLOOR = 0.5
+#: dtypes the low-rank factors may be stored in (``None``: the model's own).
+FACTOR_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _help(text: str, **kw: Any) -> Any:
@@ -111,6 +114,11 @@ class CompressConfig:
     )
     asvd_alpha: float = _help("asvd: exponent of the mean absolute activation scaling", default=0.5)
     damping: float = _help("svd-llm and whitened fwsvd: damping added to the covariance, as a fraction of its mean diagonal", default=0.01)
+    dtype: str | None = _help(
+        f"dtype of the low-rank factors as stored: {', '.join(FACTOR_DTYPES)} (default: the model's own). bfloat16/float16 halve "
+        "the factors' file size; loading computes in the model's dtype (float32) again",
+        default=None,
+    )
 
     def __post_init__(self) -> None:
         self.include = tuple(self.include or ())
@@ -123,6 +131,8 @@ class CompressConfig:
             raise FwsvdError(f"--allocation {self.allocation!r} must be one of {', '.join(ALLOCATIONS)}")
         if isinstance(self.rank_floor, bool) or not isinstance(self.rank_floor, (int, float)) or not 0 <= self.rank_floor <= 1:
             raise FwsvdError(f"--rank-floor {self.rank_floor!r} must be a fraction in [0, 1] of each layer's uniform rank")
+        if self.dtype is not None and self.dtype not in FACTOR_DTYPES:
+            raise FwsvdError(f"--dtype {self.dtype!r} must be one of {', '.join(FACTOR_DTYPES)}")
         self.build_method("sequence-classification")  # validates the method's options early
 
     def resolved_allocation(self) -> str:
@@ -633,8 +643,32 @@ def _record_compression(
         calibration=record["calibration"],
         allocation={"mode": config.resolved_allocation(), **({"rank_floor": config.rank_floor} if config.resolved_allocation() == "global" else {})},
     )
+    if config.dtype is not None:
+        cast_factors(model, config.dtype)
     logger.info("%s: kept %.3f of targeted parameters, %.3f of the model", method.name, report.target_keep, report.model_keep)
     return report
+
+
+def cast_factors(model: nn.Module, dtype: str) -> None:
+    """Store every :class:`LowRankLinear` of a compressed model (factors and bias) in ``dtype``.
+
+    The layers compute in their inputs' dtype, so the model runs as before (with the factors
+    rounded); :func:`save` writes the factors in ``dtype`` and the record says so
+    (``factor_dtype``). Loading computes in the model's dtype again.
+
+    Raises:
+        FwsvdError: for a dtype not in :data:`FACTOR_DTYPES` or a model without a compression record.
+    """
+    if dtype not in FACTOR_DTYPES:
+        raise FwsvdError(f"--dtype {dtype!r} must be one of {', '.join(FACTOR_DTYPES)}")
+    qc = getattr(getattr(model, "config", None), "quantization_config", None)
+    if not isinstance(qc, FwsvdQuantizationConfig):
+        raise FwsvdError("cast_factors needs a model compressed by fwsvd in this session (with its compression record)")
+    target = getattr(torch, dtype)
+    for module in model.modules():
+        if isinstance(module, LowRankLinear):
+            module.to(target)
+    qc.factor_dtype = dtype
 
 
 #: Per-module tensors a statistics file may hold, and their shape for an ``[out, in]`` layer.
@@ -769,6 +803,7 @@ def inspect(model: nn.Module) -> dict[str, Any]:
         "target_dense_parameters": record.get("target_dense_parameters"),
         "ranks": ranks,
         "allocation": record.get("allocation", {"mode": "uniform"} if record else None),
+        "factor_dtype": record.get("factor_dtype"),  # None: stored in the model's dtype
         "rank_table": rank_table(ranks, record.get("dense_layers", [])),
         "calibration": record.get("calibration", {}),
     }

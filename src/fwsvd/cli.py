@@ -77,7 +77,7 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .api import ALLOCATIONS, DEFAULT_ALLOCATION, DEFAULT_RANK_FLOOR, CompressConfig
+    from .api import ALLOCATIONS, DEFAULT_ALLOCATION, DEFAULT_RANK_FLOOR, FACTOR_DTYPES, CompressConfig
     from .methods import METHODS
     from .models import TASKS
 
@@ -100,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--rank-floor", type=float, default=DEFAULT_RANK_FLOOR, help=_help(CompressConfig, "rank_floor"))
     c.add_argument("--asvd-alpha", type=float, default=0.5, help=_help(CompressConfig, "asvd_alpha"))
     c.add_argument("--damping", type=float, default=0.01, help=_help(CompressConfig, "damping"))
+    c.add_argument("--dtype", choices=list(FACTOR_DTYPES), default=None, help=_help(CompressConfig, "dtype"))
     c.add_argument("--task", choices=list(TASKS), default=None, help="model task (detected from config.json when omitted)")
     c.add_argument("--save-stats", default=None, metavar="FILE", help="also write the calibration statistics to this .safetensors file")
     c.add_argument("--stats", default=None, metavar="FILE", help="reuse statistics saved with --save-stats instead of calibrating")
@@ -263,6 +264,8 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         method=args.method, keep=args.keep, include=tuple(args.include), exclude=tuple(args.exclude),
         fisher_reduction=args.fisher_reduction, fisher_whiten=args.fisher_whiten, asvd_alpha=args.asvd_alpha, damping=args.damping,
         allocation=args.allocation, rank_floor=args.rank_floor, refit=args.refit,
+        # With recovery fine-tuning the factors train in the model's dtype and are cast after it.
+        dtype=None if args.finetune_data is not None else args.dtype,
     )
     # Without --data, a recovery run's labelled training file also serves as calibration data.
     calibration = api.CalibrationConfig(
@@ -288,6 +291,8 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         raise FwsvdError("--stats and --save-stats together make no sense: --stats reuses a file, --save-stats writes one")
     if args.low_memory and (args.sequential or args.stats or args.save_stats or args.finetune_data):
         raise FwsvdError("--low-memory never holds the whole model or all its statistics: drop --sequential/--stats/--save-stats/--finetune-data")
+    if args.low_memory and args.dtype is not None:
+        raise FwsvdError(f"--dtype {args.dtype} is not supported with --low-memory yet: drop one of them")
     if args.sequential and (args.stats or args.save_stats):
         raise FwsvdError("--sequential collects each block's statistics on the fly: drop --stats/--save-stats")
     if args.stats and (args.data is not None or args.samples is not None):
@@ -339,6 +344,8 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
 
         finetuned = finetune(loaded, recovery, progress=not args.quiet, teacher=teacher)
         del teacher
+        if args.dtype is not None:
+            api.cast_factors(loaded.model, args.dtype)
     if ctx.is_main:
         api.save(loaded.model, out, loaded.tokenizer, overwrite=args.overwrite)
         if checkpointing is not None:
@@ -349,6 +356,8 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     if checkpointing is not None:
         checkpointing.discard(ctx)  # on other nodes of a job, each process's own file
     result = report.to_dict()
+    if args.dtype is not None:
+        result["factor_dtype"] = args.dtype
     if finetuned is not None:
         result["finetune"] = finetuned
     result["out"] = str(out)
@@ -563,6 +572,8 @@ def format_inspect(result: dict[str, Any]) -> str:
     if result.get("allocation"):
         alloc = result["allocation"]
         lines.append(f"allocation        {alloc.get('mode')}" + (f" (rank floor {alloc['rank_floor']:g})" if "rank_floor" in alloc else ""))
+    if result.get("factor_dtype"):
+        lines.append(f"factors stored as {result['factor_dtype']}")
     if result.get("rank_table"):
         # One row per layer type: its rank at each depth ('-' = dense), so the allocation shows.
         rows = []

@@ -25,6 +25,7 @@ __all__ = [
     "rank_for_kept_fraction",
     "reduce_importance",
     "refit_left_factor",
+    "round_ranks",
     "whitened_svd",
     "weighted_decomposition",
     "weighted_svd",
@@ -451,6 +452,52 @@ def allocate_ranks(
             return ranks
         for k in newly:
             stays_dense[k] = True
+
+
+def round_ranks(ranks: Sequence[int | None], shapes: Sequence[tuple[int, int, bool]], multiple: int) -> list[int | None]:
+    """Ranks moved to multiples of ``multiple`` without holding more parameters than ``ranks`` do.
+
+    Matrix kernels run fastest on widths that fill their vector registers and blocks; a rank of
+    127 costs nearly what 128 does. Every rank is first rounded down to a multiple (a rank below
+    ``multiple`` stays as it is), then the parameters this frees buy roundings up, the ranks that
+    lost most first, as long as the total stays within that of ``ranks``. A rank never exceeds its
+    matrix's break-even rank, so a factorized matrix stays smaller than its dense form.
+
+    Args:
+        ranks: per matrix, its rank or ``None`` (stays dense; left alone).
+        shapes: per matrix, ``(out_features, in_features, has_bias)``.
+        multiple: the granularity, ``>= 1`` (1 changes nothing).
+
+    Raises:
+        ValueError: on ``multiple < 1`` or mismatched lengths.
+    """
+    if multiple < 1:
+        raise ValueError(f"rank multiple {multiple} must be >= 1")
+    if len(ranks) != len(shapes):
+        raise ValueError(f"{len(ranks)} ranks for {len(shapes)} matrices")
+    cost = [o + i for o, i, _ in shapes]
+    spare = 0
+    out: list[int | None] = []
+    for r, c in zip(ranks, cost):
+        if r is None or r < multiple:
+            out.append(r)
+            continue
+        down = r - r % multiple
+        spare += (r - down) * c
+        out.append(down)
+    # Round up where the most was lost first (ties: the cheaper matrix), while the budget allows.
+    order = sorted(
+        (k for k, r in enumerate(ranks) if r is not None and r >= multiple and r % multiple),
+        key=lambda k: (-(ranks[k] % multiple) / multiple, cost[k]),  # type: ignore[operator]
+    )
+    for k in order:
+        o, i, b = shapes[k]
+        up = out[k] + multiple  # type: ignore[operator]
+        even = (dense_parameters(o, i, b) - (o if b else 0) - 1) // cost[k]
+        if up <= min(o, i, even) and multiple * cost[k] <= spare:
+            spare -= multiple * cost[k]
+            out[k] = up
+    return out
 
 
 def refit_left_factor(

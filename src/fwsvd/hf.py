@@ -59,6 +59,7 @@ RECORD_KEYS: dict[str, str] = {
     "calibration": "an object",
     "finetune": "an object",
     "allocation": "an object",
+    "factor_dtype": "one of 'float32', 'bfloat16', 'float16'",
 }
 _WHERE = "quantization_config in config.json"
 _FIX = "restore the config.json saved with the weights"
@@ -106,6 +107,7 @@ def validate_record(record: Any) -> dict[str, Any]:
         "calibration": lambda v: isinstance(v, Mapping),
         "finetune": lambda v: isinstance(v, Mapping),
         "allocation": lambda v: isinstance(v, Mapping),
+        "factor_dtype": lambda v: v in ("float32", "bfloat16", "float16"),
         "keep": _is_fraction,
         "target_keep": _is_fraction,
         "include": _is_str_list,

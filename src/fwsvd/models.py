@@ -19,7 +19,18 @@ from .errors import ModelError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PICKLE_SUFFIXES", "TASKS", "LoadedModel", "check_no_custom_code", "check_record", "detect_task", "load_model", "model_source", "weight_shapes"]
+__all__ = [
+    "PICKLE_SUFFIXES",
+    "TASKS",
+    "LoadedModel",
+    "check_no_custom_code",
+    "check_record",
+    "detect_task",
+    "load_model",
+    "model_source",
+    "own_storage",
+    "weight_shapes",
+]
 
 #: Tasks fwsvd calibrates and evaluates, with the transformers auto class of each.
 TASKS = {
@@ -339,6 +350,7 @@ def load_model(
                            dtype=dtype, allow_pickle=allow_pickle or bool(gguf_file), strict_shapes=not gguf_file)
     if gguf_file:
         _drop_gguf_state(loaded)
+        own_storage(loaded)
     loaded.eval()
     tokenizer = None
     try:
@@ -455,6 +467,30 @@ def _drop_gguf_state(model: nn.Module) -> None:
     if packed:
         raise ModelError(f"the GGUF weight {packed[0]} stayed packed: fwsvd needs de-quantised weights; update transformers")
     quantizer.remove_quantization_config(model)
+
+
+def own_storage(model: nn.Module) -> int:
+    """Give every parameter and buffer of ``model`` a contiguous tensor in storage of its own.
+
+    transformers' GGUF reader de-quantises with numpy and hands the arrays to torch as they are:
+    memory from numpy's allocator (not torch's 64-byte aligned one, and ``madvise``d as huge pages),
+    possibly strided views of a permuted array or of a larger buffer. Such a model was measured to
+    run its prefill markedly slower than the same weights copied into fresh tensors (issue 9).
+    Tensors are replaced through ``.data``, so tied parameters stay one object and stay tied.
+
+    Returns:
+        The number of tensors copied.
+    """
+    copied = 0
+    seen: set[int] = set()
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if id(tensor) in seen or tensor.device.type == "meta":
+                continue
+            seen.add(id(tensor))
+            tensor.data = tensor.data.clone(memory_format=torch.contiguous_format)
+            copied += 1
+    return copied
 
 
 def _first_line(err: BaseException) -> str:

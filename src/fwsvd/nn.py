@@ -6,6 +6,7 @@ import fnmatch
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,12 +20,14 @@ from .errors import ModelError
 __all__ = [
     "LinearInfo",
     "LowRankLinear",
+    "SharedInput",
     "find_blocks",
     "find_targets",
     "get_submodule_parent",
     "linear_bias",
     "linear_weight",
     "low_rank_skeleton",
+    "stack_shared_inputs",
     "swap_module",
 ]
 
@@ -74,6 +77,14 @@ class LowRankLinear(nn.Module):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        group: SharedInput | None = self.__dict__.get("_shared_input")
+        if group is not None and x.dtype == self.weight_in.dtype:
+            h = group.project(self, x)
+            if h is not None:
+                return F.linear(h, self.weight_out, self.bias)
+        if x.dtype != self.weight_in.dtype:
+            # Factors stored in another dtype than the activations (``--dtype bfloat16``).
+            return F.linear(F.linear(x.to(self.weight_in.dtype), self.weight_in), self.weight_out, self.bias).to(x.dtype)
         return F.linear(F.linear(x, self.weight_in), self.weight_out, self.bias)
 
     def dense_weight(self) -> torch.Tensor:
@@ -92,6 +103,108 @@ class LowRankLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={self.bias is not None}"
+
+
+class SharedInput:
+    """Low-rank layers that read the same input tensor, their first factors run as ONE product.
+
+    q/k/v projections (and gate/up) each multiply the same activations by their thin ``B``; one
+    product with the stacked ``[B_q; B_k; B_v]`` reads the activations once and makes one call
+    instead of three. The first member to see an input computes the stacked product; a member
+    that receives the identical tensor object (same ``id``, unmodified) takes its slice of it.
+    Anything else (another input, gradients wanted, factors changed) takes the plain path, so
+    the result is always that of :meth:`LowRankLinear.forward`.
+
+    Holds no parameters: the state dict, saving and loading are unchanged. Attach with
+    :func:`stack_shared_inputs`.
+    """
+
+    def __init__(self, members: Sequence[LowRankLinear]) -> None:
+        self.members = list(members)
+        self._weights_key: tuple[tuple[int, int], ...] | None = None
+        self._stacked: torch.Tensor | None = None
+        self._offsets: dict[int, tuple[int, int]] = {}
+        self._input: torch.Tensor | None = None
+        self._input_version = -1
+        self._output: torch.Tensor | None = None
+
+    def _stacked_weight(self) -> torch.Tensor:
+        key = tuple((m.weight_in.data_ptr(), m.weight_in._version) for m in self.members)
+        if key != self._weights_key:
+            self._stacked = torch.cat([m.weight_in.detach() for m in self.members])
+            starts = [0]
+            for m in self.members:
+                starts.append(starts[-1] + m.rank)
+            self._offsets = {id(m): (a, b) for m, a, b in zip(self.members, starts, starts[1:])}
+            self._weights_key = key
+        assert self._stacked is not None
+        return self._stacked
+
+    def project(self, member: LowRankLinear, x: torch.Tensor) -> torch.Tensor | None:
+        """``x @ member.weight_in.T`` from the shared product, or ``None`` for the plain path."""
+        if torch.is_grad_enabled() and (x.requires_grad or member.weight_in.requires_grad):
+            return None  # training: autograd needs each factor's own product
+        # Inference tensors keep no version counter (and cannot change outside inference mode).
+        version = -2 if x.is_inference() else x._version
+        if x is not self._input or version != self._input_version:
+            if member is not self.members[0]:
+                return None  # not the group's input (or the group was entered elsewhere)
+            stacked = self._stacked_weight()
+            self._output = F.linear(x, stacked)
+            self._input, self._input_version = x, version
+        elif self._weights_key != tuple((m.weight_in.data_ptr(), m.weight_in._version) for m in self.members):
+            return None
+        start, stop = self._offsets[id(member)]
+        assert self._output is not None
+        out = self._output[..., start:stop]
+        if member is self.members[-1]:
+            self._input = self._output = None  # the last member frees the cached activations
+        return out
+
+    def __repr__(self) -> str:
+        return f"SharedInput({len(self.members)} layers, rank {sum(m.rank for m in self.members)})"
+
+
+def stack_shared_inputs(model: nn.Module, *example_args: Any, **example_kwargs: Any) -> list[list[str]]:
+    """Find the :class:`LowRankLinear` layers that read the same tensor and give each group a :class:`SharedInput`.
+
+    The groups come from one forward pass on an example input (``model.dummy_inputs`` when none
+    is given): layers whose input was the same tensor object share it, whatever the model family.
+    Only layers called in a fixed order inside one parent module are grouped.
+
+    Returns:
+        The groups found, as lists of module names (each of two or more layers).
+    """
+    layers = {id(m): name for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    for m in model.modules():
+        if isinstance(m, LowRankLinear):
+            m.__dict__.pop("_shared_input", None)
+    seen: dict[int, list[str]] = {}
+    keep_alive: list[torch.Tensor] = []
+
+    def record(module: nn.Module, args: tuple[Any, ...]) -> None:
+        if args and isinstance(args[0], torch.Tensor):
+            keep_alive.append(args[0])  # ids stay unique while the pass runs
+            seen.setdefault(id(args[0]), []).append(layers[id(module)])
+
+    handles = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, LowRankLinear)]
+    try:
+        if not example_args and not example_kwargs:
+            example_kwargs = dict(getattr(model, "dummy_inputs", {}))
+        with torch.no_grad():
+            model(*example_args, **example_kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    groups = []
+    for names in seen.values():
+        parents = {n.rpartition(".")[0] for n in names}
+        if len(names) >= 2 and len(set(names)) == len(names) and len(parents) == 1:
+            group = SharedInput([model.get_submodule(n) for n in names])
+            for m in group.members:
+                m.__dict__["_shared_input"] = group
+            groups.append(names)
+    return groups
 
 
 @dataclass(frozen=True)

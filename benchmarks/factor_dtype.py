@@ -1,0 +1,112 @@
+"""Half-precision factors: folder size and perplexity of ``--dtype bfloat16`` against float32 factors.
+
+    python benchmarks/factor_dtype.py [--keep 0.8] [--method fwsvd] [--samples 16]
+
+SmolLM2-135M (``benchmarks/.cache/smollm2-135m``, made by ``benchmarks/decoder.py``) is compressed
+once (calibration: ``--samples`` blocks of 512 tokens of WikiText-2 valid, seed 0), saved with
+float32 factors, then with the same factors cast to bfloat16 (and float16); each folder is loaded
+back as a user would and scored on the first 24 blocks × 512 tokens of WikiText-2 test. Writes
+``benchmarks/results/factor-dtype.{json,md}``. Not a test: nothing here asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import fwsvd  # noqa: E402
+from fwsvd.demo import machine_info  # noqa: E402
+from fwsvd.evaluate import EvalConfig, evaluate  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parent.parent / "shared"
+DATA = SHARED / "data" / "wikitext-2"
+
+
+def weight_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path, default=HERE / ".cache" / "smollm2-135m")
+    p.add_argument("--method", default="fwsvd")
+    p.add_argument("--keep", type=float, default=0.8)
+    p.add_argument("--samples", type=int, default=16)
+    p.add_argument("--blocks", type=int, default=24)
+    p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float16"])
+    p.add_argument("--out", type=Path, default=HERE / "results")
+    args = p.parse_args(argv)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    started = time.perf_counter()
+    machine = machine_info()
+    lm = fwsvd.load_model(args.model, need_tokenizer=True)
+    config = fwsvd.CompressConfig(method=args.method, keep=args.keep)
+    stats = None
+    if config.needs(lm.task):
+        cal = fwsvd.CalibrationConfig(data=str(DATA / "valid.txt"), samples=args.samples, max_length=512, seed=0)
+        stats = fwsvd.calibrate(lm, cal, config.needs(lm.task), progress=False)
+    report = fwsvd.compress(lm.model, config, stats, task=lm.task, progress=False)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="fwsvd-dtype-") as tmp:
+        dense_bytes = weight_bytes(args.model)
+        for dtype in ["float32", *args.dtypes]:
+            if dtype != "float32":
+                fwsvd.api.cast_factors(lm.model, dtype)
+            folder = fwsvd.save(lm.model, Path(tmp) / dtype, lm.tokenizer)
+            reloaded = fwsvd.load_model(folder)
+            ppl = evaluate(reloaded, EvalConfig(data=str(DATA / "test.txt"), limit=args.blocks, max_length=512), progress=False)["perplexity"]
+            size = weight_bytes(folder)
+            rows.append({"factor_dtype": dtype, "perplexity": ppl, "folder_bytes": size, "folder_ratio": size / dense_bytes})
+            print(f"{dtype:9s} perplexity {ppl:.4f}  weights {size / 2**20:.1f} MiB  ({size / dense_bytes:.4f} of dense)", flush=True)
+            del reloaded
+    base = rows[0]
+    for r in rows:
+        r["perplexity_change"] = r["perplexity"] / base["perplexity"] - 1
+        r["folder_ratio_vs_float32_factors"] = r["folder_bytes"] / base["folder_bytes"]
+    record = {
+        "benchmark": "factor-dtype",
+        "command": "python benchmarks/factor_dtype.py" + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(sys.argv[1:] if argv is None else argv)),
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine,
+        "model": str(args.model),
+        "method": args.method,
+        "keep": args.keep,
+        "model_keep": report.model_keep,
+        "target_keep": report.target_keep,
+        "dense_folder_bytes": dense_bytes,
+        "rows": rows,
+        "seconds_total": round(time.perf_counter() - started, 1),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "factor-dtype.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    lines = [
+        "# Factors stored in half precision",
+        "",
+        f"`{record['command']}` — {record['date']}; {machine['processor']}, {machine['cpu_count']} CPUs, torch {machine['torch']}.",
+        f"SmolLM2-135M, {args.method} keep {args.keep:g} (whole-model kept fraction {report.model_keep:.4f}); "
+        f"perplexity on the first {args.blocks} × 512 tokens of WikiText-2 test, each folder loaded back.",
+        "",
+        "| factors stored as | perplexity | change vs float32 | weights MiB | / dense folder | / float32-factor folder |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['factor_dtype']} | {r['perplexity']:.3f} | {r['perplexity_change'] * 100:+.2f} % | {r['folder_bytes'] / 2**20:.1f} | "
+                     f"{r['folder_ratio']:.4f} | {r['folder_ratio_vs_float32_factors']:.4f} |")
+    (args.out / "factor-dtype.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print("\n".join(lines[-len(rows) - 2:]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
