@@ -18,7 +18,6 @@ import copy
 import datetime as dt
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
