@@ -62,7 +62,7 @@ KEEPS = (0.9, 0.8, 0.6, 0.4)
 @dataclass(frozen=True)
 class Variant:
     """One row label of the table: a method with its options, one-pass or layer-sequential
-    (sequential rows refit, the default, and take Fisher and allocation prices from the shared
+    (sequential rows take Fisher and allocation prices from the shared
     one-pass statistics), optionally followed by recovery training."""
 
     label: str
@@ -76,14 +76,15 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("svd", "svd"),
     Variant("asvd", "asvd"),
     Variant("svd-llm", "svd-llm"),
-    Variant("svd-llm sequential + refit", "svd-llm", sequential=True),
+    Variant("svd-llm sequential + refit", "svd-llm", {"refit": True}, sequential=True),
     Variant("fwsvd uniform ranks", "fwsvd", {"allocation": "uniform"}),
     Variant("fwsvd (default)", "fwsvd"),
-    Variant("fwsvd global, sequential + refit", "fwsvd", {"allocation": "global"}, sequential=True),
+    Variant("fwsvd global, sequential", "fwsvd", {"allocation": "global"}, sequential=True),
+    Variant("fwsvd global, sequential + refit", "fwsvd", {"allocation": "global", "refit": True}, sequential=True),
     Variant("fwsvd (default) + recovery", "fwsvd", recovery=True),
 )
 # What a plain run compares (svd and asvd are orders of magnitude worse here; --methods adds them).
-DEFAULT_VARIANTS = ("svd-llm", "fwsvd uniform ranks", "fwsvd (default)", "fwsvd global, sequential + refit", "fwsvd (default) + recovery")
+DEFAULT_VARIANTS = ("svd-llm", "fwsvd uniform ranks", "fwsvd (default)", "fwsvd global, sequential", "fwsvd (default) + recovery")
 ZEROSHOT = SHARED / "data" / "zeroshot"
 ZEROSHOT_TASKS = ("piqa", "arc_easy", "winogrande", "lambada_openai")
 # fwsvd's weightings compared at these budgets: (Fisher reduction, input whitening); "auto" resolves to one.

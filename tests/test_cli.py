@@ -177,7 +177,7 @@ def test_sequential_compress_reloads_with_same_ranks(capsys, tmp_path, llama_dir
     status, stdout, _ = run(capsys, "inspect", one_pass, "--json")
     assert seq["ranks"] == json.loads(stdout)["ranks"] and seq["calibration"].get("sequential") is True
     status, stdout, err = run(capsys, "compress", llama_dir, "--out", tmp_path / "f", "--method", "fwsvd", "--keep", "0.4", "--data", corpus_txt,
-                              "--sequential", "--allocation", "global", "--json", *CAUSAL)
+                              "--sequential", "--refit", "--allocation", "global", "--json", *CAUSAL)
     assert status == 0, err
     record = json.loads(stdout)
     assert record["calibration"]["sequential"] is True and record["calibration"]["refit"]["layers"] > 0

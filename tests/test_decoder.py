@@ -292,7 +292,7 @@ def test_sequential_fwsvd_takes_fisher_from_one_dense_pass(family, tokenizer, te
 @pytest.mark.parametrize("method", ["fwsvd", "svd-llm"])
 def test_sequential_refit_lowers_the_error_and_records_it(method, tokenizer, text_file):
     lm = _loaded("llama", tokenizer)
-    report = compress_sequential(lm, CompressConfig(method=method, keep=0.4), _calibration(text_file), progress=False)
+    report = compress_sequential(lm, CompressConfig(method=method, keep=0.4, refit=True), _calibration(text_file), progress=False)
     refit = report.calibration["refit"]
     assert refit["layers"] == sum(r.rank is not None for r in report.layers)
     assert 0 < refit["kept"] <= refit["layers"]

@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         "safetensors model folder, read each block's weights from disk when it is needed and write its factors before the next "
         "(slower; peak memory about one block plus the embeddings)",
     )
-    c.add_argument("--no-refit", dest="refit", action="store_false", help="with --sequential: keep the factors as the weighted SVD gives them, without the refit to the dense model's outputs")
+    c.add_argument("--refit", action=argparse.BooleanOptionalAction, default=False, help="with --sequential: " + _help(CompressConfig, "refit"))
     c.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     _add_compress_finetune_options(c)
     _add_output_options(c)
