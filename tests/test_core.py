@@ -476,3 +476,28 @@ def test_refit_left_factor_is_the_least_squares_optimum_and_error_is_exact():
     assert output_error(w, a1, b, cov, cross, dense, row) <= output_error(w, a0, b, cov, cross, dense, row) + 1e-9
     with pytest.raises(ValueError, match="cross"):
         refit_left_factor(w, b, cov, torch.ones(5, 5))
+
+
+def test_refit_step_minimises_the_held_out_error_along_the_segment():
+    from fwsvd.core import output_error, refit_left_factor, refit_step
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    b = torch.randn(2, 5, generator=g, dtype=torch.float64)
+    a0, a1 = torch.randn(6, 2, generator=g, dtype=torch.float64), torch.randn(6, 2, generator=g, dtype=torch.float64)
+    x = torch.randn(40, 5, generator=g, dtype=torch.float64)
+    xt = x + 0.1 * torch.randn(40, 5, generator=g, dtype=torch.float64)
+    cov, cross, dense = xt.T @ xt, x.T @ xt, x.T @ x
+    row = torch.rand(6, generator=g, dtype=torch.float64) + 0.5
+
+    def error(t: float) -> float:
+        return output_error(w, a0 + t * (a1 - a0), b, cov, cross, dense, row)
+
+    t = refit_step(w, a0, a1, b, cov, cross, row)
+    assert 0.0 <= t <= 1.0
+    assert error(t) <= min(error(k / 200) for k in range(201)) + 1e-9
+    # The exact least-squares refit of these very tokens is reached in one full step, and never left.
+    best = refit_left_factor(w, b, cov, cross, damping=0.0)
+    assert refit_step(w, a0, best, b, cov, cross) == pytest.approx(1.0, abs=1e-9)
+    assert refit_step(w, best, a0, b, cov, cross) == pytest.approx(0.0, abs=1e-9)
+    assert refit_step(w, a0, a0, b, cov, cross) == 0.0  # nowhere to go

@@ -292,12 +292,15 @@ def test_sequential_fwsvd_takes_fisher_from_one_dense_pass(family, tokenizer, te
 @pytest.mark.parametrize("method", ["fwsvd", "svd-llm"])
 def test_sequential_refit_lowers_the_error_and_records_it(method, tokenizer, text_file):
     lm = _loaded("llama", tokenizer)
-    report = compress_sequential(lm, CompressConfig(method=method, keep=0.4, refit=True), _calibration(text_file), progress=False)
+    # 16 batches: every 4th is held out and judges the refit fitted to the other 12.
+    calibration = _calibration(text_file, samples=64)
+    report = compress_sequential(lm, CompressConfig(method=method, keep=0.4, refit=True), calibration, progress=False)
     refit = report.calibration["refit"]
     assert refit["layers"] == sum(r.rank is not None for r in report.layers)
-    assert 0 < refit["kept"] <= refit["layers"]
+    assert refit["held_out_batches"] == 4
+    assert 0 < refit["kept"] <= refit["layers"] and 0 < refit["mean_step"] <= 1
     plain = _loaded("llama", tokenizer)
-    compress_sequential(plain, CompressConfig(method=method, keep=0.4, refit=False), _calibration(text_file), progress=False)
+    compress_sequential(plain, CompressConfig(method=method, keep=0.4, refit=False), calibration, progress=False)
     # Same ranks; the refit factors differ where kept.
     assert lm.model.config.quantization_config.ranks == plain.model.config.quantization_config.ranks
 
@@ -325,6 +328,37 @@ def test_refit_is_kept_only_where_it_lowers_the_error():
     a1, b1 = refit(w, a0, b, shifted)
     assert refit.kept == 1
     assert output_error(w, a1, b1, shifted["cov"], shifted["cross"], cov) < output_error(w, a0, b, shifted["cov"], shifted["cross"], cov)
+
+
+def test_held_out_refit_moves_only_as_far_as_the_held_out_tokens_support():
+    from fwsvd.core import output_error, whitened_svd
+    from fwsvd.methods import get_method
+    from fwsvd.sequential import _Refit, held_out_batches
+
+    assert held_out_batches(1) == frozenset() and held_out_batches(2) == {1} and held_out_batches(9) == {3, 7}
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(12, 8, generator=g, dtype=torch.float64)
+
+    def moments(n: int, drift: float) -> dict[str, torch.Tensor]:
+        # Compressed inputs: the dense ones plus noise plus a systematic drift.
+        x = torch.randn(n, 8, generator=g, dtype=torch.float64)
+        xt = x + 0.2 * torch.randn(n, 8, generator=g, dtype=torch.float64) + drift * x @ torch.ones(8, 8, dtype=torch.float64) / 8
+        return {"cov": xt.T @ xt, "cross": x.T @ xt, "dense_cov": x.T @ x}
+
+    fit, held = moments(4000, 0.3), moments(1000, 0.3)
+    a0, b = whitened_svd(w, 3, fit["cov"] + held["cov"], damping=0.0)
+    stats = {"cov": fit["cov"] + held["cov"], "cross": fit["cross"], "dense_cov": fit["dense_cov"],
+             "held_cov": held["cov"], "held_cross": held["cross"], "held_dense_cov": held["dense_cov"]}
+    refit = _Refit(get_method("svd-llm"), damping=1e-6)
+    a1, b1 = refit(w, a0, b, stats)
+    # The same systematic shift in both parts: the refit carries over and lowers the held-out error.
+    assert refit.kept == 1 and refit.steps[0] > 0.5
+    assert output_error(w, a1, b1, held["cov"], held["cross"], held["dense_cov"]) < output_error(w, a0, b, held["cov"], held["cross"], held["dense_cov"])
+    # Held-out tokens that drift the other way: the correction fitted to the rest only hurts there.
+    other = moments(1000, -0.3)
+    stats.update({"held_cov": other["cov"], "held_cross": other["cross"], "held_dense_cov": other["dense_cov"]})
+    a2, _ = refit(w, a0, b, stats)
+    assert refit.steps[1] == 0.0 and a2 is a0 and refit.kept == 1 and refit.tried == 2
 
 
 def test_global_allocation_keeps_the_budget_and_the_floor(tokenizer, text_file):

@@ -26,7 +26,6 @@ from fwsvd.cli import main
 from fwsvd.errors import DataError, FwsvdError
 from fwsvd.evaluate import split_list
 from fwsvd.zeroshot import (
-    ZeroShotTask,
     encode_pair,
     evaluate_zeroshot,
     load_task,

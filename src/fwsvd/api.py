@@ -46,12 +46,17 @@ __all__ = [
     "calibrate",
     "calibration_batches",
     "cast_factors",
+    "check_finite",
+    "check_statistics",
     "compress",
     "count_parameters",
-    "check_statistics",
+    "factorize_targets",
+    "help_field",
     "inspect",
     "load",
     "load_statistics",
+    "record_compression",
+    "refuse_compressed",
     "save",
 ]
 
@@ -73,7 +78,7 @@ DEFAULT_RANK_FLOOR = 0.5
 FACTOR_DTYPES = ("float32", "bfloat16", "float16")
 
 
-def _help(text: str, **kw: Any) -> Any:
+def help_field(text: str, **kw: Any) -> Any:
     return field(metadata={"help": text}, **kw)
 
 
@@ -81,44 +86,44 @@ def _help(text: str, **kw: Any) -> Any:
 class CompressConfig:
     """What to compress and how. Every field's help text is reused by the command line."""
 
-    method: str = _help(f"compression method: {', '.join(METHODS)}", default="fwsvd")
-    keep: float = _help(
+    method: str = help_field(f"compression method: {', '.join(METHODS)}", default="fwsvd")
+    keep: float = help_field(
         "fraction of the targeted layers' parameters that STAYS after factorization, in (0, 1]; "
         "e.g. 0.3 keeps 30 percent and removes 70 percent",
         default=0.5,
     )
-    include: tuple[str, ...] = _help("glob/regex patterns of module names to target instead of the transformer blocks' linears", default=())
-    exclude: tuple[str, ...] = _help("glob/regex patterns of module names to leave dense", default=())
-    fisher_reduction: str = _help(
+    include: tuple[str, ...] = help_field("glob/regex patterns of module names to target instead of the transformer blocks' linears", default=())
+    exclude: tuple[str, ...] = help_field("glob/regex patterns of module names to leave dense", default=())
+    fisher_reduction: str = help_field(
         "fwsvd: reduce Fisher to one weight per output feature ('out'), input feature ('in'), both, or 'auto' "
         "(out with whitened inputs; without whitening the measured best per task: out for encoders, both for causal LMs)",
         default="auto",
     )
-    fisher_whiten: str = _help(
+    fisher_whiten: str = help_field(
         "fwsvd: weight the input side by the calibration inputs' covariance (SVD-LLM's truncation-aware whitening) "
         "on top of Fisher per output feature: on, off, or 'auto' (on unless --fisher-reduction in/both; measured best on encoders and decoders)",
         default="auto",
     )
-    allocation: str = _help(
+    allocation: str = help_field(
         "how ranks are chosen: 'uniform' (every targeted layer keeps --keep of its parameters), 'global' "
         "(one budget for all layers, spent where the method's loss estimate says components matter most; "
         "every layer keeps at least --rank-floor of its uniform rank), or 'auto' (global for fwsvd, measured best; "
         "uniform for the other methods)",
         default=DEFAULT_ALLOCATION,
     )
-    rank_floor: float = _help("global allocation: the smallest rank a layer may get, as a fraction of its uniform rank", default=DEFAULT_RANK_FLOOR)
+    rank_floor: float = help_field("global allocation: the smallest rank a layer may get, as a fraction of its uniform rank", default=DEFAULT_RANK_FLOOR)
     # Off by default, by measurement: on SmolLM2-135M (keep 0.8, 16 x 512 calibration tokens) the
     # refit lowered every layer's calibration error yet raised test perplexity from 40.79 (sequential,
     # no refit) to 62.64 -- each left factor over-fits the calibration tokens.
-    refit: bool = _help(
+    refit: bool = help_field(
         "sequential mode: refit each layer's left factor in closed form to the dense model's outputs on the inputs the "
         "compressed earlier blocks produce (kept only where it lowers the layer's calibration error; off by default: it "
         "over-fitted the calibration data of the decoder benchmark)",
         default=False,
     )
-    asvd_alpha: float = _help("asvd: exponent of the mean absolute activation scaling", default=0.5)
-    damping: float = _help("svd-llm and whitened fwsvd: damping added to the covariance, as a fraction of its mean diagonal", default=0.01)
-    dtype: str | None = _help(
+    asvd_alpha: float = help_field("asvd: exponent of the mean absolute activation scaling", default=0.5)
+    damping: float = help_field("svd-llm and whitened fwsvd: damping added to the covariance, as a fraction of its mean diagonal", default=0.01)
+    dtype: str | None = help_field(
         f"dtype of the low-rank factors as stored: {', '.join(FACTOR_DTYPES)} (default: the model's own). bfloat16/float16 halve "
         "the factors' file size; loading computes in the model's dtype (float32) again",
         default=None,
@@ -158,19 +163,19 @@ class CompressConfig:
 class CalibrationConfig:
     """Which calibration data to use and how to batch it."""
 
-    data: str | None = _help("calibration data: .tsv/.csv/.jsonl with labels, .txt for causal LMs, or a datasets hub name", default=None)
-    samples: int | None = _help("calibration rows (classification, default 512) or token blocks (causal LM, default 32)", default=None)
-    batch_size: int | None = _help(
+    data: str | None = help_field("calibration data: .tsv/.csv/.jsonl with labels, .txt for causal LMs, or a datasets hub name", default=None)
+    samples: int | None = help_field("calibration rows (classification, default 512) or token blocks (causal LM, default 32)", default=None)
+    batch_size: int | None = help_field(
         "calibration batch size: memory and speed only, the statistics do not depend on it "
         "(default 16 rows; 4 blocks for causal LMs, whose Fisher backward through the vocabulary is large)",
         default=None,
     )
-    max_length: int | None = _help("tokens per example (default 128) or per causal-LM block (default 512)", default=None)
-    seed: int = _help("seed for drawing the calibration samples", default=0)
-    text_column: str | None = _help("name of the text column (detected when omitted)", default=None)
-    pair_column: str | None = _help("name of the second text column of a pair task (detected when omitted)", default=None)
-    label_column: str | None = _help("name of the label column (detected when omitted)", default=None)
-    low_memory: bool = _help(
+    max_length: int | None = help_field("tokens per example (default 128) or per causal-LM block (default 512)", default=None)
+    seed: int = help_field("seed for drawing the calibration samples", default=0)
+    text_column: str | None = help_field("name of the text column (detected when omitted)", default=None)
+    pair_column: str | None = help_field("name of the second text column of a pair task (detected when omitted)", default=None)
+    label_column: str | None = help_field("name of the label column (detected when omitted)", default=None)
+    low_memory: bool = help_field(
         "calibrate one transformer block at a time (the same statistics; the block-boundary states wait on disk), "
         "so memory holds one block's activations instead of the whole model's, and a causal LM's logits a few tokens at a time; "
         "batches default to 1 example",
@@ -420,7 +425,7 @@ def compress(
     """
     if task not in TASKS:
         raise FwsvdError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
-    _refuse_compressed(model)
+    refuse_compressed(model)
     method = config.build_method(task)
     needs = method.needs_for(task)
     have = statistics.kinds if statistics is not None else frozenset()
@@ -432,7 +437,7 @@ def compress(
             f"{sorted(needs - have)}: recalibrate with --data, or save them with --save-stats from a run of this method"
         )
     targets = find_targets(model, config.include, config.exclude)
-    _check_finite(model, targets)
+    check_finite(model, targets)
     if statistics is not None:
         check_statistics(statistics, targets)
     uncovered = statistics.uncovered([t.name for t in targets], needs) if statistics is not None else []
@@ -446,8 +451,8 @@ def compress(
     ranks = decompositions = None
     if config.resolved_allocation() == "global":
         ranks, decompositions = allocate(model, targets, method, config.keep, statistics, floor=config.rank_floor, progress=progress)
-    rows = _factorize_targets(model, targets, method, config.keep, statistics, ranks=ranks, decompositions=decompositions, progress=progress)
-    return _record_compression(
+    rows = factorize_targets(model, targets, method, config.keep, statistics, ranks=ranks, decompositions=decompositions, progress=progress)
+    return record_compression(
         model,
         config,
         method,
@@ -458,13 +463,13 @@ def compress(
     )
 
 
-def _refuse_compressed(model: nn.Module) -> None:
+def refuse_compressed(model: nn.Module) -> None:
     """Raise :class:`FwsvdError` when ``model`` already holds low-rank layers or a compression record."""
     if compression_record(getattr(model, "config", None)) is not None or any(isinstance(m, LowRankLinear) for m in model.modules()):
         raise FwsvdError("this model is already compressed: compress the original dense model instead")
 
 
-def _check_finite(model: nn.Module, targets: list[LinearInfo]) -> None:
+def check_finite(model: nn.Module, targets: list[LinearInfo]) -> None:
     """Raise :class:`ModelError` when a targeted weight holds NaN or infinite values."""
     for info in targets:
         w = linear_weight(model.get_submodule(info.name))
@@ -472,7 +477,7 @@ def _check_finite(model: nn.Module, targets: list[LinearInfo]) -> None:
             raise ModelError(f"weight of {info.name} contains NaN or infinite values: the model is corrupt; re-export it")
 
 
-def _factorize_targets(
+def factorize_targets(
     model: nn.Module,
     targets: list[LinearInfo],
     method: Method,
@@ -608,7 +613,7 @@ def allocate(
     return {info.name: rank for info, rank in zip(targets, ranks)}, decompositions
 
 
-def _record_compression(
+def record_compression(
     model: nn.Module,
     config: CompressConfig,
     method: Method,

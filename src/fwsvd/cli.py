@@ -311,7 +311,7 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         )
     statistics = api.load_statistics(args.stats) if args.stats else None  # a bad file fails before the model loads
     loaded = load_model(args.model, args.task, allow_pickle=args.allow_pickle)
-    api._refuse_compressed(loaded.model)
+    api.refuse_compressed(loaded.model)
     teacher = None
     if recovery is not None and recovery.resolved(compressed=True, task=loaded.task).distill:  # settings checked before any work
         import copy

@@ -25,6 +25,7 @@ __all__ = [
     "rank_for_kept_fraction",
     "reduce_importance",
     "refit_left_factor",
+    "refit_step",
     "round_ranks",
     "whitened_svd",
     "weighted_decomposition",
@@ -544,6 +545,44 @@ def refit_left_factor(
     rhs = w @ cross.double() @ b.T  # [out, rank]
     left = torch.linalg.solve(gram, rhs.T).T
     return left.to(weight.dtype)
+
+
+def refit_step(
+    weight: torch.Tensor,
+    start: torch.Tensor,
+    end: torch.Tensor,
+    right: torch.Tensor,
+    covariance: torch.Tensor,
+    cross: torch.Tensor,
+    row_weight: torch.Tensor | None = None,
+) -> float:
+    """How far to move the left factor from ``start`` towards ``end``, judged on other tokens.
+
+    Minimises ``||diag(r) (W X^T - (A0 + t (A1 - A0)) B X~^T)||_F^2`` over ``t`` in ``[0, 1]``,
+    where the moments come from tokens the refit ``A1`` was *not* fitted to (held-out calibration
+    text). The error is a parabola in ``t``, so the minimiser is closed-form; ``0`` means the refit
+    does not carry over to new text and the original factor stays, ``1`` that it carries over fully.
+
+    Args:
+        weight: ``W [out, in]``; start, end: ``A0``, ``A1 [out, rank]``; right: ``B [rank, in]``.
+        covariance: ``X~^T X~`` and cross: ``X^T X~`` of the held-out tokens (see
+            :func:`refit_left_factor`).
+        row_weight: ``[out]`` scales ``r`` (ones when ``None``).
+
+    Returns:
+        The step ``t`` in ``[0, 1]``.
+    """
+    w, b = weight.double(), right.double()
+    r2 = torch.ones(w.shape[0], dtype=torch.float64) if row_weight is None else row_weight.double().square()
+    p = start.double() @ b
+    q = (end.double() - start.double()) @ b
+    cov = covariance.double()
+    qc = q @ cov
+    curvature = float((r2 * (qc * q).sum(1)).sum())
+    if not curvature > 0:
+        return 0.0
+    slope = float((r2 * (((w @ cross.double()) * q).sum(1) - ((p @ cov) * q).sum(1))).sum())
+    return min(max(slope / curvature, 0.0), 1.0)
 
 
 def output_error(

@@ -41,15 +41,15 @@ from tqdm.auto import tqdm
 
 from . import data as d
 from . import metrics
-from .api import _help
+from .api import help_field
 from .errors import DataError, FwsvdError, ModelError
 from .evaluate import EvalConfig, evaluate
 from .hf import compression_record
 from .models import (
     LoadedModel,
-    _first_line,
-    _load_config,
-    _load_weights,
+    first_line,
+    load_config,
+    load_weights,
     check_no_custom_code,
     detect_task,
     load_model,
@@ -112,61 +112,61 @@ _GROUP_WINDOW = 50
 class FinetuneConfig:
     """What to fine-tune on and how. Every field's help text is reused by the command line."""
 
-    data: str = _help(
+    data: str = help_field(
         "training data: labelled .tsv/.csv/.jsonl for classifiers (GLUE layouts detected), a .txt file for causal LMs, or a datasets hub name"
     )
-    epochs: int | None = _help(
+    epochs: int | None = help_field(
         f"passes over the training data (default {DEFAULT_EPOCHS['compressed']} for a compressed classifier, "
         f"{DEFAULT_EPOCHS['dense']} for a dense one; causal LMs default to a token budget)",
         default=None,
     )
-    tokens: int | None = _help(
+    tokens: int | None = help_field(
         f"causal LMs: train on this many tokens instead of whole epochs (default {DEFAULT_TOKENS:,} when --epochs is not given)",
         default=None,
     )
-    lr: float | None = _help(
+    lr: float | None = help_field(
         f"peak learning rate of AdamW (default {DEFAULT_LR['compressed']:g} for a compressed classifier, {DEFAULT_LR['dense']:g} "
         f"for a dense one, {DEFAULT_LR['causal-lm']:g} for a causal LM)",
         default=None,
     )
-    batch_size: int | None = _help(
+    batch_size: int | None = help_field(
         f"training batch size (default {DEFAULT_BATCH_SIZE['compressed']} for a compressed classifier, {DEFAULT_BATCH_SIZE['dense']} "
         f"for a dense one, {DEFAULT_BATCH_SIZE['causal-lm']} blocks for a causal LM)",
         default=None,
     )
-    max_length: int | None = _help(
+    max_length: int | None = help_field(
         "tokens per example, longer ones are truncated (default 128; 64 is enough for short sentences), "
         "or per block of a causal LM's text (default 512)",
         default=None,
     )
-    seed: int = _help("seed for the head's initialization, the shuffling, the held-out blocks and dropout", default=0)
-    limit: int | None = _help("train on this many rows (causal LMs: text blocks) drawn at random with --seed (all when omitted)", default=None)
-    warmup: float = _help("fraction of the steps spent warming the learning rate up linearly from 0; it then decays linearly to 0", default=0.1)
-    weight_decay: float = _help("AdamW weight decay (not applied to biases and LayerNorm weights)", default=0.01)
-    max_grad_norm: float = _help("gradients are clipped to this total norm", default=1.0)
-    group_by_length: bool = _help("batch examples of similar length together (less padding, same randomness of order)", default=True)
-    distill: bool | None = _help(
+    seed: int = help_field("seed for the head's initialization, the shuffling, the held-out blocks and dropout", default=0)
+    limit: int | None = help_field("train on this many rows (causal LMs: text blocks) drawn at random with --seed (all when omitted)", default=None)
+    warmup: float = help_field("fraction of the steps spent warming the learning rate up linearly from 0; it then decays linearly to 0", default=0.1)
+    weight_decay: float = help_field("AdamW weight decay (not applied to biases and LayerNorm weights)", default=0.01)
+    max_grad_norm: float = help_field("gradients are clipped to this total norm", default=1.0)
+    group_by_length: bool = help_field("batch examples of similar length together (less padding, same randomness of order)", default=True)
+    distill: bool | None = help_field(
         "causal LMs: train on the KL divergence from the dense model's next-token distribution, added to the next-token loss "
         f"(needs the dense model; default {'on' if DEFAULT_DISTILL else 'off'})",
         default=None,
     )
-    train: str | None = _help(
+    train: str | None = help_field(
         "which parameters train: 'low-rank' (the compressed layers' factors), 'blocks' (everything inside the transformer "
         f"blocks) or 'all' (default {DEFAULT_TRAIN['causal-lm']} for a compressed causal LM, all otherwise)",
         default=None,
     )
-    holdout: float = _help(
+    holdout: float = help_field(
         f"causal LMs: fraction of the text blocks held out to keep the state with the best perplexity (at least 1, at most "
         f"{MAX_HOLDOUT_BLOCKS} blocks)",
         default=0.1,
     )
-    eval_steps: int | None = _help(
+    eval_steps: int | None = help_field(
         f"causal LMs: steps between held-out evaluations (default: after each epoch, or {_EVALUATIONS} times in a token-budget run)",
         default=None,
     )
-    text_column: str | None = _help("name of the text column (detected when omitted)", default=None)
-    pair_column: str | None = _help("name of the second text column of a pair task (detected when omitted)", default=None)
-    label_column: str | None = _help("name of the label column (detected when omitted)", default=None)
+    text_column: str | None = help_field("name of the text column (detected when omitted)", default=None)
+    pair_column: str | None = help_field("name of the second text column of a pair task (detected when omitted)", default=None)
+    label_column: str | None = help_field("name of the label column (detected when omitted)", default=None)
 
     def __post_init__(self) -> None:
         if not self.data:
@@ -292,7 +292,7 @@ def build_classifier(
         check_no_custom_code(source)
         weight_shapes(source, allow_pickle=allow_pickle)
     safe = {"trust_remote_code": False}
-    mc = _load_config(AutoConfig, source, model, safe, **head)
+    mc = load_config(AutoConfig, source, model, safe, **head)
     try:
         prefix = AutoModelForSequenceClassification._model_mapping[type(mc)].base_model_prefix
     except KeyError:
@@ -302,14 +302,14 @@ def build_classifier(
         torch.manual_seed(config.seed)
         # The new head is missing from a pretrained encoder's weights, and its pretraining heads go
         # unused; every tensor of the encoder itself must load.
-        net = _load_weights(
+        net = load_weights(
             AutoModelForSequenceClassification, source, model, safe, dtype=torch.float32, allow_pickle=allow_pickle, config=mc,
             tolerate=lambda key: not key.startswith(f"{prefix}."),
         )
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **safe)
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ModelError(f"cannot load the tokenizer of {model} ({_first_line(err)}): save the tokenizer files into the model folder") from err
+        raise ModelError(f"cannot load the tokenizer of {model} ({first_line(err)}): save the tokenizer files into the model folder") from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     if getattr(net.config, "pad_token_id", None) is None:
@@ -337,7 +337,7 @@ def load_for_finetune(model: str | os.PathLike, config: FinetuneConfig, *, allow
     source, gguf_file = model_source(model)
     if Path(source).is_dir():
         check_no_custom_code(source)
-    mc = _load_config(AutoConfig, source, model, {"trust_remote_code": False, **({"gguf_file": gguf_file} if gguf_file else {})})
+    mc = load_config(AutoConfig, source, model, {"trust_remote_code": False, **({"gguf_file": gguf_file} if gguf_file else {})})
     try:
         task = detect_task(mc)
     except ModelError:

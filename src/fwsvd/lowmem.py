@@ -39,11 +39,11 @@ from .api import (
     CompressConfig,
     CompressionReport,
     LayerReport,
-    _check_finite,
-    _factorize_targets,
-    _record_compression,
     calibration_batches,
+    check_finite,
     count_parameters,
+    factorize_targets,
+    record_compression,
 )
 from .core import allocate_ranks
 from .errors import FwsvdError, ModelError
@@ -51,7 +51,7 @@ from .fsutil import atomic_dir
 from .models import LoadedModel, check_no_custom_code, check_record, detect_task, model_source, weight_shapes
 from .nn import LinearInfo, find_blocks, find_targets, linear_weight
 from .stats import Statistics
-from .streaming import block_targets, release_freed_memory, stream_statistics
+from .streaming import block_targets, release_freed_memory, return_large_blocks_at_once, stream_statistics
 
 logger = logging.getLogger(__name__)
 
@@ -86,13 +86,13 @@ class CheckpointWeights:
     """
 
     def __init__(self, model: nn.Module, folder: str | Path, dtype: torch.dtype = torch.float32) -> None:
-        from .models import _safetensors_files
+        from .models import safetensors_files
 
         self.model = model
         self.dtype = dtype
         self.files: dict[str, Path] = {}
         shapes: dict[str, tuple[int, ...]] = {}
-        for file in _safetensors_files(Path(folder)):
+        for file in safetensors_files(Path(folder)):
             with safe_open(str(file), framework="pt") as handle:
                 for key in handle.keys():
                     self.files[key] = file
@@ -181,13 +181,13 @@ def _skeleton(model: str, task: str | None) -> LoadedModel:
     from transformers import AutoConfig, AutoTokenizer
 
     from . import hf
-    from .models import TASKS, _auto_class, _load_config
+    from .models import TASKS, auto_model_class, load_config
 
     hf.register()
     source, _ = model_source(model)
     check_no_custom_code(source)
     extra = {"trust_remote_code": False}
-    config = _load_config(AutoConfig, source, model, extra)
+    config = load_config(AutoConfig, source, model, extra)
     if check_record(config) is not None:
         raise FwsvdError("this model is already compressed: compress the original dense model instead")
     if task is None:
@@ -195,7 +195,7 @@ def _skeleton(model: str, task: str | None) -> LoadedModel:
     elif task not in TASKS:
         raise ModelError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
     with init_empty_weights(include_buffers=False):
-        skeleton = _auto_class(task).from_config(config, dtype=torch.float32)
+        skeleton = auto_model_class(task).from_config(config, dtype=torch.float32)
     skeleton.tie_weights()
     skeleton.eval()
     tokenizer = AutoTokenizer.from_pretrained(source, **extra)
@@ -235,6 +235,7 @@ def compress_low_memory(
         FwsvdError: as :func:`fwsvd.api.compress`, and for targets outside the blocks.
         ModelError: for a folder whose weights do not match its config.
     """
+    return_large_blocks_at_once()
     loaded = _skeleton(model, task)
     skeleton = loaded.model
     task = loaded.task
@@ -255,6 +256,8 @@ def compress_low_memory(
             (scratch / "states").mkdir()
             batches, summary = calibration_batches(loaded, calibration, labels="fisher" in needs)
             summary["task"] = task
+            # Tokenizing the whole text leaves ~100 MiB of freed Python objects behind.
+            release_freed_memory()
 
             def spill(block: str, stats: Statistics) -> None:
                 flat = {f"{n}::{k}": t.contiguous() for n, entry in stats.tensors.items() for k, t in entry.items()}
@@ -298,9 +301,9 @@ def compress_low_memory(
                     weights.load(block)
                     try:
                         infos = [info[n] for n in by_block[block]]
-                        _check_finite(skeleton, infos)
+                        check_finite(skeleton, infos)
                         rows.extend(
-                            _factorize_targets(skeleton, infos, method, config.keep, block_statistics(block), ranks=ranks, progress=False)
+                            factorize_targets(skeleton, infos, method, config.keep, block_statistics(block), ranks=ranks, progress=False)
                         )
                         tensors = {k: v.detach().contiguous() for k, v in skeleton.get_submodule(block).state_dict(prefix=block + ".").items()}
                     except BaseException:
@@ -317,7 +320,7 @@ def compress_low_memory(
             seconds = time.perf_counter() - start
             position = {t.name: i for i, t in enumerate(targets)}
             rows.sort(key=lambda r: position[r.name])
-            report = _record_compression(
+            report = record_compression(
                 skeleton, config, method, rows, parameters_before=before,
                 calibration=dict(statistics.summary) if statistics is not None else {}, seconds=seconds,
             )

@@ -20,15 +20,20 @@ from .errors import ModelError
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "LoadedModel",
     "PICKLE_SUFFIXES",
     "TASKS",
-    "LoadedModel",
+    "auto_model_class",
     "check_no_custom_code",
     "check_record",
     "detect_task",
+    "first_line",
+    "load_config",
     "load_model",
+    "load_weights",
     "model_source",
     "own_storage",
+    "safetensors_files",
     "weight_shapes",
 ]
 
@@ -141,7 +146,7 @@ def _read_json(path: Path, fix: str) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-        raise ModelError(f"{path} is unreadable ({_first_line(err)}): {fix}") from err
+        raise ModelError(f"{path} is unreadable ({first_line(err)}): {fix}") from err
 
 
 def check_no_custom_code(folder: str | os.PathLike) -> None:
@@ -166,7 +171,7 @@ def check_no_custom_code(folder: str | os.PathLike) -> None:
             )
 
 
-def _safetensors_files(folder: Path) -> list[Path]:
+def safetensors_files(folder: Path) -> list[Path]:
     """The safetensors weight files of a folder (the shards named by an index, or ``*.safetensors``)."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
@@ -196,7 +201,7 @@ def weight_shapes(folder: str | os.PathLike, *, allow_pickle: bool = False) -> d
     from safetensors import SafetensorError, safe_open
 
     folder = Path(folder)
-    files = _safetensors_files(folder)
+    files = safetensors_files(folder)
     if not files:
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES and p.is_file())
         if pickles and not allow_pickle:
@@ -214,7 +219,7 @@ def weight_shapes(folder: str | os.PathLike, *, allow_pickle: bool = False) -> d
                 for key in handle.keys():
                     shapes[key] = tuple(handle.get_slice(key).get_shape())
         except (SafetensorError, OSError, ValueError) as err:
-            raise ModelError(f"weights {file} are not a valid safetensors file ({_first_line(err)}): copy the complete weights again") from err
+            raise ModelError(f"weights {file} are not a valid safetensors file ({first_line(err)}): copy the complete weights again") from err
     return shapes
 
 
@@ -267,7 +272,7 @@ def _check_loading_info(info: dict[str, Any], model: str) -> None:
         )
     errors = info.get("error_msgs") or []
     if errors:
-        raise ModelError(f"cannot load the weights of {model} ({_first_line(Exception(str(errors[0])))}): copy the complete weights again")
+        raise ModelError(f"cannot load the weights of {model} ({first_line(Exception(str(errors[0])))}): copy the complete weights again")
 
 
 def check_record(config: Any) -> dict[str, Any] | None:
@@ -286,7 +291,7 @@ def check_record(config: Any) -> dict[str, Any] | None:
     return hf.compression_record(config)
 
 
-def _auto_class(task: str) -> Any:
+def auto_model_class(task: str) -> Any:
     import transformers
 
     return getattr(transformers, TASKS[task])
@@ -337,7 +342,7 @@ def load_model(
         check_no_custom_code(source)
         if not gguf_file:
             shapes = weight_shapes(source, allow_pickle=allow_pickle)
-    config = _load_config(AutoConfig, source, model, extra)
+    config = load_config(AutoConfig, source, model, extra)
     record = check_record(config)
     if task is None:
         # A GGUF file's config names no architecture; the format carries causal language models.
@@ -346,7 +351,7 @@ def load_model(
         raise ModelError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
     if shapes is not None:
         _check_factors(shapes, record, str(model))
-    loaded = _load_weights(_auto_class(task), source, model, {**extra, **(_gguf_dense_options(gguf_file) if gguf_file else {})},
+    loaded = load_weights(auto_model_class(task), source, model, {**extra, **(_gguf_dense_options(gguf_file) if gguf_file else {})},
                            dtype=dtype, allow_pickle=allow_pickle or bool(gguf_file), strict_shapes=not gguf_file)
     if gguf_file:
         _drop_gguf_state(loaded)
@@ -357,8 +362,8 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(source, **extra)
     except (OSError, ValueError, KeyError, TypeError, AttributeError, json.JSONDecodeError) as err:
         if need_tokenizer:
-            raise ModelError(f"cannot load the tokenizer of {model} ({_first_line(err)}): save the tokenizer files into the model folder") from err
-        logger.warning("no tokenizer loaded for %s: %s", model, _first_line(err))
+            raise ModelError(f"cannot load the tokenizer of {model} ({first_line(err)}): save the tokenizer files into the model folder") from err
+        logger.warning("no tokenizer loaded for %s: %s", model, first_line(err))
     if tokenizer is not None and tokenizer.pad_token is None:
         # Decoder tokenizers often lack a pad token; padding positions are masked, so any id works.
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -378,7 +383,7 @@ def _config_errors() -> tuple[type[BaseException], ...]:
     return (*errors, StrictDataclassError)
 
 
-def _load_config(auto_config: Any, source: str, model: Any, extra: dict[str, Any], **kwargs: Any) -> Any:
+def load_config(auto_config: Any, source: str, model: Any, extra: dict[str, Any], **kwargs: Any) -> Any:
     """``AutoConfig.from_pretrained`` with config errors reported as such (never custom code)."""
     try:
         config = auto_config.from_pretrained(source, **extra, **kwargs)
@@ -386,14 +391,14 @@ def _load_config(auto_config: Any, source: str, model: Any, extra: dict[str, Any
         raise
     except (OSError, *_config_errors()) as err:
         if Path(source).is_dir():
-            raise ModelError(f"cannot load config.json of {model} ({_first_line(err)}): fix config.json or restore the one saved with the model") from err
-        raise ModelError(f"cannot load the config of {model} ({_first_line(err)}): pass a local model folder or check the hub id and network") from err
+            raise ModelError(f"cannot load config.json of {model} ({first_line(err)}): fix config.json or restore the one saved with the model") from err
+        raise ModelError(f"cannot load the config of {model} ({first_line(err)}): pass a local model folder or check the hub id and network") from err
     if getattr(config, "auto_map", None):
         raise ModelError(f"the config of {model} asks to run custom code (auto_map): fwsvd never runs code from a model; use a model built into transformers")
     return config
 
 
-def _load_weights(
+def load_weights(
     auto_class: Any,
     source: str,
     model: Any,
@@ -425,11 +430,11 @@ def _load_weights(
     except ModelError:
         raise
     except (SafetensorError, pickle.UnpicklingError, EOFError) as err:
-        raise ModelError(f"cannot read the weights of {model} ({_first_line(err)}): copy the complete weights again, as safetensors") from err
+        raise ModelError(f"cannot read the weights of {model} ({first_line(err)}): copy the complete weights again, as safetensors") from err
     except OSError as err:
-        raise ModelError(f"cannot load the weights of {model} ({_first_line(err)}): check that the folder holds complete safetensors weights") from err
+        raise ModelError(f"cannot load the weights of {model} ({first_line(err)}): check that the folder holds complete safetensors weights") from err
     except (RuntimeError, *_config_errors()) as err:
-        raise ModelError(f"cannot build model {model} from its config.json ({_first_line(err)}): fix config.json or restore the one saved with the weights") from err
+        raise ModelError(f"cannot build model {model} from its config.json ({first_line(err)}): fix config.json or restore the one saved with the weights") from err
     if tolerate is not None:
         info = {**info, **{k: {key for key in info.get(k) or () if not tolerate(key)} for k in ("missing_keys", "unexpected_keys")}}
     _check_loading_info(info, str(model))
@@ -493,6 +498,6 @@ def own_storage(model: nn.Module) -> int:
     return copied
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__

@@ -41,33 +41,36 @@ from tqdm.auto import tqdm
 
 from .api import (
     CalibrationConfig,
-    allocate,
-    calibrate,
     CompressConfig,
     CompressionReport,
     LayerReport,
-    _check_finite,
-    _factorize_targets,
-    _record_compression,
-    _refuse_compressed,
+    allocate,
+    calibrate,
     calibration_batches,
+    check_finite,
     compress,
     count_parameters,
+    factorize_targets,
+    record_compression,
+    refuse_compressed,
 )
 from .errors import DataError, FwsvdError
 from .models import LoadedModel
 from .nn import LinearInfo, find_blocks, find_targets
-from .core import balance_factors, output_error, refit_left_factor
+from .core import balance_factors, output_error, refit_left_factor, refit_step
 from .methods import Method
 from .stats import ActivationHooks, PairedInputHooks, Statistics
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["REFIT_DAMPING", "BlockCall", "StopForward", "capture_block_calls", "compress_sequential", "split_hidden"]
+__all__ = ["REFIT_DAMPING", "REFIT_HOLD_OUT", "BlockCall", "StopForward", "capture_block_calls", "compress_sequential", "held_out_batches", "split_hidden"]
 
 #: Damping of the refit's normal equations, as a fraction of their mean diagonal: enough to keep
 #: a rank-deficient calibration set solvable, small against any real signal.
 REFIT_DAMPING = 1e-4
+#: Every ``REFIT_HOLD_OUT``-th calibration batch is held out from the refit and judges it instead
+#: (with at least 2 batches; one batch leaves only the in-sample check).
+REFIT_HOLD_OUT = 4
 
 
 class StopForward(Exception):
@@ -153,6 +156,14 @@ def capture_block_calls(model: nn.Module, blocks: list[nn.Module], batches: list
     return captured
 
 
+def held_out_batches(count: int) -> frozenset[int]:
+    """Indices of the calibration batches that judge the refit: every ``REFIT_HOLD_OUT``-th, the last if fewer."""
+    if count < 2:
+        return frozenset()
+    held = frozenset(range(REFIT_HOLD_OUT - 1, count, REFIT_HOLD_OUT))
+    return held or frozenset({count - 1})
+
+
 def _block_statistics(
     model: nn.Module,
     block: nn.Module,
@@ -162,28 +173,31 @@ def _block_statistics(
     calls: list[BlockCall],
     masks: list[torch.Tensor | None],
     dense_hidden: list[torch.Tensor] | None = None,
+    held: frozenset[int] = frozenset(),
 ) -> tuple[Statistics, list[torch.Tensor] | None]:
     """``act``/``cov`` of the block's targeted layers from its current inputs.
 
     With ``dense_hidden`` (the dense model's hidden states entering this block, for correction),
     each batch first runs through the still-dense block from those states, which yields the
     dense model's next hidden states (returned) and, per layer, ``cross``/``dense_cov`` against
-    the current inputs (:class:`~fwsvd.stats.PairedInputHooks`).
+    the current inputs (:class:`~fwsvd.stats.PairedInputHooks`); the batches whose indices are in
+    ``held`` count towards ``held_cov``/``held_cross``/``held_dense_cov`` instead (still towards
+    ``cov``).
     """
     next_dense: list[torch.Tensor] | None = None
     with ActivationHooks(model, names, kinds) as hooks, contextlib.ExitStack() as stack:
         pairs = stack.enter_context(PairedInputHooks(model, names)) if dense_hidden is not None else None
         if pairs is not None and dense_hidden is not None:
             next_dense = []
-            for h, hd, call, mask in zip(hidden, dense_hidden, calls, masks):
+            for index, (h, hd, call, mask) in enumerate(zip(hidden, dense_hidden, calls, masks)):
                 # The activation hooks must not count the dense run: they are entered first, so
                 # they see every call; their statistics are taken from the second run only.
                 hooks.mask, hooks.enabled = mask, False
-                pairs.start("reference", mask)
+                pairs.start("reference", mask, held=index in held)
                 next_dense.append(call.run(block, hd))
                 hooks.new_batch(mask)
                 hooks.enabled = True
-                pairs.start("current", mask)
+                pairs.start("current", mask, held=index in held)
                 call.run(block, h)
         else:
             for h, call, mask in zip(hidden, calls, masks):
@@ -205,7 +219,10 @@ def _block_statistics(
 class _Refit:
     """The per-layer correction of sequential mode: the left factor refit to the dense outputs.
 
-    Kept only where it lowers the layer's (row-weighted) output error on the calibration tokens,
+    With held-out batches (``held_*`` statistics), the refit is fitted to the other batches and
+    then moved towards only as far as it lowers the (row-weighted) output error on the held-out
+    ones (:func:`fwsvd.core.refit_step`): a refit that merely memorises the calibration tokens is
+    dropped. Without them, it is kept only where it lowers the error on the calibration tokens,
     so it can never make a layer worse on its own data.
     """
 
@@ -214,6 +231,7 @@ class _Refit:
         self.damping = damping
         self.kept = 0
         self.tried = 0
+        self.steps: list[float] = []
 
     def __call__(self, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, stats: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         if "cross" not in stats:
@@ -221,6 +239,15 @@ class _Refit:
         self.tried += 1
         cov, cross, dense_cov = stats["cov"], stats["cross"], stats["dense_cov"]
         row = self.method.row_weight(stats)
+        if "held_cov" in stats:
+            held_cov = stats["held_cov"]
+            refit = refit_left_factor(weight, b, cov.double() - held_cov, cross, damping=self.damping)
+            step = refit_step(weight, a, refit, b, held_cov, stats["held_cross"], row)
+            self.steps.append(step)
+            if step <= 0:
+                return a, b
+            self.kept += 1
+            return balance_factors((a.double() + step * (refit.double() - a.double())).to(a.dtype), b)
         refit = refit_left_factor(weight, b, cov, cross, damping=self.damping)
         before = output_error(weight, a, b, cov, cross, dense_cov, row)
         after = output_error(weight, refit, b, cov, cross, dense_cov, row)
@@ -228,6 +255,12 @@ class _Refit:
             return a, b
         self.kept += 1
         return balance_factors(refit, b)
+
+    def summary(self, held_out_batches: int) -> dict[str, Any]:
+        out: dict[str, Any] = {"kept": self.kept, "layers": self.tried, "held_out_batches": held_out_batches}
+        if self.steps:
+            out["mean_step"] = round(sum(self.steps) / len(self.steps), 4)
+        return out
 
 
 def compress_sequential(
@@ -271,7 +304,7 @@ def compress_sequential(
     """
     model = loaded.model
     task = loaded.task
-    _refuse_compressed(model)
+    refuse_compressed(model)
     method = config.build_method(task)
     needs = method.needs_for(task)
     block_kinds = frozenset(needs) & {"act", "cov"}
@@ -279,7 +312,7 @@ def compress_sequential(
         # Nothing to calibrate (plain SVD): block order changes nothing, and no data is needed.
         return compress(model, config, None, task=task, progress=progress)
     targets = find_targets(model, config.include, config.exclude)
-    _check_finite(model, targets)
+    check_finite(model, targets)
     block_names = find_blocks(model)
     if not block_names:
         raise FwsvdError(f"{type(model).__name__} has no repeated transformer blocks to compress one at a time: run without sequential mode")
@@ -351,6 +384,7 @@ def compress_sequential(
             # correction, the dense model's hidden states travel alongside.
             hidden, captured.hidden = captured.hidden, []
             dense_hidden = list(hidden) if refit is not None else None
+            held = held_out_batches(len(hidden)) if refit is not None else frozenset()
             seconds_calibration += time.perf_counter() - t0
             bar = tqdm(list(zip(block_names, blocks)), desc=f"{method.name} keep={config.keep:g} (sequential)", unit="block", disable=not progress, leave=False)
             for index, (name, block) in enumerate(bar):
@@ -363,7 +397,7 @@ def compress_sequential(
                     # was measured too, and was slightly worse on SmolLM2 (keep 0.8: 62.9 against
                     # 59.4; keep 0.6: 124.7 against 121.9) at twice the passes.
                     t0 = time.perf_counter()
-                    stats, next_dense = _block_statistics(model, block, [t.name for t in infos], block_kinds, hidden, calls, masks, dense_hidden)
+                    stats, next_dense = _block_statistics(model, block, [t.name for t in infos], block_kinds, hidden, calls, masks, dense_hidden, held)
                     if statistics is not None:
                         for t in infos:
                             for key in ("fisher_out", "fisher_in"):
@@ -371,7 +405,7 @@ def compress_sequential(
                                     stats.tensors[t.name][key] = statistics.tensors[t.name][key]
                     seconds_calibration += time.perf_counter() - t0
                     t0 = time.perf_counter()
-                    rows.extend(_factorize_targets(model, infos, method, config.keep, stats, ranks=ranks, correct=refit, progress=False))
+                    rows.extend(factorize_targets(model, infos, method, config.keep, stats, ranks=ranks, correct=refit, progress=False))
                     seconds_factorize += time.perf_counter() - t0
                     del stats
                 if index < len(blocks) - 1:
@@ -400,9 +434,9 @@ def compress_sequential(
     if statistics is not None and "fisher_granularity" in statistics.summary:
         summary["fisher_granularity"] = statistics.summary["fisher_granularity"]
     if refit is not None:
-        summary["refit"] = {"kept": refit.kept, "layers": refit.tried}
+        summary["refit"] = refit.summary(len(held))
     logger.info("sequential %s: %d blocks calibrated in %.1f s, factorized in %.1f s", method.name, len(blocks), seconds_calibration, seconds_factorize)
-    return _record_compression(
+    return record_compression(
         model,
         config,
         method,

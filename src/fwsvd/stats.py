@@ -249,6 +249,10 @@ class PairedInputHooks:
     module, with ``X`` the reference inputs and ``X~`` the current ones (real tokens only):
     ``cross = X^T X~`` and ``dense_cov = X^T X`` (float64). Modules that read one input tensor
     share one entry (``shared`` maps them to its owner), as in :class:`ActivationHooks`.
+
+    A batch started with ``held=True`` is held out: its moments go to ``held_cov`` (``X~^T X~``),
+    ``held_cross`` and ``held_dense_cov`` instead, so that a correction fitted to the other
+    batches can be judged on text it was not fitted to.
     """
 
     def __init__(self, model: nn.Module, names: list[str]) -> None:
@@ -258,6 +262,8 @@ class PairedInputHooks:
         self.mask: torch.Tensor | None = None
         self.cross: dict[str, torch.Tensor] = {}
         self.dense_cov: dict[str, torch.Tensor] = {}
+        self.held: dict[str, dict[str, torch.Tensor]] = {"held_cov": {}, "held_cross": {}, "held_dense_cov": {}}
+        self.holding = False
         self.shared: dict[str, str] = {}
         self._reference: dict[str, torch.Tensor] = {}
         self._seen: dict[int, tuple[weakref.ref, str]] = {}
@@ -275,15 +281,18 @@ class PairedInputHooks:
         self._reference.clear()
         self._seen.clear()
 
-    def start(self, phase: str, mask: torch.Tensor | None) -> None:
-        """Begin the ``reference`` or the ``current`` run of one batch."""
+    def start(self, phase: str, mask: torch.Tensor | None, held: bool = False) -> None:
+        """Begin the ``reference`` or the ``current`` run of one batch (``held``: a held-out batch)."""
         self.phase = phase
         self.mask = mask
+        self.holding = held
         self._seen.clear()
 
     def entries(self, name: str) -> dict[str, torch.Tensor]:
         owner = self.shared.get(name, name)
-        return {"cross": self.cross[owner], "dense_cov": self.dense_cov[owner]} if owner in self.cross else {}
+        entry = {"cross": self.cross[owner], "dense_cov": self.dense_cov[owner]} if owner in self.cross else {}
+        entry.update({key: sums[owner] for key, sums in self.held.items() if owner in sums})
+        return entry
 
     def _hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -300,8 +309,13 @@ class PairedInputHooks:
             ref = self._reference.pop(name, None)
             if ref is None or ref.shape != rows.shape:
                 raise FwsvdError(f"{name} saw different tokens in the dense and the compressed run: run without correction (--no-refit)")
-            _add(self.cross, name, ref.T @ rows)
-            _add(self.dense_cov, name, ref.T @ ref)
+            if self.holding:
+                _add(self.held["held_cov"], name, rows.T @ rows)
+                _add(self.held["held_cross"], name, ref.T @ rows)
+                _add(self.held["held_dense_cov"], name, ref.T @ ref)
+            else:
+                _add(self.cross, name, ref.T @ rows)
+                _add(self.dense_cov, name, ref.T @ ref)
 
         return hook
 

@@ -50,12 +50,36 @@ from .stats import FISHER_GRANULARITY, STAT_KINDS, ActivationHooks, FisherHooks,
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BlockWeights", "block_targets", "stream_statistics", "stream_statistics_in_scratch"]
+__all__ = ["BlockWeights", "block_targets", "release_freed_memory", "return_large_blocks_at_once", "stream_statistics", "stream_statistics_in_scratch"]
 
 #: Logit elements formed at once by the chunked causal-LM loss (16 MiB of float32; the softmax and
 #: its gradient take as much again each): the vocabulary never dominates memory, whatever the batch
 #: and sequence length.
 LOGIT_CHUNK_ELEMENTS = 1 << 22
+
+
+#: glibc ``mallopt`` parameters (``malloc.h``) and the size from which blocks are mapped on their own.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_OWN_MAPPING_BYTES = 1 << 20
+
+
+def return_large_blocks_at_once() -> None:
+    """Make glibc map every block of 1 MiB or more on its own, so that freeing it unmaps it at once.
+
+    By default glibc raises its mmap threshold each time a mapped block is freed (up to 32 MiB), after
+    which tensors of a block's size come from the heap, and the heap stays as large as its
+    high-water mark. Streaming allocates tensors of the same sizes block after block, so a fixed
+    threshold keeps the resident size at what is in use (``--low-memory``; process-wide, a few more
+    system calls). Elsewhere than glibc nothing happens.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, _OWN_MAPPING_BYTES)
+        libc.mallopt(_M_TRIM_THRESHOLD, _OWN_MAPPING_BYTES)
+    except (OSError, AttributeError):
+        pass
 
 
 def release_freed_memory() -> None:
