@@ -21,11 +21,12 @@ Kinds of statistics (a method names the ones it needs):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -42,7 +43,7 @@ from .nn import linear_weight
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["STAT_KINDS", "ActivationHooks", "FisherHooks", "PairedInputHooks", "RunningSums", "Statistics", "collect_statistics"]
+__all__ = ["STAT_KINDS", "ActivationHooks", "FisherHooks", "PairedInputHooks", "RunningSums", "Statistics", "calibration_mode", "collect_statistics"]
 
 STAT_KINDS = frozenset({"fisher", "act", "cov"})
 #: The tensors each kind of statistic leaves per module.
@@ -427,6 +428,31 @@ def _add(acc: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
     acc[name] = acc[name] + value if name in acc else value
 
 
+@contextlib.contextmanager
+def calibration_mode(model: nn.Module, freeze: bool) -> Iterator[None]:
+    """Evaluation mode (deterministic: no dropout) and, with ``freeze``, no parameter requiring grad.
+
+    Every module's mode, every parameter's ``requires_grad`` flag and gradient are put back as they
+    were found on the way out, whatever happens inside.
+    """
+    modes = {m: m.training for m in model.modules()}
+    saved_flags = {p: p.requires_grad for p in model.parameters()}
+    saved_grads = {p: p.grad for p in model.parameters()}
+    model.eval()
+    try:
+        if freeze:
+            for p in model.parameters():
+                p.requires_grad_(False)
+                p.grad = None
+        yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+        for p, flag in saved_flags.items():
+            p.requires_grad_(flag)
+            p.grad = saved_grads[p]
+
+
 def collect_statistics(
     model: nn.Module,
     target_names: Iterable[str],
@@ -479,20 +505,12 @@ def collect_statistics(
     if want_fisher and task is None:
         task = task_of(model)
 
-    modes = {m: m.training for m in model.modules()}
-    saved_flags = {p: p.requires_grad for p in model.parameters()}
-    saved_grads = {p: p.grad for p in model.parameters()}
     sums = RunningSums() if start is None else start
     counts = sums.counts()
     start_time = time.perf_counter()
-    model.eval()  # deterministic statistics: no dropout
-    try:
-        if want_fisher:
-            # No parameter gradient at all: the Fisher hooks form per-example weight gradients
-            # from activations and output gradients, which flow without any weight requiring grad.
-            for p in model.parameters():
-                p.requires_grad_(False)
-                p.grad = None
+    # No parameter gradient at all with Fisher: the Fisher hooks form per-example weight gradients
+    # from activations and output gradients, which flow without any weight requiring grad.
+    with calibration_mode(model, freeze=want_fisher):
         # Activation hooks first: they must see each module's original input tensor (the Fisher
         # pre-hook may hand on a copy), so that modules reading one input share one covariance.
         with ActivationHooks(model, names, kinds & {"act", "cov"}) as hooks, FisherHooks(
@@ -534,12 +552,6 @@ def collect_statistics(
                 if checkpoint is not None:
                     checkpoint(running())
             sums = running()
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
-        for p, flag in saved_flags.items():
-            p.requires_grad_(flag)
-            p.grad = saved_grads[p]
 
     if reduce is not None:
         sums = reduce(sums)

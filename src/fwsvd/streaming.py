@@ -46,7 +46,7 @@ from .errors import FwsvdError
 from .losses import IGNORE_INDEX, example_losses, next_token_labels
 from .nn import find_blocks
 from .sequential import StopForward, capture_block_calls, split_hidden
-from .stats import FISHER_GRANULARITY, STAT_KINDS, ActivationHooks, FisherHooks, Statistics, task_of
+from .stats import FISHER_GRANULARITY, STAT_KINDS, ActivationHooks, FisherHooks, Statistics, calibration_mode, task_of
 
 logger = logging.getLogger(__name__)
 
@@ -384,18 +384,11 @@ def stream_statistics(
     states = _States(Path(scratch) if scratch is not None else None)
     act_kinds = kinds & {"act", "cov"}
 
-    modes = {m: m.training for m in model.modules()}
-    saved_flags = {p: p.requires_grad for p in model.parameters()}
-    saved_grads = {p: p.grad for p in model.parameters()}
     start = time.perf_counter()
     stats = Statistics()
     n = len(batches)
     loss_sum = 0.0
-    model.eval()  # deterministic statistics: no dropout
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-            p.grad = None
+    with calibration_mode(model, freeze=True):
         with torch.no_grad():
             like = _block_output(model, blocks, block_names[0], batches[0], weights)
             # What every block is called with, the blocks skipped (their arguments do not depend on
@@ -470,12 +463,6 @@ def stream_statistics(
                     like_weight = _weight_shape(model.get_submodule(target))
                     stats.tensors.setdefault(target, {}).update(_finite(target, fisher.entries(target, like_weight)))
             states.drop(0, n)
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
-        for p, flag in saved_flags.items():
-            p.requires_grad_(flag)
-            p.grad = saved_grads[p]
 
     n_rows = sum(int(b["input_ids"].shape[0]) for b in batches)
     n_tokens = sum(int(b["attention_mask"].sum()) if b.get("attention_mask") is not None else int(b["input_ids"].numel()) for b in batches)
