@@ -15,10 +15,11 @@ the *dense* earlier layers produce. This mode instead (as GPTQ-style tools do):
 Peak memory holds one block's statistics plus the calibration hidden states, instead of every
 layer's statistics plus a full forward pass with logits. Each block is fitted to the inputs that
 the already-compressed earlier blocks produce, so it corrects part of their error (SVD-LLM's
-sequential update, Wang et al. 2024). With correction (``refit``, the default) the dense model's
+sequential update, Wang et al. 2024). With correction (``refit``, off by default) the dense model's
 hidden states travel alongside, and each layer's left factor is refit in closed form so that the
 compressed layer, on the inputs it will see, reproduces the dense layer's outputs on the dense
-inputs (SVD-LLM's parameter update, SAES-SVD's correction), where that lowers its error.
+inputs (SVD-LLM's parameter update, SAES-SVD's correction), as far as that lowers its error on
+held-out calibration batches.
 
 Statistics that need the whole model come first, from one pass over the dense model: FWSVD's
 Fisher information (gradients of the whole model's loss; two vectors per layer), and with global
@@ -277,7 +278,7 @@ def compress_sequential(
     (the record's calibration summary says ``"sequential": true``). Each block is fitted to the
     outputs of the already-compressed blocks before it, and with ``config.refit`` each layer's left
     factor is then refit in closed form to the *dense* model's outputs on those inputs
-    (:func:`fwsvd.core.refit_left_factor`; kept only where it lowers the layer's calibration error).
+    (:func:`fwsvd.core.refit_left_factor`; taken as far as it lowers the layer's error on held-out calibration batches).
 
     Statistics that need the whole model are computed first, in one pass over the dense model:
     Fisher information for ``fwsvd`` (gradients of the whole model's loss, two vectors per layer),
