@@ -51,7 +51,8 @@ from .fsutil import atomic_dir
 from .models import LoadedModel, check_no_custom_code, check_record, detect_task, model_source, weight_shapes
 from .nn import LinearInfo, find_blocks, find_targets, linear_weight
 from .stats import Statistics
-from .streaming import block_targets, release_freed_memory, return_large_blocks_at_once, stream_statistics
+from .sequential import block_targets
+from .streaming import release_freed_memory, return_large_blocks_at_once, stream_statistics
 
 logger = logging.getLogger(__name__)
 

@@ -57,14 +57,14 @@ from .api import (
 )
 from .errors import DataError, FwsvdError
 from .models import LoadedModel
-from .nn import LinearInfo, find_blocks, find_targets
+from .nn import find_blocks, find_targets
 from .core import balance_factors, output_error, refit_left_factor, refit_step
 from .methods import Method
 from .stats import ActivationHooks, PairedInputHooks, Statistics
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["REFIT_DAMPING", "REFIT_HOLD_OUT", "BlockCall", "StopForward", "capture_block_calls", "compress_sequential", "held_out_batches", "split_hidden"]
+__all__ = ["REFIT_DAMPING", "REFIT_HOLD_OUT", "BlockCall", "StopForward", "block_targets", "capture_block_calls", "check_single_stack", "compress_sequential", "held_out_batches", "split_hidden"]
 
 #: Damping of the refit's normal equations, as a fraction of their mean diagonal: enough to keep
 #: a rank-deficient calibration set solvable, small against any real signal.
@@ -155,6 +155,41 @@ def capture_block_calls(model: nn.Module, blocks: list[nn.Module], batches: list
     if any(len(calls) != len(batches) for calls in captured.calls):
         raise FwsvdError("some transformer blocks were not called once per batch (layer drop or early exit?): run without sequential mode")
     return captured
+
+
+def block_targets(block_names: list[str], target_names: list[str], *, what: str) -> dict[str, list[str]]:
+    """The targets of each block, in order; every target must lie inside a block.
+
+    Raises:
+        FwsvdError: naming the targets outside the blocks.
+    """
+    by_block: dict[str, list[str]] = {name: [] for name in block_names}
+    outside: list[str] = []
+    for target in target_names:
+        owner = next((b for b in block_names if target.startswith(b + ".")), None)
+        (outside if owner is None else by_block[owner]).append(target)
+    if outside:
+        raise FwsvdError(
+            f"{what} works one transformer block at a time, but {', '.join(outside[:3])}{' ...' if len(outside) > 3 else ''} "
+            f"lie outside the blocks: narrow --include, or run without {what}"
+        )
+    return by_block
+
+
+def check_single_stack(model: nn.Module, block_names: list[str], what: str) -> None:
+    """Refuse a model without transformer blocks, or with more than one chain of them.
+
+    Each block's output must be the next block's input; an encoder-decoder's decoder starts from
+    its own embeddings and reads the encoder's output through cross-attention instead.
+    """
+    if not block_names:
+        raise FwsvdError(f"{type(model).__name__} has no repeated transformer blocks to go through one at a time: run without {what}")
+    stacks = sorted({name.rpartition(".")[0] for name in block_names})
+    if len(stacks) > 1:
+        raise FwsvdError(
+            f"{type(model).__name__} has {len(stacks)} stacks of blocks ({', '.join(stacks)}); {what} follows one chain of "
+            f"blocks (decoder-only or encoder-only models): run without {what}"
+        )
 
 
 def held_out_batches(count: int) -> frozenset[int]:
@@ -315,29 +350,9 @@ def compress_sequential(
     targets = find_targets(model, config.include, config.exclude)
     check_finite(model, targets)
     block_names = find_blocks(model)
-    if not block_names:
-        raise FwsvdError(f"{type(model).__name__} has no repeated transformer blocks to compress one at a time: run without sequential mode")
-    stacks = sorted({name.rpartition(".")[0] for name in block_names})
-    if len(stacks) > 1:
-        # Each block's output must be the next block's input; an encoder-decoder's decoder starts
-        # from its own embeddings and reads the encoder's output through cross-attention instead.
-        raise FwsvdError(
-            f"{type(model).__name__} has {len(stacks)} stacks of blocks ({', '.join(stacks)}); sequential mode follows "
-            "one chain of blocks (decoder-only or encoder-only models): run without sequential mode"
-        )
-    by_block: dict[str, list[LinearInfo]] = {name: [] for name in block_names}
-    outside: list[str] = []
-    for info in targets:
-        owner = next((b for b in block_names if info.name.startswith(b + ".")), None)
-        if owner is None:
-            outside.append(info.name)
-        else:
-            by_block[owner].append(info)
-    if outside:
-        raise FwsvdError(
-            f"sequential mode compresses the transformer blocks one at a time, but {', '.join(outside[:3])}"
-            f"{' ...' if len(outside) > 3 else ''} lie outside them: narrow --include or run without sequential mode"
-        )
+    check_single_stack(model, block_names, "sequential mode")
+    info = {t.name: t for t in targets}
+    by_block = {block: [info[name] for name in names] for block, names in block_targets(block_names, list(info), what="sequential mode").items()}
 
     # Whole-model statistics first: Fisher, and what global allocation prices components with.
     allocation = config.resolved_allocation()

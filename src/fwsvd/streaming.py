@@ -45,12 +45,12 @@ from tqdm.auto import tqdm
 from .errors import FwsvdError
 from .losses import IGNORE_INDEX, example_losses, next_token_labels
 from .nn import find_blocks
-from .sequential import StopForward, capture_block_calls, split_hidden
+from .sequential import StopForward, block_targets, capture_block_calls, check_single_stack, split_hidden
 from .stats import FISHER_GRANULARITY, STAT_KINDS, ActivationHooks, FisherHooks, Statistics, calibration_mode, task_of
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BlockWeights", "block_targets", "release_freed_memory", "return_large_blocks_at_once", "stream_statistics", "stream_statistics_in_scratch"]
+__all__ = ["BlockWeights", "release_freed_memory", "return_large_blocks_at_once", "stream_statistics", "stream_statistics_in_scratch"]
 
 #: Logit elements formed at once by the chunked causal-LM loss (16 MiB of float32; the softmax and
 #: its gradient take as much again each): the vocabulary never dominates memory, whatever the batch
@@ -146,36 +146,6 @@ class _States:
                 self._memory.pop((level, b), None)
             else:
                 self._path(level, b).unlink(missing_ok=True)
-
-
-def block_targets(block_names: list[str], target_names: list[str], *, what: str) -> dict[str, list[str]]:
-    """The targets of each block, in order; every target must lie inside a block.
-
-    Raises:
-        FwsvdError: naming the targets outside the blocks.
-    """
-    by_block: dict[str, list[str]] = {name: [] for name in block_names}
-    outside: list[str] = []
-    for target in target_names:
-        owner = next((b for b in block_names if target.startswith(b + ".")), None)
-        (outside if owner is None else by_block[owner]).append(target)
-    if outside:
-        raise FwsvdError(
-            f"{what} works one transformer block at a time, but {', '.join(outside[:3])}{' ...' if len(outside) > 3 else ''} "
-            f"lie outside the blocks: narrow --include, or run without {what}"
-        )
-    return by_block
-
-
-def _single_stack(model: nn.Module, block_names: list[str], what: str) -> None:
-    if not block_names:
-        raise FwsvdError(f"{type(model).__name__} has no repeated transformer blocks to stream: run without {what}")
-    stacks = sorted({name.rpartition(".")[0] for name in block_names})
-    if len(stacks) > 1:
-        raise FwsvdError(
-            f"{type(model).__name__} has {len(stacks)} stacks of blocks ({', '.join(stacks)}); {what} follows one chain of "
-            f"blocks (decoder-only or encoder-only models): run without {what}"
-        )
 
 
 @contextlib.contextmanager
@@ -377,7 +347,7 @@ def stream_statistics(
         task = task_of(model)
     block_names = find_blocks(model)
     what = "streamed calibration (--low-memory)"
-    _single_stack(model, block_names, what)
+    check_single_stack(model, block_names, what)
     by_block = block_targets(block_names, list(target_names), what=what)
     blocks = [model.get_submodule(name) for name in block_names]
     weights = weights or _Resident()
