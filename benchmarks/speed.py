@@ -64,6 +64,9 @@ KEEPS = (0.9, 0.8, 0.6, 0.5, 0.3)
 THREADS = (1, 2)
 #: Budgets also run with the first factors of q/k/v and gate/up stacked (fwsvd.nn.stack_shared_inputs).
 STACKED_KEEPS = (0.8, 0.5)
+#: Budgets also run with global allocation and the speed rule (``--dense-above``, from kernels.json).
+FAST_KEEPS = (0.9, 0.8, 0.5)
+KERNELS = RESULTS / "kernels.json"
 
 log = logging.getLogger("speed-benchmark")
 
@@ -104,11 +107,28 @@ def folder_weight_bytes(model: torch.nn.Module) -> int:
         return sum(f.stat().st_size for f in out.glob("*.safetensors"))
 
 
-def compressed(dense: torch.nn.Module, keep: float, task: str, **options: Any) -> tuple[torch.nn.Module, dict[str, Any]]:
+def compressed(dense: torch.nn.Module, keep: float, task: str, allocation: str = "uniform", **options: Any) -> tuple[torch.nn.Module, dict[str, Any]]:
     model = copy.deepcopy(dense)
-    config = fwsvd.CompressConfig(method="svd", keep=keep, allocation="uniform", **options)
+    config = fwsvd.CompressConfig(method="svd", keep=keep, allocation=allocation, **options)
     report = fwsvd.compress(model, config, task=task, progress=False)
-    return model.eval(), {"model_keep": report.model_keep, "target_keep": report.target_keep, "parameters": report.parameters_after}
+    dense_layers = sum(1 for row in report.layers if row.rank is None)
+    return model.eval(), {"model_keep": report.model_keep, "target_keep": report.target_keep, "parameters": report.parameters_after,
+                          "allocation": allocation, **options, "dense_layers": dense_layers, "layers": len(report.layers)}
+
+
+def variants(dense: torch.nn.Module, task: str, args: argparse.Namespace) -> tuple[dict[str, torch.nn.Module], dict[str, dict[str, Any]]]:
+    """The dense model and its compressed versions: uniform ranks, stacked, and global + the speed rule."""
+    models, info = {"dense": dense}, {}
+    for keep in args.keeps:
+        models[f"keep {keep:g}"], info[f"keep {keep:g}"] = compressed(dense, keep, task)
+    for keep in [k for k in STACKED_KEEPS if k in args.keeps]:
+        models[f"keep {keep:g} stacked"] = stacked(models[f"keep {keep:g}"], torch.tensor([[2, 5, 9]]))
+        info[f"keep {keep:g} stacked"] = info[f"keep {keep:g}"]
+    if args.dense_above is not None:
+        for keep in [k for k in FAST_KEEPS if k in args.keeps]:
+            name = f"keep {keep:g} fast"
+            models[name], info[name] = compressed(dense, keep, task, allocation="global", dense_above=args.dense_above)
+    return models, info
 
 
 def stacked(model: torch.nn.Module, example: torch.Tensor) -> torch.nn.Module:
@@ -200,14 +220,9 @@ def sizes(models: dict[str, torch.nn.Module], info: dict[str, dict[str, Any]]) -
 
 def run_encoder(args: argparse.Namespace) -> dict[str, Any]:
     dense, source = _encoder_model(args.encoder)
-    models, info = {"dense": dense}, {}
-    for keep in args.keeps:
-        models[f"keep {keep:g}"], info[f"keep {keep:g}"] = compressed(dense, keep, "sequence-classification")
+    models, info = variants(dense, "sequence-classification", args)
     gen = torch.Generator().manual_seed(0)
     vocab = dense.config.vocab_size
-    for keep in [k for k in STACKED_KEEPS if k in args.keeps]:
-        models[f"keep {keep:g} stacked"] = stacked(models[f"keep {keep:g}"], torch.tensor([[2, 5, 9]]))
-        info[f"keep {keep:g} stacked"] = info[f"keep {keep:g}"]
     batch = {"input_ids": torch.randint(5, vocab, (32, args.encoder_tokens), generator=gen)}
     batch["attention_mask"] = torch.ones_like(batch["input_ids"])
     workloads = {f"forward 32x{args.encoder_tokens}": encoder_forward(batch)}
@@ -216,12 +231,7 @@ def run_encoder(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_decoder(args: argparse.Namespace) -> dict[str, Any]:
     dense = fwsvd.load_model(args.decoder).model
-    models, info = {"dense": dense}, {}
-    for keep in args.keeps:
-        models[f"keep {keep:g}"], info[f"keep {keep:g}"] = compressed(dense, keep, "causal-lm")
-    for keep in [k for k in STACKED_KEEPS if k in args.keeps]:
-        models[f"keep {keep:g} stacked"] = stacked(models[f"keep {keep:g}"], torch.tensor([[2, 5, 9]]))
-        info[f"keep {keep:g} stacked"] = info[f"keep {keep:g}"]
+    models, info = variants(dense, "causal-lm", args)
     gen = torch.Generator().manual_seed(0)
     vocab = dense.config.vocab_size
     prompt_ids = torch.randint(0, vocab, (8, args.prompt), generator=gen)
@@ -263,9 +273,10 @@ def markdown(record: dict[str, Any]) -> str:
                 lines.append(f"| {workload} | {name} | " + " | ".join(cells) + " |")
         lines.append("")
         if record[part].get("sizes"):
-            lines += ["| model | kept (whole model) | memory MiB | memory / dense | folder MiB | folder / dense |", "|---|---|---|---|---|---|"]
+            lines += ["| model | kept (whole model) | dense layers | memory MiB | memory / dense | folder MiB | folder / dense |", "|---|---|---|---|---|---|---|"]
             for s in record[part]["sizes"]:
-                lines.append(f"| {s['model']} | {s['model_keep']:.3f} | {s['memory_bytes'] / 2**20:.1f} | {s['memory_ratio']:.3f} | "
+                dense_layers = f"{s['dense_layers']} of {s['layers']}" if "layers" in s else "-"
+                lines.append(f"| {s['model']} | {s['model_keep']:.3f} | {dense_layers} | {s['memory_bytes'] / 2**20:.1f} | {s['memory_ratio']:.3f} | "
                              f"{s['folder_bytes'] / 2**20:.1f} | {s['folder_ratio']:.3f} |")
             lines.append("")
     return "\n".join(lines)
@@ -283,7 +294,7 @@ def plot(record: dict[str, Any], path: Path) -> None:
         rows = [r for r in record[part]["rows"] if r["model"] != "dense"]
         for workload in dict.fromkeys(r["workload"] for r in rows):
             for t in sorted({r["threads"] for r in rows}):
-                pts = sorted((float(r["model"].split()[1]), r["speedup"]) for r in rows if r["workload"] == workload and r["threads"] == t and "stacked" not in r["model"])
+                pts = sorted((float(r["model"].split()[1]), r["speedup"]) for r in rows if r["workload"] == workload and r["threads"] == t and r["model"].count(" ") == 1)
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linestyle="-" if t > 1 else "--", label=f"{workload}, {t} thr")
         ax.axhline(1.0, color="grey", linewidth=0.8)
         ax.set_xlabel("keep (fraction of targeted parameters)")
@@ -328,6 +339,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decoder", type=Path, default=DECODER, help="SmolLM2-135M float32 folder (made by benchmarks/decoder.py)")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument(
+        "--dense-above", type=float, default=None, metavar="FRACTION",
+        help="the 'keep K fast' rows: global allocation with this speed rule (default: the speed break-even in "
+        "benchmarks/results/kernels.json when it exists; 1 or absent: no such rows)",
+    )
+    p.add_argument(
         "--merge", action="store_true",
         help="add this run's parts and thread counts to the results already in --out (e.g. one process per part and thread "
         "count on a busy machine); each part's rows still come from one process",
@@ -336,6 +352,10 @@ def main(argv: list[str] | None = None) -> int:
     quick = args.quick
     args.keeps = args.keeps or ([0.8, 0.5] if quick else list(KEEPS))
     args.reps = args.reps or (3 if quick else 5)
+    if args.dense_above is None and KERNELS.is_file():
+        args.dense_above = json.loads(KERNELS.read_text(encoding="utf-8"))["speed_break_even"]
+    if args.dense_above is not None and not 0 < args.dense_above < 1:
+        args.dense_above = None
     args.encoder_tokens = 64 if quick else 128
     args.prefill, args.prompt, args.steps = (128, 16, 16) if quick else (512, 32, 128)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -352,7 +372,9 @@ def main(argv: list[str] | None = None) -> int:
         "note": "the machine is shared with other jobs; the load average before each measurement is in each row",
         "settings": {"keeps": args.keeps, "threads": args.threads, "reps": args.reps, "encoder_batch": [32, args.encoder_tokens],
                      "prefill": args.prefill, "prompt": args.prompt, "decode_steps": args.steps,
-                     "compression": "method svd, allocation uniform (factor values do not change the speed; shapes do)"},
+                     "compression": "method svd, allocation uniform (factor values do not change the speed; shapes do)"
+                     + (f"; 'fast' rows: global allocation (plain SVD spectra) with --dense-above {args.dense_above:g}" if args.dense_above else ""),
+                     "dense_above": args.dense_above},
     }
     for part in args.parts:
         record[part] = {"encoder": run_encoder, "decoder": run_decoder, "gguf": run_gguf}[part](args)

@@ -15,6 +15,7 @@ from conftest import folder_digest, make_bert, save_model
 
 import fwsvd
 from fwsvd.cli import main
+from fwsvd.models import load_model
 from fwsvd.nn import LowRankLinear
 
 SMALL = ["--quiet", "--max-length", "16", "--batch-size", "8"]
@@ -354,3 +355,22 @@ def test_inspect_shows_ranks_by_layer_type_and_depth(capsys, tmp_path, llama_dir
     status, stdout, err = run(capsys, "inspect", out)
     assert status == 0, err
     assert "allocation        global" in stdout and "rank by depth" in stdout and "q_proj" in stdout
+
+
+def test_dense_above_is_recorded_and_inspected(capsys, tmp_path, llama_dir, corpus_txt):
+    out = tmp_path / "fast"
+    status, _, err = run(capsys, "compress", llama_dir, "--out", out, "--method", "fwsvd", "--keep", "0.7", "--data", corpus_txt,
+                         "--allocation", "global", "--dense-above", "0.6", "--quiet", *CAUSAL)
+    assert status == 0, err
+    status, stdout, err = run(capsys, "inspect", out, "--json")
+    assert status == 0, err
+    info = json.loads(stdout)
+    assert info["allocation"] == {"mode": "global", "rank_floor": 0.5, "dense_above": 0.6}
+    model = load_model(out).model
+    for name, rank in info["ranks"].items():
+        layer = model.get_submodule(name)
+        assert rank <= 0.6 * layer.out_features * layer.in_features / (layer.out_features + layer.in_features)
+    status, stdout, err = run(capsys, "inspect", out)
+    assert "dense above 0.6 of break-even" in stdout
+    status, _, err = run(capsys, "compress", llama_dir, "--out", tmp_path / "bad", "--keep", "0.5", "--dense-above", "0", *CAUSAL)
+    assert status == 2 and "--dense-above 0.0 must be a fraction in (0, 1]" in err

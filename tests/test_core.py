@@ -443,6 +443,46 @@ def test_allocate_ranks_turns_a_matrix_dense_when_it_pays():
     assert _kept(shapes, ranks) <= 0.6 * total
 
 
+@pytest.mark.parametrize("keep", [0.4, 0.7, 0.9])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_allocate_ranks_dense_above_keeps_slow_ranks_dense_within_budget(keep, seed):
+    from fwsvd.core import allocate_ranks
+
+    shapes, losses = _shapes_and_losses(seed)
+    total = sum(dense_parameters(o, i, b) for o, i, b in shapes)
+    free = allocate_ranks(losses, shapes, keep, floor=0.25)
+    ruled = allocate_ranks(losses, shapes, keep, floor=0.25, dense_above=0.7)
+    # No factorized matrix above 0.7 of its break-even rank; the budget still holds (never above,
+    # within one component below).
+    for (o, i, _), r in zip(shapes, ruled):
+        assert r is None or r <= 0.7 * o * i / (o + i)
+    kept = _kept(shapes, ruled)
+    assert kept <= keep * total + 1e-9
+    # Below it by less than what turning one more matrix dense would cost (its last 30 %).
+    assert keep * total - kept <= max(0.3 * o * i + o + i for o, i, _ in shapes)
+    # A matrix the free allocation put between 0.7 and 1 of break-even now stays dense, and the
+    # others pay for it.
+    between = [k for k, ((o, i, _), r) in enumerate(zip(shapes, free)) if r is not None and r > 0.7 * o * i / (o + i)]
+    if between and keep < 0.7:
+        assert all(ruled[k] is None for k in between)
+    assert allocate_ranks(losses, shapes, keep, floor=0.25, dense_above=1.0) == free
+
+
+def test_allocate_ranks_dense_above_moves_rank_from_a_near_break_even_matrix():
+    from fwsvd.core import allocate_ranks
+
+    # Matrix 0's first 28 components matter (break-even rank 32): without the rule it takes rank
+    # 28; with it it stays dense and matrix 1 gives up rank for it.
+    shapes = [(64, 64, False), (64, 64, False)]
+    losses = [torch.cat([torch.full((28,), 1000.0), torch.full((36,), 1e-4)]), torch.linspace(1.0, 0.5, 64)]
+    free = allocate_ranks(losses, shapes, 0.6, floor=0.1)
+    ruled = allocate_ranks(losses, shapes, 0.6, floor=0.1, dense_above=0.8)
+    assert free[0] is not None and free[0] > 0.8 * 32
+    assert ruled[0] is None and ruled[1] < free[1]
+    with pytest.raises(ValueError, match="dense_above"):
+        allocate_ranks(losses, shapes, 0.6, dense_above=0.0)
+
+
 def test_allocate_ranks_rejects_bad_input():
     from fwsvd.core import allocate_ranks
 

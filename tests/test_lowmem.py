@@ -74,6 +74,30 @@ def test_low_memory_never_holds_the_dense_block_weights(llama_dir, corpus_txt, t
     assert peaks and max(peaks) == 1
 
 
+def test_low_memory_factorizes_without_embeddings_or_tokenizer(llama_dir, corpus_txt, tmp_path, monkeypatch, capsys):
+    """While blocks are factorized the embeddings/head are back on the meta device and the
+    tokenizer waits on disk; the output still holds both (tokenizer files as save_pretrained wrote them)."""
+    from fwsvd import lowmem
+
+    seen = []
+    original = lowmem.factorize_targets
+
+    def factorize(model, *args, **kwargs):
+        seen.append(model.get_input_embeddings().weight.device.type)
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(lowmem, "factorize_targets", factorize)
+    out = tmp_path / "out"
+    assert main(["compress", str(llama_dir), "--data", str(corpus_txt), "--out", str(out), "--low-memory", *COMMON]) == 0
+    capsys.readouterr()
+    assert seen and set(seen) == {"meta"}
+    reloaded = load_model(out)
+    reference = load_model(llama_dir)
+    torch.testing.assert_close(reloaded.model.get_input_embeddings().weight, reference.model.get_input_embeddings().weight)
+    assert reloaded.tokenizer is not None
+    assert reloaded.tokenizer("hello world")["input_ids"] == reference.tokenizer("hello world")["input_ids"]
+
+
 def test_low_memory_refuses_whole_model_options(llama_dir, corpus_txt, tmp_path, capsys):
     code = main(["compress", str(llama_dir), "--data", str(corpus_txt), "--out", str(tmp_path / "o"), "--low-memory", "--sequential", *COMMON])
     assert code == 2

@@ -112,6 +112,12 @@ class CompressConfig:
         default=DEFAULT_ALLOCATION,
     )
     rank_floor: float = help_field("global allocation: the smallest rank a layer may get, as a fraction of its uniform rank", default=DEFAULT_RANK_FLOOR)
+    dense_above: float = help_field(
+        "global allocation: a layer whose rank would pass this fraction of its break-even rank out*in/(out+in) stays dense "
+        "and the others share its budget; near break-even two thin products save few parameters and run slower than one "
+        "dense product (benchmarks/kernels.py measures where on a CPU); 1 keeps dense only layers that would save nothing",
+        default=1.0,
+    )
     # Off by default, by measurement: on SmolLM2-135M (keep 0.8, 16 x 512 calibration tokens) an
     # in-sample refit lowered every layer's calibration error yet raised test perplexity from 40.79
     # (sequential, no refit) to 62.64; judged on held-out batches (what it does now) 41.97.
@@ -140,6 +146,8 @@ class CompressConfig:
             raise FwsvdError(f"--allocation {self.allocation!r} must be one of {', '.join(ALLOCATIONS)}")
         if isinstance(self.rank_floor, bool) or not isinstance(self.rank_floor, (int, float)) or not 0 <= self.rank_floor <= 1:
             raise FwsvdError(f"--rank-floor {self.rank_floor!r} must be a fraction in [0, 1] of each layer's uniform rank")
+        if isinstance(self.dense_above, bool) or not isinstance(self.dense_above, (int, float)) or not 0 < self.dense_above <= 1:
+            raise FwsvdError(f"--dense-above {self.dense_above!r} must be a fraction in (0, 1] of each layer's break-even rank (1: off)")
         if self.dtype is not None and self.dtype not in FACTOR_DTYPES:
             raise FwsvdError(f"--dtype {self.dtype!r} must be one of {', '.join(FACTOR_DTYPES)}")
         self.build_method("sequence-classification")  # validates the method's options early
@@ -450,7 +458,7 @@ def compress(
     start = time.perf_counter()
     ranks = decompositions = None
     if config.resolved_allocation() == "global":
-        ranks, decompositions = allocate(model, targets, method, config.keep, statistics, floor=config.rank_floor, progress=progress)
+        ranks, decompositions = allocate(model, targets, method, config.keep, statistics, floor=config.rank_floor, dense_above=config.dense_above, progress=progress)
     rows = factorize_targets(model, targets, method, config.keep, statistics, ranks=ranks, decompositions=decompositions, progress=progress)
     return record_compression(
         model,
@@ -568,6 +576,14 @@ def decomposition_cost(info: LinearInfo) -> float:
     return float(out_f * in_f * min(out_f, in_f) + in_f**3)
 
 
+def allocation_record(config: CompressConfig) -> dict[str, Any]:
+    """The allocation as the compression record keeps it: the mode, and for global its rules."""
+    mode = config.resolved_allocation()
+    if mode != "global":
+        return {"mode": mode}
+    return {"mode": mode, "rank_floor": config.rank_floor, **({"dense_above": config.dense_above} if config.dense_above < 1 else {})}
+
+
 def allocate(
     model: nn.Module,
     targets: list[LinearInfo],
@@ -576,6 +592,7 @@ def allocate(
     statistics: Statistics | None,
     *,
     floor: float = DEFAULT_RANK_FLOOR,
+    dense_above: float = 1.0,
     progress: bool = True,
 ) -> tuple[dict[str, int | None], dict[str, Decomposition]]:
     """Global rank allocation: decompose every target once, then share one parameter budget.
@@ -609,7 +626,7 @@ def allocate(
         for _, (loss,) in tqdm(spread(targets, decompose, like, decomposition_cost), total=len(targets), desc=f"{method.name} allocate", unit="layer", disable=not progress, leave=False)
     ]
     shapes = [(info.out_features, info.in_features, info.bias) for info in targets]
-    ranks = allocate_ranks(losses, shapes, keep, floor=floor)
+    ranks = allocate_ranks(losses, shapes, keep, floor=floor, dense_above=dense_above)
     return {info.name: rank for info, rank in zip(targets, ranks)}, decompositions
 
 
@@ -650,7 +667,7 @@ def record_compression(
         target_dense_parameters=record["target_dense_parameters"],
         target_keep=record["target_keep"],
         calibration=record["calibration"],
-        allocation={"mode": config.resolved_allocation(), **({"rank_floor": config.rank_floor} if config.resolved_allocation() == "global" else {})},
+        allocation=allocation_record(config),
     )
     if config.dtype is not None:
         cast_factors(model, config.dtype)

@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--fisher-whiten", choices=["auto", "on", "off"], default="auto", help=_help(CompressConfig, "fisher_whiten"))
     c.add_argument("--allocation", choices=list(ALLOCATIONS), default=DEFAULT_ALLOCATION, help=_help(CompressConfig, "allocation"))
     c.add_argument("--rank-floor", type=float, default=DEFAULT_RANK_FLOOR, help=_help(CompressConfig, "rank_floor"))
+    c.add_argument("--dense-above", type=float, default=1.0, metavar="FRACTION", help=_help(CompressConfig, "dense_above"))
     c.add_argument("--asvd-alpha", type=float, default=0.5, help=_help(CompressConfig, "asvd_alpha"))
     c.add_argument("--damping", type=float, default=0.01, help=_help(CompressConfig, "damping"))
     c.add_argument("--dtype", choices=list(FACTOR_DTYPES), default=None, help=_help(CompressConfig, "dtype"))
@@ -263,7 +264,7 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     config = api.CompressConfig(
         method=args.method, keep=args.keep, include=tuple(args.include), exclude=tuple(args.exclude),
         fisher_reduction=args.fisher_reduction, fisher_whiten=args.fisher_whiten, asvd_alpha=args.asvd_alpha, damping=args.damping,
-        allocation=args.allocation, rank_floor=args.rank_floor, refit=args.refit,
+        allocation=args.allocation, rank_floor=args.rank_floor, dense_above=args.dense_above, refit=args.refit,
         # With recovery fine-tuning the factors train in the model's dtype and are cast after it.
         dtype=None if args.finetune_data is not None else args.dtype,
     )
@@ -571,7 +572,12 @@ def format_inspect(result: dict[str, Any]) -> str:
     ]
     if result.get("allocation"):
         alloc = result["allocation"]
-        lines.append(f"allocation        {alloc.get('mode')}" + (f" (rank floor {alloc['rank_floor']:g})" if "rank_floor" in alloc else ""))
+        # Values from a config file anyone may have written: shown only when they are numbers.
+        number = lambda key: isinstance(alloc.get(key), (int, float)) and not isinstance(alloc.get(key), bool)  # noqa: E731
+        rules = [f"rank floor {alloc['rank_floor']:g}"] if number("rank_floor") else []
+        if number("dense_above"):
+            rules.append(f"dense above {alloc['dense_above']:g} of break-even")
+        lines.append(f"allocation        {alloc.get('mode')}" + (f" ({', '.join(rules)})" if rules else ""))
     if result.get("factor_dtype"):
         lines.append(f"factors stored as {result['factor_dtype']}")
     if result.get("rank_table"):

@@ -373,6 +373,7 @@ def allocate_ranks(
     shapes: Sequence[tuple[int, int, bool]],
     keep: float,
     floor: float = 0.5,
+    dense_above: float = 1.0,
 ) -> list[int | None]:
     """Ranks per matrix that keep ``keep`` of all their parameters and lose the least estimated loss.
 
@@ -385,11 +386,19 @@ def allocate_ranks(
     others; the selection is repeated until no matrix changes side. Every factorized matrix keeps at
     least ``floor`` times its uniform rank (at least 1), so none collapses.
 
+    With ``dense_above < 1`` a matrix stays dense as soon as its rank would pass ``dense_above``
+    times its break-even rank ``out * in / (out + in)``: near break-even the two thin products
+    hold almost the dense parameters yet run slower than the one dense product (benchmarks/kernels.py
+    measures where on a given CPU), so the few parameters such a matrix would save are better
+    taken from the others.
+
     Args:
         losses: per matrix, ``[min(out, in)]`` non-negative estimates, in decreasing order.
         shapes: per matrix, ``(out_features, in_features, has_bias)``.
         keep: fraction of the parameters that stays, in ``(0, 1]``.
         floor: minimum rank as a fraction of the uniform rank, in ``[0, 1]``.
+        dense_above: fraction of the break-even rank above which a matrix stays dense, in ``(0, 1]``
+            (1: only where factorizing would save no parameters).
 
     Returns:
         Per matrix, its rank, or ``None`` for a matrix that stays dense. The parameters kept land
@@ -397,12 +406,14 @@ def allocate_ranks(
         alone exceed it).
 
     Raises:
-        ValueError: on ``keep`` or ``floor`` out of range, or mismatched lengths or shapes.
+        ValueError: on ``keep``, ``floor`` or ``dense_above`` out of range, or mismatched lengths or shapes.
     """
     if not (isinstance(keep, (int, float)) and math.isfinite(keep) and 0 < keep <= 1):
         raise ValueError(f"keep={keep!r} must be a fraction in (0, 1]: the share of parameters that stays")
     if not 0 <= floor <= 1:
         raise ValueError(f"rank floor {floor} must lie in [0, 1] (a fraction of the uniform rank)")
+    if not 0 < dense_above <= 1:
+        raise ValueError(f"dense_above={dense_above} must lie in (0, 1] (a fraction of the break-even rank)")
     if len(losses) != len(shapes):
         raise ValueError(f"{len(losses)} loss vectors for {len(shapes)} matrices")
     n = len(shapes)
@@ -414,6 +425,8 @@ def allocate_ranks(
     bias = [o if b else 0 for o, _, b in shapes]
     # Largest rank that still saves parameters; matrices that cannot save any stay dense.
     even = [min(min(o, i), (d - bb - 1) // c) for (o, i, _), d, bb, c in zip(shapes, dense, bias, cost)]
+    if dense_above < 1:
+        even = [min(e, math.floor(dense_above * o * i / (o + i))) for e, (o, i, _) in zip(even, shapes)]
     low = []
     for k, ((o, i, b), vec) in enumerate(zip(shapes, losses)):
         if vec.shape != (min(o, i),):
@@ -421,17 +434,20 @@ def allocate_ranks(
         uniform = rank_for_kept_fraction(o, i, keep, bias=b) or even[k]
         low.append(min(even[k], max(1, math.ceil(floor * uniform))) if even[k] >= 1 else 0)
     stays_dense = [e < 1 for e in even]
+    # Matrices held at ``even`` because turning them dense would not fit the budget (only with
+    # ``dense_above < 1``: at break-even, dense never costs more than the next component).
+    capped = [False] * n
     while True:
         fixed = sum(d for d, sd in zip(dense, stays_dense) if sd)
         fixed += sum(lo * c + bb for lo, c, bb, sd in zip(low, cost, bias, stays_dense) if not sd)
         spare = budget - fixed
         # Candidates: every component above a factorized matrix's floor, up to one past break-even
-        # (taking that one turns the matrix dense).
+        # (taking that one turns the matrix dense) or up to ``even`` for a capped matrix.
         worth, price, owner, position = [], [], [], []
         for k in range(n):
             if stays_dense[k]:
                 continue
-            extra = losses[k][low[k] : min(even[k] + 1, losses[k].numel())].double().clamp_min(0)
+            extra = losses[k][low[k] : min(even[k] + (0 if capped[k] else 1), losses[k].numel())].double().clamp_min(0)
             worth.append(extra / cost[k])
             price.append(torch.full_like(extra, float(cost[k])))
             owner.append(torch.full(extra.shape, k, dtype=torch.long))
@@ -451,8 +467,16 @@ def allocate_ranks(
         newly = [k for k in range(n) if ranks[k] is not None and ranks[k] > even[k]]
         if not newly:
             return ranks
-        for k in newly:
-            stays_dense[k] = True
+        # The loss a matrix keeps by turning dense, per parameter that costs: the most worth first,
+        # while the floors of the rest still fit.
+        jump = {k: dense[k] - low[k] * cost[k] - bias[k] for k in newly}
+        gain = {k: float(losses[k][even[k]:].double().clamp_min(0).sum()) / max(1, dense[k] - even[k] * cost[k] - bias[k]) for k in newly}
+        for k in sorted(newly, key=lambda k: -gain[k]):
+            if fixed + jump[k] <= budget:
+                stays_dense[k] = True
+                fixed += jump[k]
+            else:
+                capped[k] = True
 
 
 def round_ranks(ranks: Sequence[int | None], shapes: Sequence[tuple[int, int, bool]], multiple: int) -> list[int | None]:

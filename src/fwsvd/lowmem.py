@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -159,6 +160,15 @@ class CheckpointWeights:
         """Read every parameter that lies outside ``blocks`` (embeddings, final norm, head)."""
         self._read(self._under(None, tuple(blocks)))
 
+    def unload_outside(self, blocks: list[str]) -> None:
+        """Drop every parameter outside ``blocks`` back to the meta device (ties stay ties)."""
+        for name in self._under(None, tuple(blocks)):
+            param = self.model.get_parameter(name)
+            if param.device.type != "meta":
+                empty = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False)
+                for alias in self.aliases[name]:
+                    _set_param(self.model, alias, empty)
+
     def unload(self, prefix: str) -> None:
         """Drop the parameters of the module ``prefix`` (whatever they are now) back to the meta device."""
         module = self.model.get_submodule(prefix)
@@ -253,12 +263,17 @@ def compress_low_memory(
     with tempfile.TemporaryDirectory(prefix="fwsvd-low-memory-") as scratch_dir:
         scratch = Path(scratch_dir)
         statistics: Statistics | None = None
+        batches: list[Any] = []
         if needs:
             (scratch / "states").mkdir()
             batches, summary = calibration_batches(loaded, calibration, labels="fisher" in needs)
             summary["task"] = task
-            # Tokenizing the whole text leaves ~100 MiB of freed Python objects behind.
-            release_freed_memory()
+        # The tokenizer (~50 MiB for a 50k vocabulary) is needed again only for the output folder:
+        # it waits on disk meanwhile. Tokenizing the whole text leaves ~100 MiB of freed Python
+        # objects behind; both go back to the system.
+        tokenizer_dir = _park_tokenizer(loaded, scratch)
+        release_freed_memory()
+        if needs:
 
             def spill(block: str, stats: Statistics) -> None:
                 flat = {f"{n}::{k}": t.contiguous() for n, entry in stats.tensors.items() for k, t in entry.items()}
@@ -269,6 +284,11 @@ def compress_low_memory(
                 skeleton, [t.name for t in targets], batches, needs, task=task, weights=weights,
                 scratch=scratch / "states", on_block=spill, progress=progress, summary=summary,
             )
+            del batches
+        # The embeddings and head (a tied head is the largest single tensor of a small model) are
+        # not needed to factorize the blocks: read again for the last shard.
+        weights.unload_outside(block_names)
+        release_freed_memory()
 
         def block_statistics(block: str) -> Statistics | None:
             if statistics is None:
@@ -297,6 +317,7 @@ def compress_low_memory(
             for number, block in enumerate(bar, start=1):
                 file = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
                 if block is None:
+                    weights.load_outside(block_names)
                     tensors = _outside_state(skeleton, block_names)
                 else:
                     weights.load(block)
@@ -333,9 +354,20 @@ def compress_low_memory(
             skeleton.config.save_pretrained(tmp)
             if skeleton.can_generate() and getattr(skeleton, "generation_config", None) is not None:
                 skeleton.generation_config.save_pretrained(tmp)
-            if loaded.tokenizer is not None:
-                loaded.tokenizer.save_pretrained(tmp)
+            if tokenizer_dir is not None:
+                for file in sorted(tokenizer_dir.iterdir()):
+                    shutil.copyfile(file, tmp / file.name)
     return report, task
+
+
+def _park_tokenizer(loaded: LoadedModel, scratch: Path) -> Path | None:
+    """Save the model's tokenizer (as the output folder will hold it) to ``scratch`` and drop it."""
+    if loaded.tokenizer is None:
+        return None
+    folder = scratch / "tokenizer"
+    loaded.tokenizer.save_pretrained(folder)
+    loaded.tokenizer = None
+    return folder
 
 
 def _outside_state(model: nn.Module, block_names: list[str]) -> dict[str, torch.Tensor]:
@@ -391,5 +423,5 @@ def _global_ranks(
         finally:
             weights.unload(block)
             release_freed_memory()
-    chosen = allocate_ranks(losses, shapes, config.keep, floor=config.rank_floor)
+    chosen = allocate_ranks(losses, shapes, config.keep, floor=config.rank_floor, dense_above=config.dense_above)
     return dict(zip(names, chosen))

@@ -371,7 +371,7 @@ def compress_sequential(
     ranks: dict[str, int | None] | None = None
     if allocation == "global":
         t0 = time.perf_counter()
-        ranks, _ = allocate(model, targets, method, config.keep, statistics, floor=config.rank_floor, progress=progress)
+        ranks, _ = allocate(model, targets, method, config.keep, statistics, floor=config.rank_floor, dense_above=config.dense_above, progress=progress)
         seconds_global += time.perf_counter() - t0
 
     if config.refit:
