@@ -81,6 +81,7 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("fwsvd (default)", "fwsvd"),
     # The speed rule (--dense-above, benchmarks/kernels.py): what it costs in perplexity.
     Variant("fwsvd, dense above 0.8", "fwsvd", {"dense_above": 0.8}),
+    Variant("fwsvd, dense above 0.7", "fwsvd", {"dense_above": 0.7}),
     Variant("fwsvd global, sequential", "fwsvd", {"allocation": "global"}, sequential=True),
     Variant("fwsvd global, sequential + refit", "fwsvd", {"allocation": "global", "refit": True}, sequential=True),
     Variant("fwsvd (default) + recovery", "fwsvd", recovery=True),

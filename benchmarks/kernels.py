@@ -156,7 +156,8 @@ def markdown(record: dict[str, Any]) -> str:
         "",
         f"- `{record['command']}` — {record['date']}, load average {record['load_average_before']} at start, {record['load_average_after']} at the end",
         "",
-        f"{record['machine']}; {record['threads']} thread(s).",
+        f"{record['machine']['processor']}, {record['machine']['cpu_count']} CPUs, torch {record['machine']['torch']}; "
+        f"{record['threads']} thread(s); {record['seconds']:.0f} s.",
         "",
         "Speed-up of the two thin products over the dense one (median over interleaved rounds), at ranks that are a "
         "fraction of the break-even rank out·in/(out+in); crossover = where a line fitted to the time ratios "
@@ -177,7 +178,7 @@ def markdown(record: dict[str, Any]) -> str:
                   "| shape | workload | m=8 | m=16 | m=32 | m=64 |", "|---|---|---|---|---|---|"]
         for row in record["multiples"]:
             rel = row["relative_to_odd"]
-            lines.append(f"| {row['out']}x{row['in']} | {WORKLOADS[row['tokens']]} | " + " | ".join(f"{rel[m]:.3f}" for m in (8, 16, 32, 64)) + " |")
+            lines.append(f"| {row['out']}x{row['in']} | {WORKLOADS[row['tokens']]} | " + " | ".join(f"{rel.get(m, rel.get(str(m))):.3f}" for m in (8, 16, 32, 64)) + " |")
     return "\n".join(lines) + "\n"
 
 

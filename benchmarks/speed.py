@@ -268,8 +268,9 @@ def markdown(record: dict[str, Any]) -> str:
             for name in dict.fromkeys(r["model"] for r in rows):
                 cells = []
                 for t in threads:
-                    r = next(x for x in rows if x["workload"] == workload and x["model"] == name and x["threads"] == t)
-                    cells.append(f"{r['speedup']:.2f}× ({r['seconds']:.3f} s)")
+                    # Merged runs need not share their models or workloads: a missing cell is "-".
+                    r = next((x for x in rows if x["workload"] == workload and x["model"] == name and x["threads"] == t), None)
+                    cells.append("-" if r is None else f"{r['speedup']:.2f}× ({r['seconds']:.3f} s)")
                 lines.append(f"| {workload} | {name} | " + " | ".join(cells) + " |")
         lines.append("")
         if record[part].get("sizes"):
@@ -326,6 +327,25 @@ def merged(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
 def _run_summary(record: dict[str, Any]) -> dict[str, Any]:
     return {"command": record["command"], "date": record["date"], "load_average_before": record["machine"]["load_average_1min"],
             "load_average_after": record.get("load_average_after"), "seconds": record.get("seconds_total")}
+
+
+def write_report(record: dict[str, Any], out: Path, stem: str) -> None:
+    """``<stem>.md`` (and the plot) from a results record, e.g. one just merged into ``<stem>.json``."""
+    machine = record["machine"]
+    runs = record.get("runs") or [_run_summary(record)]
+    header = (
+        "# Speed benchmark\n\n"
+        + "".join(f"- `{r['command']}` — {r['date']}, load average {r['load_average_before']} at start, {r['load_average_after']} at the end\n" for r in runs)
+        + f"\n{machine['processor']}, {machine['cpu_count']} CPUs, torch {machine['torch']}; a shared machine: other jobs ran too.\n\n"
+        f"Speed-up: median over the rounds (settings of each run in the JSON) of dense seconds / model seconds, models interleaved in one process. "
+        f"Compressed models: {record['settings']['compression']}.\n\n"
+    )
+    table = markdown(record)
+    (out / f"{stem}.md").write_text(header + table + "\n", encoding="utf-8")
+    if record.get("encoder") or record.get("decoder"):
+        plot(record, out / f"{stem}.png")
+    print(table)
+    print(f"wrote {out / stem}.{{json,md{',png' if record.get('encoder') or record.get('decoder') else ''}}} in {record['seconds_total']:.0f} s")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -390,20 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.merge and (args.out / f"{stem}.json").is_file():
         record = merged(json.loads((args.out / f"{stem}.json").read_text(encoding="utf-8")), record)
     (args.out / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    runs = record.get("runs") or [_run_summary(record)]
-    header = (
-        "# Speed benchmark\n\n"
-        + "".join(f"- `{r['command']}` — {r['date']}, load average {r['load_average_before']} at start, {r['load_average_after']} at the end\n" for r in runs)
-        + f"\n{machine['processor']}, {machine['cpu_count']} CPUs, torch {machine['torch']}; a shared machine: other jobs ran too.\n\n"
-        f"Speed-up: median over {args.reps} rounds of dense seconds / model seconds, models interleaved in one process. "
-        f"Compressed models: {record['settings']['compression']}.\n\n"
-    )
-    table = markdown(record)
-    (args.out / f"{stem}.md").write_text(header + table + "\n", encoding="utf-8")
-    if record.get("encoder") or record.get("decoder"):
-        plot(record, args.out / f"{stem}.png")
-    print(table)
-    print(f"wrote {args.out / stem}.{{json,md{',png' if record.get('encoder') or record.get('decoder') else ''}}} in {record['seconds_total']:.0f} s")
+    write_report(record, args.out, stem)
     return 0
 
 
