@@ -452,16 +452,15 @@ def test_allocate_ranks_dense_above_keeps_slow_ranks_dense_within_budget(keep, s
     total = sum(dense_parameters(o, i, b) for o, i, b in shapes)
     free = allocate_ranks(losses, shapes, keep, floor=0.25)
     ruled = allocate_ranks(losses, shapes, keep, floor=0.25, dense_above=0.7)
-    # No factorized matrix above 0.7 of its break-even rank; the budget still holds (never above,
-    # within one component below).
+    # No factorized matrix above 0.7 of its break-even rank; the budget is never exceeded.
     for (o, i, _), r in zip(shapes, ruled):
         assert r is None or r <= 0.7 * o * i / (o + i)
     kept = _kept(shapes, ruled)
     assert kept <= keep * total + 1e-9
     # Below it by less than what turning one more matrix dense would cost (its last 30 %).
     assert keep * total - kept <= max(0.3 * o * i + o + i for o, i, _ in shapes)
-    # A matrix the free allocation put between 0.7 and 1 of break-even now stays dense, and the
-    # others pay for it.
+    # Where the budget leaves room (keep below 0.7), a matrix the free allocation put between 0.7
+    # and 1 of break-even now stays dense.
     between = [k for k, ((o, i, _), r) in enumerate(zip(shapes, free)) if r is not None and r > 0.7 * o * i / (o + i)]
     if between and keep < 0.7:
         assert all(ruled[k] is None for k in between)
