@@ -205,7 +205,6 @@ def main(argv: list[str] | None = None) -> int:
             m = measure_multiples(out_f, in_f, tokens, reps)
             print(f"multiples {out_f}x{in_f} tokens {tokens}: {m['relative_to_odd']}", flush=True)
             multiples.append(m)
-    rule_rows = [r for r in rows if r["tokens"] in (1, 8, 512, 4096)]
     record = {
         "command": "python " + " ".join([os.path.relpath(__file__, Path.cwd()) if Path(__file__).is_relative_to(Path.cwd()) else __file__, *sys.argv[1:]]),
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -216,8 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(time.perf_counter() - started, 1),
         "shapes": rows,
         "multiples": multiples,
-        "rule_workloads": len(rule_rows),
-        "speed_break_even": math.floor(20 * min(r["crossover"] for r in rule_rows)) / 20,
+        "rule_workloads": len(rows),
+        "speed_break_even": math.floor(20 * min(r["crossover"] for r in rows)) / 20,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{STEM}.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")

@@ -165,7 +165,7 @@ class CheckpointWeights:
         for name in self._under(None, tuple(blocks)):
             param = self.model.get_parameter(name)
             if param.device.type != "meta":
-                empty = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False)
+                empty = _meta_like(param)
                 for alias in self.aliases[name]:
                     _set_param(self.model, alias, empty)
 
@@ -175,7 +175,12 @@ class CheckpointWeights:
         for sub in module.modules():
             for pname, param in list(sub._parameters.items()):
                 if param is not None and param.device.type != "meta":
-                    sub._parameters[pname] = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False)
+                    sub._parameters[pname] = _meta_like(param)
+
+
+def _meta_like(param: torch.Tensor) -> nn.Parameter:
+    """A frozen meta-device parameter of ``param``'s shape and dtype (its storage released)."""
+    return nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False)
 
 
 def _set_param(model: nn.Module, name: str, param: nn.Parameter) -> None:
@@ -263,7 +268,6 @@ def compress_low_memory(
     with tempfile.TemporaryDirectory(prefix="fwsvd-low-memory-") as scratch_dir:
         scratch = Path(scratch_dir)
         statistics: Statistics | None = None
-        batches: list[Any] = []
         if needs:
             (scratch / "states").mkdir()
             batches, summary = calibration_batches(loaded, calibration, labels="fisher" in needs)
@@ -283,7 +287,6 @@ def compress_low_memory(
                 skeleton, [t.name for t in targets], batches, needs, task=task, weights=weights,
                 scratch=scratch / "states", on_block=spill, progress=progress, summary=summary,
             )
-            del batches
         # The embeddings and head (a tied head is the largest single tensor of a small model) are
         # not needed to factorize the blocks: read again for the last shard.
         weights.unload_outside(block_names)
