@@ -103,3 +103,30 @@ def test_low_memory_refuses_whole_model_options(llama_dir, corpus_txt, tmp_path,
     assert code == 2
     assert "--low-memory never holds the whole model" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_low_memory_dtype_stores_every_weight_like_the_in_memory_path(llama_dir, corpus_txt, tmp_path, capsys):
+    """--dtype bfloat16 under --low-memory: every tensor bfloat16, the same config and record as in memory."""
+    args = ["compress", str(llama_dir), "--data", str(corpus_txt), "--dtype", "bfloat16", *COMMON]
+    assert main([*args, "--out", str(tmp_path / "memory")]) == 0
+    assert main([*args, "--out", str(tmp_path / "streamed"), "--low-memory"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["stored_dtype"] == "bfloat16"
+    memory, streamed = _tensors(tmp_path / "memory"), _tensors(tmp_path / "streamed")
+    assert set(memory) == set(streamed)
+    assert {t.dtype for t in streamed.values()} == {torch.bfloat16}
+    for key, ref in memory.items():
+        got = streamed[key].float()
+        if key.endswith(".weight_out"):
+            # The product of the factors does not depend on each component's sign; bfloat16 keeps
+            # 8 significant bits, so the two paths' factors (equal to 1e-4 in float32) may round apart.
+            base = key.removesuffix("weight_out")
+            got, ref = got @ streamed[base + "weight_in"].float(), ref.float() @ memory[base + "weight_in"].float()
+        if not key.endswith(".weight_in"):
+            torch.testing.assert_close(got, ref.float(), rtol=2e-2, atol=2e-2 * (ref.float().abs().max().item() or 1.0), msg=key)
+    config = {name: json.loads((tmp_path / name / "config.json").read_text()) for name in ("memory", "streamed")}
+    record = {name: config[name].pop("quantization_config") for name in config}
+    assert config["memory"] == config["streamed"]
+    assert config["streamed"]["dtype"] == "bfloat16"
+    assert record["memory"]["stored_dtype"] == record["streamed"]["stored_dtype"] == "bfloat16"
+    assert record["memory"]["ranks"] == record["streamed"]["ranks"]
+    assert load_model(tmp_path / "streamed").model.dtype == torch.float32

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -59,53 +60,147 @@ def test_gguf_loaded_weights_are_ordinary_tensors(tmp_path: Path):
     assert not bad, f"GGUF-loaded weights that are not ordinary tensors: {bad}"
 
 
-# --- factors stored in half precision -----------------------------------------------------------
+# --- weights stored in half precision (--dtype) ----------------------------------------------------
+
+
+def _tied_llama_dir(tmp_path: Path) -> Path:
+    """A tiny Llama whose head is tied to its embedding (the largest tensor of a small model)."""
+    from conftest import save_model
+
+    model = make_llama()
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    return save_model(model, tmp_path / "dense")
+
+
+def _file_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {k: v for file in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(file)).items()}
+
+
+def _weight_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_half_precision_factors_halve_their_bytes_and_reload(llama_dir: Path, tmp_path: Path, dtype: str):
-    from safetensors import safe_open
+def test_dtype_stores_every_weight_halves_the_folder_and_reloads_in_float32(tmp_path: Path, dtype: str):
+    from transformers import AutoModelForCausalLM
+
+    dense = _tied_llama_dir(tmp_path)
+    ids = torch.tensor([[2, 5, 9, 14, 3]])
+    folders, models = {}, {}
+    for stored in ("float32", dtype):
+        lm = fwsvd.load_model(dense)
+        fwsvd.compress(lm.model, fwsvd.CompressConfig(method="svd", keep=0.5, dtype=None if stored == "float32" else stored), task="causal-lm", progress=False)
+        models[stored] = lm.model
+        folders[stored] = fwsvd.save(lm.model, tmp_path / stored)
+    half = models[dtype]
+    assert {p.dtype for p in half.parameters()} == {getattr(torch, dtype)}
+    assert half.lm_head.weight is half.model.embed_tokens.weight  # still tied, stored once
+    tensors = {name: _file_tensors(folders[name]) for name in folders}
+    assert tensors[dtype].keys() == tensors["float32"].keys()
+    assert {t.dtype for t in tensors[dtype].values()} == {getattr(torch, dtype)}  # embedding, norms, factors: all of them
+    assert sum(t.nbytes for t in tensors[dtype].values()) * 2 == sum(t.nbytes for t in tensors["float32"].values())
+    # The files also hold a small JSON header each: the tiny model's folder is about half.
+    assert 0.5 < _weight_bytes(folders[dtype]) / _weight_bytes(folders["float32"]) < 0.55
+    config = json.loads((folders[dtype] / "config.json").read_text(encoding="utf-8"))
+    assert config["dtype"] == dtype and config["quantization_config"]["stored_dtype"] == dtype
+    assert "factor_dtype" not in config["quantization_config"]
+
+    # fwsvd.load computes in float32, with the weights rounded to ``dtype``: the float32-factor
+    # model with every weight rounded the same way gives the same logits (float32 tolerance).
+    rounded = models["float32"]
+    with torch.no_grad():
+        for p in rounded.parameters():
+            p.data = p.data.to(getattr(torch, dtype)).float()
+        expected = rounded(ids).logits
+    reloaded = fwsvd.load(folders[dtype])
+    assert {p.dtype for p in reloaded.parameters()} == {torch.float32}
+    assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, expected, rtol=1e-5, atol=1e-5)
+        # The in-memory model computes in ``dtype`` (like any model after .to(dtype)): rounding of
+        # every intermediate, 8 (bfloat16) or 11 (float16) significant bits.
+        torch.testing.assert_close(half(ids).logits.float(), expected, rtol=0.05, atol=0.05)
+    info = fwsvd.inspect(reloaded)
+    assert (info["stored_dtype"], info["factor_dtype"], info["dtype"]) == (dtype, dtype, "float32")
+
+    # from_pretrained's default (dtype="auto") takes the stored dtype from config.json, as for any
+    # Hugging Face checkpoint; an explicit dtype wins.
+    auto = AutoModelForCausalLM.from_pretrained(folders[dtype])
+    assert auto.dtype == getattr(torch, dtype)
+    as_float = AutoModelForCausalLM.from_pretrained(folders[dtype], dtype=torch.float32)
+    assert as_float.dtype == torch.float32
+    with torch.no_grad():
+        torch.testing.assert_close(as_float(ids).logits, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(auto(ids).logits.float(), expected, rtol=0.05, atol=0.05)
+
+
+def test_resaving_a_model_loaded_in_float32_records_float32(tmp_path: Path):
+    """The record says what the folder holds: a bfloat16 folder loaded in float32 and saved again is float32."""
+    lm = fwsvd.load_model(_tied_llama_dir(tmp_path))
+    fwsvd.compress(lm.model, fwsvd.CompressConfig(method="svd", keep=0.5, dtype="bfloat16"), task="causal-lm", progress=False)
+    first = fwsvd.save(lm.model, tmp_path / "bf16")
+    again = fwsvd.save(fwsvd.load(first), tmp_path / "again")
+    config = json.loads((again / "config.json").read_text(encoding="utf-8"))
+    assert config["dtype"] == "float32" and config["quantization_config"]["stored_dtype"] == "float32"
+    assert {t.dtype for t in _file_tensors(again).values()} == {torch.float32}
+
+
+def test_older_folders_with_only_the_factors_cast_still_load(tmp_path: Path, capsys):
+    """Folders written when --dtype cast only the factors (record: factor_dtype) load and inspect as before."""
+    from fwsvd.cli import main
 
     ids = torch.tensor([[2, 5, 9, 14, 3]])
-    factor_bytes, outputs = {}, {}
-    for stored in ("float32", dtype):
-        lm = fwsvd.load_model(llama_dir)
-        config = fwsvd.CompressConfig(method="svd", keep=0.5, dtype=None if stored == "float32" else stored)
-        fwsvd.compress(lm.model, config, task="causal-lm", progress=False)
-        with torch.no_grad():
-            outputs[stored] = lm.model(ids).logits
-        out = fwsvd.save(lm.model, tmp_path / stored)
-        with safe_open(str(out / "model.safetensors"), framework="pt") as f:
-            factors = [f.get_tensor(k) for k in f.keys() if k.endswith((".weight_in", ".weight_out"))]
-        assert {t.dtype for t in factors} == {getattr(torch, stored)}
-        factor_bytes[stored] = sum(t.numel() * t.element_size() for t in factors)
-        reloaded = fwsvd.load_model(out).model
-        assert fwsvd.inspect(reloaded)["factor_dtype"] == (None if stored == "float32" else stored)
-        assert reloaded.config.quantization_config.to_dict().get("factor_dtype") == (None if stored == "float32" else stored)
-        with torch.no_grad():
-            # The reloaded model computes in float32 with the stored (rounded) factors: same outputs.
-            torch.testing.assert_close(reloaded(ids).logits, outputs[stored], rtol=1e-3, atol=1e-3)
-    assert factor_bytes[dtype] * 2 == factor_bytes["float32"]
-    # Rounding the factors to 8 (bfloat16) or 11 (float16) significant bits moves the logits a little.
-    torch.testing.assert_close(outputs[dtype], outputs["float32"], rtol=0.05, atol=0.05)
+    lm = fwsvd.load_model(_tied_llama_dir(tmp_path))
+    fwsvd.compress(lm.model, fwsvd.CompressConfig(method="svd", keep=0.5), task="causal-lm", progress=False)
+    fwsvd.api.cast_factors(lm.model, "bfloat16")  # what --dtype bfloat16 did then
+    with torch.no_grad():
+        expected = lm.model(ids).logits
+    out = fwsvd.save(lm.model, tmp_path / "old")
+    tensors = _file_tensors(out)
+    assert {t.dtype for k, t in tensors.items() if k.endswith((".weight_in", ".weight_out"))} == {torch.bfloat16}
+    assert tensors["model.embed_tokens.weight"].dtype == torch.float32
+    record = json.loads((out / "config.json").read_text(encoding="utf-8"))["quantization_config"]
+    assert record["factor_dtype"] == "bfloat16" and "stored_dtype" not in record
+    reloaded = fwsvd.load(out)
+    info = fwsvd.inspect(reloaded)
+    assert (info["stored_dtype"], info["factor_dtype"], info["dtype"]) == (None, "bfloat16", "float32")
+    with torch.no_grad():
+        # In memory the bfloat16 factors multiplied bfloat16-rounded inputs; reloaded, they are float32.
+        torch.testing.assert_close(reloaded(ids).logits, expected, rtol=1e-3, atol=1e-3)
+    assert main(["inspect", str(out), "--quiet"]) == 0
+    assert "factors stored as bfloat16 (other weights in the model's dtype)" in capsys.readouterr().out
+    # Saved again from float32, the record no longer claims bfloat16 factors.
+    again = fwsvd.save(reloaded, tmp_path / "again")
+    assert "factor_dtype" not in json.loads((again / "config.json").read_text(encoding="utf-8"))["quantization_config"]
 
 
 def test_dtype_is_validated():
     with pytest.raises(fwsvd.FwsvdError, match="--dtype 'int8'"):
         fwsvd.CompressConfig(method="svd", keep=0.5, dtype="int8")
+    from fwsvd.errors import ModelError
+    from fwsvd.hf import validate_record
+
+    with pytest.raises(ModelError, match="stored_dtype"):
+        validate_record({"method": "svd", "ranks": {}, "stored_dtype": "int8"})
 
 
 def test_cli_dtype_option_is_recorded_and_inspected(llama_dir: Path, tmp_path: Path, capsys):
-    import json
-
     from fwsvd.cli import main
 
     out = tmp_path / "bf16"
     assert main(["compress", str(llama_dir), "--out", str(out), "--method", "svd", "--keep", "0.5", "--dtype", "bfloat16", "--json", "--quiet"]) == 0
-    assert json.loads(capsys.readouterr().out)["factor_dtype"] == "bfloat16"
-    assert json.loads((out / "config.json").read_text(encoding="utf-8"))["quantization_config"]["factor_dtype"] == "bfloat16"
+    result = json.loads(capsys.readouterr().out)
+    assert result["stored_dtype"] == result["factor_dtype"] == "bfloat16"
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    assert config["quantization_config"]["stored_dtype"] == "bfloat16" and config["dtype"] == "bfloat16"
     assert main(["inspect", str(out), "--quiet"]) == 0
-    assert "factors stored as bfloat16" in capsys.readouterr().out
+    assert "weights stored as bfloat16, computing in float32" in capsys.readouterr().out
+    assert main(["inspect", str(out), "--quiet", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["stored_dtype"], info["dtype"]) == ("bfloat16", "float32")
 
 
 # --- first factors of layers reading the same input, stacked --------------------------------------

@@ -46,6 +46,7 @@ __all__ = [
     "calibrate",
     "calibration_batches",
     "cast_factors",
+    "cast_weights",
     "check_finite",
     "check_statistics",
     "compress",
@@ -74,8 +75,10 @@ DEFAULT_ALLOCATION = "auto"
 #: accuracy dropped (keep 0.8: 0.873, keep 0.3: 0.848 against 0.876 / 0.852 at 0.5), while the
 #: decoder barely noticed (keep 0.8: 40.4 against 40.8).
 DEFAULT_RANK_FLOOR = 0.5
-#: dtypes the low-rank factors may be stored in (``None``: the model's own).
-FACTOR_DTYPES = ("float32", "bfloat16", "float16")
+#: dtypes a compressed model's weights may be stored in (``None``: the model's own).
+STORAGE_DTYPES = ("float32", "bfloat16", "float16")
+#: The name of :data:`STORAGE_DTYPES` from when ``--dtype`` cast only the low-rank factors.
+FACTOR_DTYPES = STORAGE_DTYPES
 
 
 def help_field(text: str, **kw: Any) -> Any:
@@ -130,8 +133,9 @@ class CompressConfig:
     asvd_alpha: float = help_field("asvd: exponent of the mean absolute activation scaling", default=0.5)
     damping: float = help_field("svd-llm and whitened fwsvd: damping added to the covariance, as a fraction of its mean diagonal", default=0.01)
     dtype: str | None = help_field(
-        f"dtype of the low-rank factors as stored: {', '.join(FACTOR_DTYPES)} (default: the model's own). bfloat16/float16 halve "
-        "the factors' file size; loading computes in the model's dtype (float32) again",
+        f"dtype every floating-point weight of the compressed model is stored in: {', '.join(STORAGE_DTYPES)} (default: the "
+        "model's own). bfloat16/float16 halve the saved folder; fwsvd.load and the fwsvd commands compute in float32 again, "
+        "from_pretrained(dtype='auto') in the stored dtype",
         default=None,
     )
 
@@ -148,8 +152,8 @@ class CompressConfig:
             raise FwsvdError(f"--rank-floor {self.rank_floor!r} must be a fraction in [0, 1] of each layer's uniform rank")
         if isinstance(self.dense_above, bool) or not isinstance(self.dense_above, (int, float)) or not 0 < self.dense_above <= 1:
             raise FwsvdError(f"--dense-above {self.dense_above!r} must be a fraction in (0, 1] of each layer's break-even rank (1: off)")
-        if self.dtype is not None and self.dtype not in FACTOR_DTYPES:
-            raise FwsvdError(f"--dtype {self.dtype!r} must be one of {', '.join(FACTOR_DTYPES)}")
+        if self.dtype is not None and self.dtype not in STORAGE_DTYPES:
+            raise FwsvdError(f"--dtype {self.dtype!r} must be one of {', '.join(STORAGE_DTYPES)}")
         self.build_method("sequence-classification")  # validates the method's options early
 
     def resolved_allocation(self) -> str:
@@ -670,31 +674,95 @@ def record_compression(
         allocation=allocation_record(config),
     )
     if config.dtype is not None:
-        cast_factors(model, config.dtype)
+        cast_weights(model, config.dtype)
     logger.info("%s: kept %.3f of targeted parameters, %.3f of the model", method.name, report.target_keep, report.model_keep)
     return report
 
 
-def cast_factors(model: nn.Module, dtype: str) -> None:
-    """Store every :class:`LowRankLinear` of a compressed model (factors and bias) in ``dtype``.
-
-    The layers compute in their inputs' dtype, so the model runs as before (with the factors
-    rounded); :func:`save` writes the factors in ``dtype`` and the record says so
-    (``factor_dtype``). Loading computes in the model's dtype again.
-
-    Raises:
-        FwsvdError: for a dtype not in :data:`FACTOR_DTYPES` or a model without a compression record.
-    """
-    if dtype not in FACTOR_DTYPES:
-        raise FwsvdError(f"--dtype {dtype!r} must be one of {', '.join(FACTOR_DTYPES)}")
+def _record_of(model: nn.Module, caller: str) -> FwsvdQuantizationConfig:
     qc = getattr(getattr(model, "config", None), "quantization_config", None)
     if not isinstance(qc, FwsvdQuantizationConfig):
-        raise FwsvdError("cast_factors needs a model compressed by fwsvd in this session (with its compression record)")
+        raise FwsvdError(f"{caller} needs a model compressed by fwsvd (with its compression record)")
+    return qc
+
+
+def cast_weights(model: nn.Module, dtype: str) -> None:
+    """Cast every floating-point weight of a compressed model to ``dtype``, as :func:`save` will store it.
+
+    This is ``--dtype``: the parameters (a tied embedding and head once, still tied), the factors
+    and the persistent buffers are cast, so a bfloat16 or float16 folder is half the float32 one;
+    ``save_pretrained`` writes ``dtype`` as the config's ``dtype`` and the record says
+    ``stored_dtype``. Like any Hugging Face model after ``model.to(dtype)``, the model then computes
+    in ``dtype``. Non-persistent buffers (a rotary embedding's ``inv_freq``) are not saved and are
+    rebuilt in float32 at load, so they keep their precision here too. Loading the folder with
+    :func:`load` (or ``from_pretrained(path, dtype=torch.float32)``) computes in float32 with the
+    rounded weights; ``from_pretrained(path)`` (``dtype="auto"``) in ``dtype``.
+
+    Raises:
+        FwsvdError: for a dtype not in :data:`STORAGE_DTYPES` or a model without a compression record.
+    """
+    if dtype not in STORAGE_DTYPES:
+        raise FwsvdError(f"--dtype {dtype!r} must be one of {', '.join(STORAGE_DTYPES)}")
+    qc = _record_of(model, "cast_weights")
+    target = getattr(torch, dtype)
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            if param.is_floating_point():
+                param.data = param.data.to(target)  # in place on the Parameter: tied weights stay one object
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer.is_floating_point() and name not in module._non_persistent_buffers_set:
+                setattr(module, name, buffer.to(target))
+    qc.stored_dtype = dtype
+    if hasattr(qc, "factor_dtype"):
+        del qc.factor_dtype  # superseded: the factors are stored in ``dtype`` with everything else
+
+
+def cast_factors(model: nn.Module, dtype: str) -> None:
+    """Store only the :class:`LowRankLinear` layers (factors and bias) in ``dtype``; the older form of ``--dtype``.
+
+    Kept for scripts that used it: the embeddings, norms and dense layers stay in the model's dtype,
+    so the folder does not halve (use :func:`cast_weights`). The layers compute in their inputs'
+    dtype, so the model runs as before with the factors rounded; the record says ``factor_dtype``.
+
+    Raises:
+        FwsvdError: for a dtype not in :data:`STORAGE_DTYPES` or a model without a compression record.
+    """
+    if dtype not in STORAGE_DTYPES:
+        raise FwsvdError(f"--dtype {dtype!r} must be one of {', '.join(STORAGE_DTYPES)}")
+    qc = _record_of(model, "cast_factors")
     target = getattr(torch, dtype)
     for module in model.modules():
         if isinstance(module, LowRankLinear):
             module.to(target)
     qc.factor_dtype = dtype
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _sync_stored_dtype(model: nn.Module) -> None:
+    """Make the record's ``stored_dtype`` / ``factor_dtype`` say what saving ``model`` now writes.
+
+    A bfloat16 folder loaded in float32 (what :func:`load` does) and saved again is float32: a
+    record that still said bfloat16 would be wrong. :func:`save` calls this before writing.
+    """
+    qc = getattr(getattr(model, "config", None), "quantization_config", None)
+    if not isinstance(qc, FwsvdQuantizationConfig):
+        return
+    stored = getattr(qc, "stored_dtype", None)
+    if stored is not None:
+        dtypes = {_dtype_name(t.dtype) for t in model.state_dict().values() if t.is_floating_point()}
+        if dtypes != {stored}:
+            if len(dtypes) == 1 and next(iter(dtypes)) in STORAGE_DTYPES:
+                qc.stored_dtype = next(iter(dtypes))
+            else:
+                del qc.stored_dtype
+    factor = getattr(qc, "factor_dtype", None)
+    if factor is not None:
+        dtypes = {_dtype_name(t.dtype) for m in model.modules() if isinstance(m, LowRankLinear) for t in m.state_dict().values()}
+        if dtypes != {factor}:
+            del qc.factor_dtype
 
 
 #: Per-module tensors a statistics file may hold, and their shape for an ``[out, in]`` layer.
@@ -790,6 +858,7 @@ def save(model: nn.Module, out: str | Path, tokenizer: Any = None, *, overwrite:
     Raises:
         FwsvdError: when ``out`` exists, is not empty and ``overwrite`` is false.
     """
+    _sync_stored_dtype(model)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
@@ -829,7 +898,11 @@ def inspect(model: nn.Module) -> dict[str, Any]:
         "target_dense_parameters": record.get("target_dense_parameters"),
         "ranks": ranks,
         "allocation": record.get("allocation", {"mode": "uniform"} if record else None),
-        "factor_dtype": record.get("factor_dtype"),  # None: stored in the model's dtype
+        # What the folder was stored in (None: the model's own dtype; older folders may record only
+        # their factors' dtype) and what this loaded model computes in.
+        "stored_dtype": record.get("stored_dtype"),
+        "factor_dtype": record.get("stored_dtype") or record.get("factor_dtype"),
+        "dtype": _dtype_name(next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)),
         "rank_table": rank_table(ranks, record.get("dense_layers", [])),
         "calibration": record.get("calibration", {}),
     }

@@ -77,7 +77,7 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .api import ALLOCATIONS, DEFAULT_ALLOCATION, DEFAULT_RANK_FLOOR, FACTOR_DTYPES, CompressConfig
+    from .api import ALLOCATIONS, DEFAULT_ALLOCATION, DEFAULT_RANK_FLOOR, STORAGE_DTYPES, CompressConfig
     from .methods import METHODS
     from .models import TASKS
 
@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dense-above", type=float, default=1.0, metavar="FRACTION", help=_help(CompressConfig, "dense_above"))
     c.add_argument("--asvd-alpha", type=float, default=0.5, help=_help(CompressConfig, "asvd_alpha"))
     c.add_argument("--damping", type=float, default=0.01, help=_help(CompressConfig, "damping"))
-    c.add_argument("--dtype", choices=list(FACTOR_DTYPES), default=None, help=_help(CompressConfig, "dtype"))
+    c.add_argument("--dtype", choices=list(STORAGE_DTYPES), default=None, help=_help(CompressConfig, "dtype"))
     c.add_argument("--task", choices=list(TASKS), default=None, help="model task (detected from config.json when omitted)")
     c.add_argument("--save-stats", default=None, metavar="FILE", help="also write the calibration statistics to this .safetensors file")
     c.add_argument("--stats", default=None, metavar="FILE", help="reuse statistics saved with --save-stats instead of calibrating")
@@ -252,6 +252,8 @@ def format_compression(report: dict[str, Any]) -> str:
     out.append(timing)
     if report.get("finetune"):
         out.append(_finetune_line(report["finetune"]))
+    if report.get("stored_dtype"):
+        out.append(f"weights stored as {report['stored_dtype']}")
     if report.get("out"):
         out.append(f"saved to {report['out']}")
     return "\n".join(out)
@@ -265,7 +267,7 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         method=args.method, keep=args.keep, include=tuple(args.include), exclude=tuple(args.exclude),
         fisher_reduction=args.fisher_reduction, fisher_whiten=args.fisher_whiten, asvd_alpha=args.asvd_alpha, damping=args.damping,
         allocation=args.allocation, rank_floor=args.rank_floor, dense_above=args.dense_above, refit=args.refit,
-        # With recovery fine-tuning the factors train in the model's dtype and are cast after it.
+        # With recovery fine-tuning the model trains in its own dtype and is cast after it.
         dtype=None if args.finetune_data is not None else args.dtype,
     )
     # Without --data, a recovery run's labelled training file also serves as calibration data.
@@ -292,8 +294,6 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         raise FwsvdError("--stats and --save-stats together make no sense: --stats reuses a file, --save-stats writes one")
     if args.low_memory and (args.sequential or args.stats or args.save_stats or args.finetune_data):
         raise FwsvdError("--low-memory never holds the whole model or all its statistics: drop --sequential/--stats/--save-stats/--finetune-data")
-    if args.low_memory and args.dtype is not None:
-        raise FwsvdError(f"--dtype {args.dtype} is not supported with --low-memory yet: drop one of them")
     if args.sequential and (args.stats or args.save_stats):
         raise FwsvdError("--sequential collects each block's statistics on the fly: drop --stats/--save-stats")
     if args.stats and (args.data is not None or args.samples is not None):
@@ -306,7 +306,7 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
 
         if streamable(args.model):
             report, task = compress_low_memory(args.model, out, config, calibration, task=args.task, overwrite=args.overwrite, progress=not args.quiet)
-            return {**report.to_dict(), "out": str(out), "task": task}
+            return {**report.to_dict(), **_dtype_result(args.dtype), "out": str(out), "task": task}
         logging.getLogger("fwsvd").warning(
             "%s is not a folder of safetensors weights: its weights are loaded whole, calibration still runs one block at a time", args.model
         )
@@ -346,7 +346,7 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         finetuned = finetune(loaded, recovery, progress=not args.quiet, teacher=teacher)
         del teacher
         if args.dtype is not None:
-            api.cast_factors(loaded.model, args.dtype)
+            api.cast_weights(loaded.model, args.dtype)
     if ctx.is_main:
         api.save(loaded.model, out, loaded.tokenizer, overwrite=args.overwrite)
         if checkpointing is not None:
@@ -357,13 +357,17 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     if checkpointing is not None:
         checkpointing.discard(ctx)  # on other nodes of a job, each process's own file
     result = report.to_dict()
-    if args.dtype is not None:
-        result["factor_dtype"] = args.dtype
+    result.update(_dtype_result(args.dtype))
     if finetuned is not None:
         result["finetune"] = finetuned
     result["out"] = str(out)
     result["task"] = loaded.task
     return result
+
+
+def _dtype_result(dtype: str | None) -> dict[str, str]:
+    """What ``--dtype`` stored: every weight (``stored_dtype``), so the factors too (``factor_dtype``, its older name)."""
+    return {} if dtype is None else {"stored_dtype": dtype, "factor_dtype": dtype}
 
 
 def _check_out(args: argparse.Namespace, model: str, *inputs: tuple[str, str | None]) -> Path:
@@ -578,8 +582,10 @@ def format_inspect(result: dict[str, Any]) -> str:
         if number("dense_above"):
             rules.append(f"dense above {alloc['dense_above']:g} of break-even")
         lines.append(f"allocation        {alloc.get('mode')}" + (f" ({', '.join(rules)})" if rules else ""))
-    if result.get("factor_dtype"):
-        lines.append(f"factors stored as {result['factor_dtype']}")
+    if result.get("stored_dtype"):
+        lines.append(f"weights stored as {result['stored_dtype']}" + (f", computing in {result['dtype']}" if result.get("dtype") else ""))
+    elif result.get("factor_dtype"):
+        lines.append(f"factors stored as {result['factor_dtype']} (other weights in the model's dtype)")
     if result.get("rank_table"):
         # One row per layer type: its rank at each depth ('-' = dense), so the allocation shows.
         rows = []

@@ -59,7 +59,8 @@ RECORD_KEYS: dict[str, str] = {
     "calibration": "an object",
     "finetune": "an object",
     "allocation": "an object",
-    "factor_dtype": "one of 'float32', 'bfloat16', 'float16'",
+    "factor_dtype": "one of 'float32', 'bfloat16', 'float16'",  # older folders: only the factors were cast
+    "stored_dtype": "one of 'float32', 'bfloat16', 'float16'",
 }
 _WHERE = "quantization_config in config.json"
 _FIX = "restore the config.json saved with the weights"
@@ -108,6 +109,7 @@ def validate_record(record: Any) -> dict[str, Any]:
         "finetune": lambda v: isinstance(v, Mapping),
         "allocation": lambda v: isinstance(v, Mapping),
         "factor_dtype": lambda v: v in ("float32", "bfloat16", "float16"),
+        "stored_dtype": lambda v: v in ("float32", "bfloat16", "float16"),
         "keep": _is_fraction,
         "target_keep": _is_fraction,
         "include": _is_str_list,

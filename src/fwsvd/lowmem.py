@@ -333,6 +333,10 @@ def compress_low_memory(
                     except BaseException:
                         weights.unload(block)
                         raise
+                if config.dtype is not None:
+                    # --dtype: every floating-point tensor is stored in it (record_compression casts the
+                    # skeleton to match, so config.json's dtype and the record say so).
+                    tensors = {k: v.to(getattr(torch, config.dtype)) if v.is_floating_point() else v for k, v in tensors.items()}
                 save_file(tensors, str(tmp / file), metadata={"format": "pt"})
                 total += sum(t.numel() * t.element_size() for t in tensors.values())
                 weight_map.update({k: file for k in tensors})

@@ -317,7 +317,9 @@ def load_model(
         model: local folder (``config.json`` + safetensors, or a single ``.gguf``), ``.gguf`` file,
             or hub id.
         task: one of :data:`TASKS`; detected from the config when ``None``.
-        dtype: load dtype; float32 by default (GGUF files are de-quantised to it).
+        dtype: load dtype; float32 by default (GGUF files are de-quantised to it), also for a folder
+            saved with ``--dtype bfloat16``/``float16``, whose rounded weights are then computed with in
+            float32; ``"auto"`` takes the dtype the folder records (``config.json``'s ``dtype``).
         need_tokenizer: raise when the tokenizer cannot be loaded instead of returning ``None``.
         allow_pickle: accept a folder whose weights are pickles (``pytorch_model.bin``).
 
@@ -357,6 +359,9 @@ def load_model(
         _drop_gguf_state(loaded)
         own_storage(loaded)
     loaded.eval()
+    stored = (record or {}).get("stored_dtype")
+    if stored is not None and str(loaded.dtype).removeprefix("torch.") != stored:
+        logger.info("%s: weights stored as %s, computing in %s (dtype='auto' computes in the stored dtype)", model, stored, str(loaded.dtype).removeprefix("torch."))
     tokenizer = None
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **extra)

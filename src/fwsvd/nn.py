@@ -83,7 +83,7 @@ class LowRankLinear(nn.Module):
             if h is not None:
                 return F.linear(h, self.weight_out, self.bias)
         if x.dtype != self.weight_in.dtype:
-            # Factors stored in another dtype than the activations (``--dtype bfloat16``).
+            # Factors in another dtype than the activations (cast alone by ``fwsvd.api.cast_factors``).
             return F.linear(F.linear(x.to(self.weight_in.dtype), self.weight_in), self.weight_out, self.bias).to(x.dtype)
         return F.linear(F.linear(x, self.weight_in), self.weight_out, self.bias)
 
