@@ -540,3 +540,105 @@ def test_refit_step_minimises_the_held_out_error_along_the_segment():
     assert refit_step(w, a0, best, b, cov, cross) == pytest.approx(1.0, abs=1e-9)
     assert refit_step(w, best, a0, b, cov, cross) == pytest.approx(0.0, abs=1e-9)
     assert refit_step(w, a0, a0, b, cov, cross) == 0.0  # nowhere to go
+
+
+# --- shared basis (one right factor for a group reading the same input) ---------------------------
+
+
+def _group(seed: int, outs=(6, 3, 3), in_f: int = 8):
+    g = torch.Generator().manual_seed(seed)
+    weights = [torch.randn(o, in_f, generator=g, dtype=torch.float64) for o in outs]
+    # Inputs with unequal feature scales, so that whitening matters.
+    x = torch.randn(60, in_f, generator=g, dtype=torch.float64) * torch.logspace(-1, 1, in_f, dtype=torch.float64)
+    rows = [torch.exp(2 * torch.rand(o, generator=g, dtype=torch.float64) - 1) for o in outs]
+    return weights, x, rows
+
+
+@pytest.mark.parametrize("whiten", [False, True])
+@pytest.mark.parametrize("outs", [(6, 3, 3), (10, 10), (2, 1, 1)])
+def test_shared_basis_full_rank_reproduces_every_member(whiten, outs):
+    from fwsvd.core import shared_basis_svd
+
+    weights, x, rows = _group(1, outs)
+    full = min(sum(outs), 8)
+    lefts, right = shared_basis_svd(weights, full, x.T @ x if whiten else None, row_weights=rows)
+    assert right.shape == (full, 8) and [a.shape for a in lefts] == [(o, full) for o in outs]
+    for w, a in zip(weights, lefts):
+        # float64 round-off: 1e-10 of the matrix norm.
+        assert torch.linalg.matrix_norm(a @ right - w) <= 1e-10 * torch.linalg.matrix_norm(w)
+
+
+@pytest.mark.parametrize("rank", [1, 3, 6])
+def test_shared_basis_of_one_member_is_the_single_matrix_decomposition(rank):
+    from fwsvd.core import shared_basis_svd
+
+    (w,), x, (r,) = _group(2, outs=(10,))
+    w, x, r = w.float(), x.float(), r.float()
+    (a, ), b = shared_basis_svd([w], rank, x.T @ x, damping=0.01, row_weights=[r])
+    a2, b2 = whitened_svd(w, rank, x.T @ x, damping=0.01, row_weight=r)
+    assert a.dtype == b.dtype == torch.float32
+    # The same code path: identical factors.
+    torch.testing.assert_close(a, a2, rtol=0, atol=0)
+    torch.testing.assert_close(b, b2, rtol=0, atol=0)
+    (a, ), b = shared_basis_svd([w], rank, row_weights=[r])
+    a2, b2 = weighted_svd(w, rank, row_weight=r)
+    torch.testing.assert_close(a @ b, a2 @ b2, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("rank", [1, 4, 7])
+@pytest.mark.parametrize("damping", [0.0, 0.05])
+def test_shared_basis_error_is_the_eckart_young_optimum_of_the_stacked_matrix(rank, damping):
+    from fwsvd.core import EIGENVALUE_FLOOR, shared_basis_decomposition, shared_basis_svd
+
+    weights, x, rows = _group(3)
+    cov = x.T @ x
+    lefts, right = shared_basis_svd(weights, rank, cov, damping=damping, row_weights=rows)
+    # The error the basis is chosen for: sum_i ||diag(r_i) (W_i - A_i B) S||^2 with S S^T the damped
+    # covariance, i.e. tr(diag(r_i^2) E_i C E_i^T), computed here without any square root.
+    # (damping plus the eigenvalue floor, as whitened_decomposition applies them)
+    damped = cov + (damping + EIGENVALUE_FLOOR) * cov.diagonal().mean() * torch.eye(8, dtype=torch.float64)
+    err = sum(float((r[:, None] ** 2 * ((w - a @ right) @ damped) * (w - a @ right)).sum()) for w, a, r in zip(weights, lefts, rows))
+    # Eckart–Young on diag(r) [W_0; W_1; W_2] C^{1/2} (a symmetric square root, from eigh).
+    e, q = torch.linalg.eigh(damped)
+    root = q @ torch.diag(e.clamp_min(0).sqrt()) @ q.T
+    s = torch.linalg.svdvals(torch.cat(rows)[:, None] * torch.cat(weights) @ root)
+    # float64 throughout: rel 1e-8.
+    assert err == pytest.approx(float(s[rank:].square().sum()), rel=1e-8)
+    dec = shared_basis_decomposition(weights, cov, damping=damping, row_weights=rows)
+    torch.testing.assert_close(dec.values, s, rtol=1e-8, atol=1e-8)
+    # Separate factors with the same rank each can only do better (more parameters), member by member.
+    for w, a, r in zip(weights, lefts, rows):
+        a1, b1 = whitened_svd(w, min(rank, w.shape[0]), cov, damping=damping, row_weight=r)
+        mine = float((r[:, None] ** 2 * ((w - a @ right) @ damped) * (w - a @ right)).sum())
+        alone = float((r[:, None] ** 2 * ((w - a1 @ b1) @ damped) * (w - a1 @ b1)).sum())
+        assert alone <= mine * (1 + 1e-9) + 1e-12
+
+
+def test_shared_basis_recovers_members_that_truly_share_one():
+    from fwsvd.core import shared_basis_svd
+
+    g = torch.Generator().manual_seed(4)
+    basis = torch.randn(3, 10, generator=g, dtype=torch.float64)
+    weights = [torch.randn(o, 3, generator=g, dtype=torch.float64) @ basis for o in (7, 4, 4)]
+    lefts, right = shared_basis_svd(weights, 3)
+    # 15 x 10 of rank 3: three components reproduce every member (float64: 1e-10 relative).
+    for w, a in zip(weights, lefts):
+        assert torch.linalg.matrix_norm(a @ right - w) <= 1e-10 * torch.linalg.matrix_norm(w)
+
+
+def test_shared_basis_rejects_bad_input():
+    from fwsvd.core import shared_basis_svd
+
+    weights, x, rows = _group(5)
+    with pytest.raises(ValueError, match="input width"):
+        shared_basis_svd([weights[0], weights[1][:, :5]], 2)
+    with pytest.raises(ValueError, match="dtypes"):
+        shared_basis_svd([weights[0], weights[1].float()], 2)
+    with pytest.raises(ValueError, match="rank 9"):
+        shared_basis_svd(weights, 9)
+    with pytest.raises(ValueError, match="2 row weights for 3"):
+        shared_basis_svd(weights, 2, row_weights=rows[:2])
+    with pytest.raises(ValueError, match=r"row_weights\[1\]"):
+        shared_basis_svd(weights, 2, row_weights=[rows[0], torch.zeros(3, dtype=torch.float64), rows[2]])
+    with pytest.raises(ValueError, match="at least one"):
+        shared_basis_svd([], 1)

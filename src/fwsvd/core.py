@@ -27,6 +27,8 @@ __all__ = [
     "refit_left_factor",
     "refit_step",
     "round_ranks",
+    "shared_basis_decomposition",
+    "shared_basis_svd",
     "whitened_svd",
     "weighted_decomposition",
     "weighted_svd",
@@ -303,6 +305,91 @@ def whitened_decomposition(
     # anyway, and a whole decomposition per layer is held during rank allocation.
     keep_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     return Decomposition(left.to(keep_dtype), right.to(keep_dtype), sv.to(keep_dtype), weight.dtype)
+
+
+def _stack_group(
+    weights: Sequence[torch.Tensor], row_weights: Sequence[torch.Tensor] | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The group's weights stacked vertically (``[sum out_i, in]``) and their row weights joined."""
+    if len(weights) == 0:
+        raise ValueError("a shared basis needs at least one weight")
+    for k, w in enumerate(weights):
+        if w.ndim != 2:
+            raise ValueError(f"weight {k} must be 2-D, got shape {tuple(w.shape)}")
+    in_f = weights[0].shape[1]
+    if any(w.shape[1] != in_f for w in weights):
+        raise ValueError(
+            f"a shared basis needs one input width: the weights read {[int(w.shape[1]) for w in weights]} features"
+        )
+    if len({w.dtype for w in weights}) != 1:
+        raise ValueError(f"the weights have dtypes {sorted({str(w.dtype) for w in weights})}: cast them to one")
+    stacked = torch.cat([w.detach() for w in weights])
+    if row_weights is None:
+        return stacked, None
+    if len(row_weights) != len(weights):
+        raise ValueError(f"{len(row_weights)} row weights for {len(weights)} weights")
+    rows = [_check_scale(r, int(w.shape[0]), f"row_weights[{k}]") for k, (r, w) in enumerate(zip(row_weights, weights))]
+    return stacked, torch.cat([r.to(torch.float64) for r in rows])
+
+
+def shared_basis_decomposition(
+    weights: Sequence[torch.Tensor],
+    covariance: torch.Tensor | None = None,
+    damping: float = 1e-2,
+    row_weights: Sequence[torch.Tensor] | None = None,
+) -> Decomposition:
+    """The whole decomposition behind :func:`shared_basis_svd`, of the stacked ``[sum out_i, in]`` matrix.
+
+    ``left``'s rows follow the members in order (``out_0`` rows, then ``out_1``, ...), so member
+    ``i``'s factor is its block of rows; ``values`` are the singular values of the stacked weighted
+    matrix, so ``sum(values[k:] ** 2)`` is the group's summed (row-weighted, output) error at rank ``k``.
+
+    Raises:
+        ValueError: as :func:`shared_basis_svd`.
+    """
+    stacked, row = _stack_group(weights, row_weights)
+    if covariance is None:
+        return weighted_decomposition(stacked, row_weight=row)
+    return whitened_decomposition(stacked, covariance, damping, row)
+
+
+def shared_basis_svd(
+    weights: Sequence[torch.Tensor],
+    rank: int,
+    covariance: torch.Tensor | None = None,
+    damping: float = 1e-2,
+    row_weights: Sequence[torch.Tensor] | None = None,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """One right factor ``B`` for a group of weights that read the same input (q/k/v, gate/up).
+
+    ``W_i ≈ A_i B`` with one ``B: [rank, in]`` and a left factor ``A_i: [out_i, rank]`` per member:
+    the best rank-``rank`` approximation of the vertically stacked matrix ``[W_0; W_1; ...]``, under
+    the same norm as :func:`weighted_svd` (no ``covariance``) or :func:`whitened_svd` (with it: the
+    members share one input, so one covariance whitens them all). It minimises the members' summed
+    error ``sum_i ||diag(r_i) (W_i - A_i B) X^T||_F^2``, whose minimum is the discarded singular
+    values of ``diag(r) [W_0; W_1; ...] S`` squared (Eckart–Young on the stacked matrix). It holds
+    ``rank * (in + sum out_i)`` values against ``sum r_i (out_i + in)`` for separate factors.
+    One member gives exactly :func:`weighted_svd` / :func:`whitened_svd`.
+
+    Args:
+        weights: ``[out_i, in]`` matrices of one dtype and one input width.
+        rank: components of the shared basis, ``1 <= rank <= min(sum out_i, in)``.
+        covariance: ``[in, in]`` input covariance ``X^T X`` of the shared input, or ``None``.
+        damping: as in :func:`whitened_svd` (only with ``covariance``).
+        row_weights: per member, ``[out_i]`` positive scales of its output error (e.g. square roots
+            of per-output Fisher importance), or ``None`` for all ones.
+
+    Returns:
+        ``([A_0, A_1, ...], B)`` in the weights' dtype and device.
+
+    Raises:
+        ValueError: on no weights, differing input widths or dtypes, a rank outside
+            ``[1, min(sum out_i, in)]``, mismatched or non-positive row weights, or non-finite input.
+    """
+    stacked, _ = _stack_group(weights, row_weights)
+    _check_rank(stacked, rank)
+    a, b = shared_basis_decomposition(weights, covariance, damping, row_weights).truncate(rank)
+    return list(a.split([int(w.shape[0]) for w in weights])), b
 
 
 def reduce_importance(fisher: torch.Tensor, side: str) -> torch.Tensor:
