@@ -419,11 +419,10 @@ def main(argv: list[str] | None = None) -> int:
         recovery = None
         if variant.recovery:
             # What `fwsvd compress --finetune-data valid.txt` does: the library's defaults, on the
-            # calibration text only (never the test text), distilling from the dense model when
-            # the default says so.
+            # calibration text only (never the test text); the dense model is at hand, so the
+            # library's default decides whether it distils.
             recovery_config = finetune.FinetuneConfig(data=str(VALID), tokens=args.recovery_tokens, max_length=args.max_length, seed=args.seed)
-            teacher = dense_model if recovery_config.distill or finetune.DEFAULT_DISTILL else None
-            recovery = finetune.finetune(candidate, recovery_config, teacher=teacher, progress=False)
+            recovery = finetune.finetune(candidate, recovery_config, teacher=dense_model, progress=False)
             recovery = {k: recovery.get(k) for k in ("tokens", "steps", "lr", "distill", "train", "seconds", "cpu_seconds", "history", "best_step", "initial_perplexity")}
         ppl, eval_s = _perplexity(candidate, args.eval_blocks, args.max_length)
         zeroshot = _zeroshot(candidate, args.zeroshot_limit)

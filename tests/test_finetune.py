@@ -430,7 +430,7 @@ def test_cli_compress_causal_lm_with_recovery(llama_text, tmp_path, capsys):
     assert scored["metric"] == "perplexity" and scored["perplexity"] > 1
     # The table form names the recovery, and `fwsvd finetune` continues from the compressed folder.
     assert main(["finetune", str(out), "--data", str(text), "--out", str(tmp_path / "more"), "--tokens", "256", "--max-length", "16",
-                 "--distill", "--teacher", str(folder), "--quiet"]) == 0
+                 "--teacher", str(folder), "--quiet"]) == 0  # --teacher alone turns distillation on
     shown = capsys.readouterr().out
     assert "held-out perplexity" in shown and "s CPU" in shown
     again = json.loads((tmp_path / "more" / "config.json").read_text())["quantization_config"]["finetune"]
@@ -449,7 +449,7 @@ def test_cli_causal_recovery_errors_are_one_line(llama_text, classifier_dir, dat
         (["compress", str(classifier_dir), "--out", str(tmp_path / "y"), "--method", "svd", "--keep", "0.5", "--quiet",
           "--finetune-data", str(data["sst2"]), "--finetune-tokens", "100"], "causal"),
         (["finetune", str(folder), "--data", str(text), "--out", str(tmp_path / "z"), "--distill", "--quiet"], "--teacher"),
-        (["finetune", str(folder), "--data", str(text), "--out", str(tmp_path / "z"), "--teacher", str(folder), "--quiet"], "--distill"),
+        (["finetune", str(folder), "--data", str(text), "--out", str(tmp_path / "z"), "--teacher", str(folder), "--no-distill", "--quiet"], "--no-distill"),
     ]
     for argv, needle in cases:
         try:

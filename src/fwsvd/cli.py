@@ -195,7 +195,7 @@ def _add_finetune_parser(sub: Any) -> None:
     f.add_argument("--batch-size", type=positive_int, default=None, help=_help(FinetuneConfig, "batch_size"))
     f.add_argument("--max-length", type=positive_int, default=None, help=_help(FinetuneConfig, "max_length"))
     f.add_argument("--distill", action=argparse.BooleanOptionalAction, default=None, help=_help(FinetuneConfig, "distill") + " (--teacher)")
-    f.add_argument("--teacher", default=None, metavar="DENSE", help="causal LMs: the dense model folder to distil from (with --distill)")
+    f.add_argument("--teacher", default=None, metavar="DENSE", help="causal LMs: the dense model folder to distil from (distillation is then on)")
     f.add_argument("--train", choices=list(TRAINABLE), default=None, help=_help(FinetuneConfig, "train"))
     f.add_argument("--seed", type=int, default=0, help=_help(FinetuneConfig, "seed"))
     f.add_argument("--limit", type=positive_int, default=None, help=_help(FinetuneConfig, "limit"))
@@ -314,7 +314,10 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     loaded = load_model(args.model, args.task, allow_pickle=args.allow_pickle)
     api.refuse_compressed(loaded.model)
     teacher = None
-    if recovery is not None and recovery.resolved(compressed=True, task=loaded.task).distill:  # settings checked before any work
+    from .finetune import DEFAULT_DISTILL
+
+    resolved_recovery = None if recovery is None else recovery.resolved(compressed=True, task=loaded.task)  # checked before any work
+    if resolved_recovery is not None and (DEFAULT_DISTILL if resolved_recovery.distill is None else resolved_recovery.distill):
         import copy
 
         teacher = copy.deepcopy(loaded.model)  # the dense model, for distillation after compression
@@ -420,7 +423,9 @@ def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
 
     config = FinetuneConfig(
         data=args.data, epochs=args.epochs, tokens=args.tokens, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
-        seed=args.seed, limit=args.limit, warmup=args.warmup, distill=args.distill, train=args.train,
+        seed=args.seed, limit=args.limit, warmup=args.warmup, train=args.train,
+        # --teacher names the model to distil from, so it turns distillation on unless --no-distill says otherwise.
+        distill=args.distill if args.distill is not None else (True if args.teacher is not None else None),
         text_column=args.text_column, pair_column=args.pair_column, label_column=args.label_column,
     )
     out = _check_out(args, args.model, ("training data", args.data), ("evaluation data", args.eval_data), ("teacher model", args.teacher))
@@ -432,8 +437,8 @@ def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
         )
     loaded = load_for_finetune(args.model, config, allow_pickle=args.allow_pickle)
     resolved = config.resolved(compressed=True, task=loaded.task)  # settings checked before any work
-    if args.teacher is not None and not resolved.distill:
-        raise FwsvdError("--teacher is the model to distil from: add --distill, or drop --teacher")
+    if args.teacher is not None and resolved.distill is False:
+        raise FwsvdError("--teacher is the model to distil from: drop --no-distill, or drop --teacher")
     if resolved.distill and args.teacher is None:
         raise FwsvdError("--distill needs the dense model: pass --teacher DENSE_FOLDER")
     teacher = None
