@@ -31,7 +31,7 @@ from .errors import DataError, FwsvdError, ModelError
 from .fsutil import atomic_dir
 from .hf import FwsvdQuantizationConfig, compression_record
 from .methods import METHODS, Method, get_method
-from .models import TASKS, LoadedModel, load_model
+from .models import TASKS, LoadedModel, dtype_name, load_model
 from .nn import LinearInfo, LowRankLinear, find_targets, linear_bias, linear_weight, swap_module
 from .resume import Checkpointing
 from .stats import Statistics, collect_statistics
@@ -679,11 +679,14 @@ def record_compression(
     return report
 
 
-def _record_of(model: nn.Module, caller: str) -> FwsvdQuantizationConfig:
+def _storage_target(model: nn.Module, dtype: str, caller: str) -> tuple[FwsvdQuantizationConfig, torch.dtype]:
+    """The compression record of ``model`` and the torch dtype ``--dtype`` names, both checked."""
+    if dtype not in STORAGE_DTYPES:
+        raise FwsvdError(f"--dtype {dtype!r} must be one of {', '.join(STORAGE_DTYPES)}")
     qc = getattr(getattr(model, "config", None), "quantization_config", None)
     if not isinstance(qc, FwsvdQuantizationConfig):
         raise FwsvdError(f"{caller} needs a model compressed by fwsvd (with its compression record)")
-    return qc
+    return qc, getattr(torch, dtype)
 
 
 def cast_weights(model: nn.Module, dtype: str) -> None:
@@ -701,10 +704,7 @@ def cast_weights(model: nn.Module, dtype: str) -> None:
     Raises:
         FwsvdError: for a dtype not in :data:`STORAGE_DTYPES` or a model without a compression record.
     """
-    if dtype not in STORAGE_DTYPES:
-        raise FwsvdError(f"--dtype {dtype!r} must be one of {', '.join(STORAGE_DTYPES)}")
-    qc = _record_of(model, "cast_weights")
-    target = getattr(torch, dtype)
+    qc, target = _storage_target(model, dtype, "cast_weights")
     for module in model.modules():
         for param in module.parameters(recurse=False):
             if param.is_floating_point():
@@ -727,18 +727,11 @@ def cast_factors(model: nn.Module, dtype: str) -> None:
     Raises:
         FwsvdError: for a dtype not in :data:`STORAGE_DTYPES` or a model without a compression record.
     """
-    if dtype not in STORAGE_DTYPES:
-        raise FwsvdError(f"--dtype {dtype!r} must be one of {', '.join(STORAGE_DTYPES)}")
-    qc = _record_of(model, "cast_factors")
-    target = getattr(torch, dtype)
+    qc, target = _storage_target(model, dtype, "cast_factors")
     for module in model.modules():
         if isinstance(module, LowRankLinear):
             module.to(target)
     qc.factor_dtype = dtype
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _sync_stored_dtype(model: nn.Module) -> None:
@@ -752,7 +745,7 @@ def _sync_stored_dtype(model: nn.Module) -> None:
         return
     stored = getattr(qc, "stored_dtype", None)
     if stored is not None:
-        dtypes = {_dtype_name(t.dtype) for t in model.state_dict().values() if t.is_floating_point()}
+        dtypes = {dtype_name(t.dtype) for t in model.state_dict().values() if t.is_floating_point()}
         if dtypes != {stored}:
             if len(dtypes) == 1 and next(iter(dtypes)) in STORAGE_DTYPES:
                 qc.stored_dtype = next(iter(dtypes))
@@ -760,7 +753,7 @@ def _sync_stored_dtype(model: nn.Module) -> None:
                 del qc.stored_dtype
     factor = getattr(qc, "factor_dtype", None)
     if factor is not None:
-        dtypes = {_dtype_name(t.dtype) for m in model.modules() if isinstance(m, LowRankLinear) for t in m.state_dict().values()}
+        dtypes = {dtype_name(t.dtype) for m in model.modules() if isinstance(m, LowRankLinear) for t in m.state_dict().values()}
         if dtypes != {factor}:
             del qc.factor_dtype
 
@@ -902,7 +895,7 @@ def inspect(model: nn.Module) -> dict[str, Any]:
         # their factors' dtype) and what this loaded model computes in.
         "stored_dtype": record.get("stored_dtype"),
         "factor_dtype": record.get("stored_dtype") or record.get("factor_dtype"),
-        "dtype": _dtype_name(next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)),
+        "dtype": dtype_name(next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)),
         "rank_table": rank_table(ranks, record.get("dense_layers", [])),
         "calibration": record.get("calibration", {}),
     }

@@ -27,6 +27,7 @@ __all__ = [
     "check_no_custom_code",
     "check_record",
     "detect_task",
+    "dtype_name",
     "first_line",
     "load_config",
     "load_model",
@@ -297,6 +298,11 @@ def auto_model_class(task: str) -> Any:
     return getattr(transformers, TASKS[task])
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """A torch dtype as configs and records spell it: ``torch.bfloat16`` -> ``"bfloat16"``."""
+    return str(dtype).removeprefix("torch.")
+
+
 def load_model(
     model: str | os.PathLike,
     task: str | None = None,
@@ -360,8 +366,8 @@ def load_model(
         own_storage(loaded)
     loaded.eval()
     stored = (record or {}).get("stored_dtype")
-    if stored is not None and str(loaded.dtype).removeprefix("torch.") != stored:
-        logger.info("%s: weights stored as %s, computing in %s (dtype='auto' computes in the stored dtype)", model, stored, str(loaded.dtype).removeprefix("torch."))
+    if stored is not None and dtype_name(loaded.dtype) != stored:
+        logger.info("%s: weights stored as %s, computing in %s (dtype='auto' computes in the stored dtype)", model, stored, dtype_name(loaded.dtype))
     tokenizer = None
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **extra)
