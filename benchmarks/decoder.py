@@ -44,6 +44,7 @@ from typing import Any
 # setting in the environment wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from fwsvd.correction import correct_causal  # noqa: E402
 from fwsvd.demo import machine_info  # noqa: E402  (after the OpenMP setting above)
 
 HERE = Path(__file__).resolve().parent
@@ -63,13 +64,15 @@ KEEPS = (0.9, 0.8, 0.6, 0.4)
 class Variant:
     """One row label of the table: a method with its options, one-pass or layer-sequential
     (sequential rows take Fisher and allocation prices from the shared
-    one-pass statistics), optionally followed by recovery training."""
+    one-pass statistics), optionally followed by the one-step gradient correction (``--correct``)
+    or by recovery training."""
 
     label: str
     method: str
     options: dict[str, Any] = field(default_factory=dict)
     sequential: bool = False
     recovery: bool = False
+    correction: bool = False
 
 
 VARIANTS: tuple[Variant, ...] = (
@@ -84,6 +87,9 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("fwsvd, dense above 0.7", "fwsvd", {"dense_above": 0.7}),
     Variant("fwsvd global, sequential", "fwsvd", {"allocation": "global"}, sequential=True),
     Variant("fwsvd global, sequential + refit", "fwsvd", {"allocation": "global", "refit": True}, sequential=True),
+    # One sign-gradient step on the calibration blocks (`fwsvd compress --correct`): training-free
+    # in ZS-SVD's sense (no optimizer; its step length is chosen on held-out valid blocks).
+    Variant("fwsvd (default) + correction", "fwsvd", correction=True),
     Variant("fwsvd (default) + recovery", "fwsvd", recovery=True),
 )
 # What a plain run compares (svd and asvd are orders of magnitude worse here; --methods adds them).
@@ -414,6 +420,11 @@ def main(argv: list[str] | None = None) -> int:
             report = compress_sequential(candidate, config, cal, statistics=stats, progress=False)
         else:
             report = fwsvd.compress(candidate.model, config, stats, task=lm.task, progress=False)
+        correction = None
+        if variant.correction:
+            # What `fwsvd compress --correct` does: the gradient on the calibration blocks, the step
+            # length on other blocks of the calibration text (never the test text).
+            correction = correct_causal(candidate, str(VALID), samples=args.samples, max_length=args.max_length, seed=args.seed, progress=False)
         seconds = time.perf_counter() - start
         peak = _rss_kb("VmHWM") if reset else None
         recovery = None
@@ -436,7 +447,8 @@ def main(argv: list[str] | None = None) -> int:
             "model_keep": report.model_keep,
             "target_keep": report.target_keep,
             "parameters": report.parameters_after,
-            # Wall time of compress() (for sequential rows: calibration included, as it is interleaved).
+            # Wall time of compress() (for sequential rows: calibration included, as it is interleaved;
+            # with the correction, its gradient and line search too: `--correct` is part of compress).
             "seconds_compress": round(seconds, 2),
             "seconds_factorize": report.seconds_factorize,
             "seconds_eval": round(eval_s, 1),
@@ -447,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
             "refit": report.calibration.get("refit"),
             "zeroshot": zeroshot,
             "recovery": recovery,
+            "correction": correction,
             "run": {"command": command, "date": date},
         }
         log.info("%-22s keep %.2f: perplexity %10.4g  compress %6.1f s  peak %s MiB", variant.label, keep, ppl, seconds, row["peak_rss_mib"])

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -281,13 +280,6 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _draw(n: int, k: int, seed: int) -> list[int]:
-    """``k`` of ``range(n)`` drawn without replacement with ``seed``, in their original order."""
-    if k >= n:
-        return list(range(n))
-    return sorted(random.Random(seed).sample(range(n), k))
-
-
 def calibration_batches(loaded: LoadedModel, config: CalibrationConfig, *, labels: bool = True) -> tuple[list[dict[str, torch.Tensor]], dict[str, Any]]:
     """Tokenized calibration batches for the model's task, and a summary of where they came from.
 
@@ -313,14 +305,14 @@ def calibration_batches(loaded: LoadedModel, config: CalibrationConfig, *, label
         return batches, summary
     if loaded.task == "token-classification":
         examples = d.read_token_labelled(cfg.data)
-        keep = _draw(len(examples), cfg.samples, cfg.seed)
+        keep = d.draw(len(examples), cfg.samples, cfg.seed)
         mc = loaded.model.config
         items, targets = d.encode_token_examples(
             tok, examples.subset(keep), cfg.max_length, num_labels=mc.num_labels, label2id=getattr(mc, "label2id", None)
         )
         return list(d.batches(items, cfg.batch_size, tok.pad_token_id, labels=targets if labels else None)), summary
     examples = d.read_labelled(cfg.data, text_column=cfg.text_column, pair_column=cfg.pair_column, label_column=cfg.label_column)
-    keep = _draw(len(examples), cfg.samples, cfg.seed)
+    keep = d.draw(len(examples), cfg.samples, cfg.seed)
     examples = _subset(examples, keep)
     items = d.encode_examples(tok, examples, cfg.max_length)
     targets = None

@@ -122,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
         "safetensors model folder, read each block's weights from disk when it is needed and write its factors before the next "
         "(slower; peak memory about one block plus the embeddings)",
     )
+    c.add_argument(
+        "--correct", action="store_true",
+        help="causal LMs: after factorizing, take one gradient step of the next-token loss on the factors (ranks stay), on the "
+        "--samples blocks of --data that calibration uses, its length chosen on other blocks of that text and not taken "
+        "unless it lowers their loss (training-free in ZS-SVD's sense: no optimizer, one gradient). With --stats, --data "
+        "and --samples name the correction's text",
+    )
     c.add_argument("--refit", action=argparse.BooleanOptionalAction, default=False, help="with --sequential: " + _help(CompressConfig, "refit"))
     c.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     _add_compress_finetune_options(c)
@@ -250,6 +257,13 @@ def format_compression(report: dict[str, Any]) -> str:
     if cal:
         timing += f", calibration {cal.get('seconds', 0):.2f} s on {cal.get('samples')} samples ({cal.get('tokens')} tokens)"
     out.append(timing)
+    if report.get("correction"):
+        c = report["correction"]
+        out.append(
+            f"gradient correction on {c['blocks']} blocks of {c['data']}: step {c['step']:g}"
+            + (" (none lowered the held-out loss)" if not c["step"] else "")
+            + f", held-out perplexity {c['heldout_perplexity_before']:.2f} -> {c['heldout_perplexity_after']:.2f} ({c['heldout_blocks']} blocks); {c['seconds']:.1f} s"
+        )
     if report.get("finetune"):
         out.append(_finetune_line(report["finetune"]))
     if report.get("stored_dtype"):
@@ -268,7 +282,7 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         fisher_reduction=args.fisher_reduction, fisher_whiten=args.fisher_whiten, asvd_alpha=args.asvd_alpha, damping=args.damping,
         allocation=args.allocation, rank_floor=args.rank_floor, dense_above=args.dense_above, refit=args.refit,
         # With recovery fine-tuning the model trains in its own dtype and is cast after it.
-        dtype=None if args.finetune_data is not None else args.dtype,
+        dtype=None if args.finetune_data is not None or args.correct else args.dtype,
     )
     # Without --data, a recovery run's labelled training file also serves as calibration data.
     calibration = api.CalibrationConfig(
@@ -296,7 +310,11 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         raise FwsvdError("--low-memory never holds the whole model or all its statistics: drop --sequential/--stats/--save-stats/--finetune-data")
     if args.sequential and (args.stats or args.save_stats):
         raise FwsvdError("--sequential collects each block's statistics on the fly: drop --stats/--save-stats")
-    if args.stats and (args.data is not None or args.samples is not None):
+    if args.correct and (args.low_memory or ctx.active):
+        raise FwsvdError("--correct needs the whole compressed model in one process: drop --low-memory and torchrun, or run without --correct")
+    if args.correct and args.data is None:
+        raise FwsvdError("--correct takes its gradient on calibration text: pass --data TEXT.txt")
+    if args.stats and not args.correct and (args.data is not None or args.samples is not None):
         raise FwsvdError("--stats reuses saved statistics, so --data/--samples would be ignored: drop them, or drop --stats to recalibrate")
     if args.save_stats and ctx.is_main:
         _check_stats_target(args.save_stats)
@@ -313,6 +331,8 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     statistics = api.load_statistics(args.stats) if args.stats else None  # a bad file fails before the model loads
     loaded = load_model(args.model, args.task, allow_pickle=args.allow_pickle)
     api.refuse_compressed(loaded.model)
+    if args.correct and loaded.task != "causal-lm":
+        raise FwsvdError(f"--correct steps the next-token loss of causal LMs: {args.model} is a {loaded.task} model; drop --correct")
     teacher = None
     from .finetune import DEFAULT_DISTILL
 
@@ -342,6 +362,15 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
                 statistics.save(args.save_stats)
                 follow_umask(args.save_stats)
         report = api.compress(loaded.model, config, statistics, task=loaded.task, progress=not args.quiet)
+    corrected = None
+    if args.correct:
+        from .correction import correct_causal
+
+        cal = calibration.resolved(loaded.task)
+        assert cal.samples is not None and cal.max_length is not None
+        corrected = correct_causal(loaded, args.data, samples=cal.samples, max_length=cal.max_length, seed=cal.seed, progress=not args.quiet)
+        if args.dtype is not None and recovery is None:
+            api.cast_weights(loaded.model, args.dtype)
     finetuned = None
     if recovery is not None:
         from .finetune import finetune
@@ -361,6 +390,8 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         checkpointing.discard(ctx)  # on other nodes of a job, each process's own file
     result = report.to_dict()
     result.update(_dtype_result(args.dtype))
+    if corrected is not None:
+        result["correction"] = corrected
     if finetuned is not None:
         result["finetune"] = finetuned
     result["out"] = str(out)

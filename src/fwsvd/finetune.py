@@ -45,6 +45,7 @@ from .api import help_field
 from .errors import DataError, FwsvdError, ModelError
 from .evaluate import EvalConfig, evaluate
 from .hf import compression_record
+from .losses import block_nll
 from .models import (
     LoadedModel,
     first_line,
@@ -634,17 +635,6 @@ def _causal_loss(
     return (1 - weight) * nll + weight * kl, nll.item(), kl.item()
 
 
-@torch.no_grad()
-def _block_nll(model: nn.Module, blocks: torch.Tensor, batch_size: int) -> float:
-    """Mean next-token negative log-likelihood over ``blocks``, as ``fwsvd eval`` computes perplexity."""
-    total, count = 0.0, 0
-    for chunk in blocks.split(batch_size):
-        logits = model(input_ids=chunk, use_cache=False).logits[:, :-1].float()
-        total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].reshape(-1), reduction="sum"))
-        count += chunk[:, 1:].numel()
-    return total / count
-
-
 def _block_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[list[int]]:
     """Endless seeded batches of block indices: one permutation per epoch, cut into batches."""
     while True:
@@ -752,7 +742,7 @@ def finetune_causal(
         def heldout_nll() -> float:
             model.eval()
             try:
-                return _block_nll(model, heldout, cfg.batch_size)
+                return block_nll(model, heldout, cfg.batch_size)
             finally:
                 model.train()
 
@@ -778,11 +768,11 @@ def finetune_causal(
                 # predicted tokens, so this is the batch's mean loss, while the activations and the
                 # vocabulary-wide logits (and the teacher's) are held for one block only.
                 for block in ids.split(_MICRO_BATCH):
-                    loss, block_nll, block_kl = _causal_loss(model, block, teacher, DISTILL_WEIGHT)
+                    loss, part_nll, block_kl = _causal_loss(model, block, teacher, DISTILL_WEIGHT)
                     if not torch.isfinite(loss):
                         break
                     (loss * (len(block) / len(ids))).backward()
-                    nll += block_nll * len(block) / len(ids)
+                    nll += part_nll * len(block) / len(ids)
                     if kl is not None and block_kl is not None:
                         kl += block_kl * len(block) / len(ids)
                 if not torch.isfinite(loss):

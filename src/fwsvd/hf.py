@@ -58,6 +58,7 @@ RECORD_KEYS: dict[str, str] = {
     "target_keep": "a number in (0, 1]",
     "calibration": "an object",
     "finetune": "an object",
+    "correction": "an object",
     "allocation": "an object",
     "factor_dtype": "one of 'float32', 'bfloat16', 'float16'",  # older folders: only the factors were cast
     "stored_dtype": "one of 'float32', 'bfloat16', 'float16'",
@@ -107,6 +108,7 @@ def validate_record(record: Any) -> dict[str, Any]:
         "method_options": lambda v: isinstance(v, Mapping),
         "calibration": lambda v: isinstance(v, Mapping),
         "finetune": lambda v: isinstance(v, Mapping),
+        "correction": lambda v: isinstance(v, Mapping),
         "allocation": lambda v: isinstance(v, Mapping),
         "factor_dtype": lambda v: v in ("float32", "bfloat16", "float16"),
         "stored_dtype": lambda v: v in ("float32", "bfloat16", "float16"),

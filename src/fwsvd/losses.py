@@ -16,7 +16,7 @@ from torch.nn import functional as F
 
 from .errors import FwsvdError
 
-__all__ = ["IGNORE_INDEX", "example_losses", "next_token_labels"]
+__all__ = ["IGNORE_INDEX", "block_nll", "example_losses", "next_token_labels"]
 
 #: Label value that marks a token without a target (transformers' convention).
 IGNORE_INDEX = -100
@@ -60,6 +60,21 @@ def example_losses(task: str, logits: torch.Tensor, labels: torch.Tensor, config
             return F.cross_entropy(logits.reshape(-1, num_labels), labels.reshape(-1), reduction="none")
         return F.binary_cross_entropy_with_logits(logits, labels.float(), reduction="none").mean(dim=1)
     raise FwsvdError(f"no per-example loss for task {task!r}: choose causal-lm, token-classification or sequence-classification")
+
+
+@torch.no_grad()
+def block_nll(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int) -> float:
+    """Mean next-token negative log-likelihood of a causal LM over token ``blocks`` ``[n, length]``.
+
+    Every block has the same number of predicted tokens, so this is what ``fwsvd eval`` turns into
+    perplexity; ``batch_size`` blocks run per forward pass (memory only).
+    """
+    total, count = 0.0, 0
+    for chunk in blocks.split(batch_size):
+        logits = model(input_ids=chunk, use_cache=False).logits[:, :-1].float()
+        total += float(F.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].reshape(-1), reduction="sum"))
+        count += chunk[:, 1:].numel()
+    return total / count
 
 
 def next_token_labels(labels: torch.Tensor) -> torch.Tensor:

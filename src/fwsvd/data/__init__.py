@@ -3,7 +3,7 @@
 The package is split by concern; imports point one way, from the top of this list down:
 
 * :mod:`fwsvd.data.encoding` -- tokenizing and batching (:func:`encode_examples`,
-  :func:`encode_token_examples`, :func:`causal_blocks`, :func:`batches`).
+  :func:`encode_token_examples`, :func:`causal_blocks`, :func:`draw`, :func:`batches`).
 * :mod:`fwsvd.data.tasks` -- the example containers and their layouts (:class:`Examples`,
   :class:`TokenExamples`, :func:`read_labelled`, :func:`read_token_labelled`).
 * :mod:`fwsvd.data.labels` -- parsing raw labels and turning them into targets
@@ -14,7 +14,7 @@ The package is split by concern; imports point one way, from the top of this lis
 No model code lives here: tokenizers are passed in by the caller.
 """
 
-from .encoding import batches, causal_blocks, encode_examples, encode_token_examples
+from .encoding import batches, causal_blocks, draw, encode_examples, encode_token_examples
 from .labels import label_mapping
 from .readers import read_text
 from .tasks import Examples, TokenExamples, read_labelled, read_token_labelled
@@ -24,6 +24,7 @@ __all__ = [
     "TokenExamples",
     "batches",
     "causal_blocks",
+    "draw",
     "encode_examples",
     "label_mapping",
     "encode_token_examples",

@@ -69,6 +69,13 @@ def encode_examples(tokenizer: Any, examples: Examples, max_length: int) -> list
     return items
 
 
+def draw(n: int, k: int, seed: int) -> list[int]:
+    """``k`` of ``range(n)`` drawn without replacement with ``random.Random(seed)``, in their original order (all when ``k >= n``)."""
+    if k >= n:
+        return list(range(n))
+    return sorted(random.Random(seed).sample(range(n), k))
+
+
 def causal_blocks(
     tokenizer: Any,
     text: str,
@@ -114,9 +121,7 @@ def causal_blocks(
         )
     if limit is not None:
         n_blocks = min(n_blocks, limit)
-    starts = range(n_blocks)
-    if samples is not None and samples < n_blocks:
-        starts = sorted(random.Random(seed).sample(range(n_blocks), samples))
+    starts = range(n_blocks) if samples is None else draw(n_blocks, samples, seed)
     blocks = torch.tensor(ids[: n_blocks * block_length], dtype=torch.long).view(n_blocks, block_length)
     if len(starts) != n_blocks:
         blocks = blocks[torch.tensor(list(starts), dtype=torch.long)]

@@ -1,0 +1,137 @@
+"""The one-step gradient correction of compressed causal LMs (``fwsvd compress --correct``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import fwsvd
+from fwsvd import data as d
+from fwsvd.cli import main
+from fwsvd.correction import correction_blocks, gradient_correction
+from fwsvd.errors import DataError, ModelError
+from fwsvd.losses import block_nll, example_losses
+from fwsvd.nn import LowRankLinear
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory) -> Path:
+    """A text with bigram structure for the tiny Llama: 1,400 words, 87 blocks of 16 tokens."""
+    import random
+
+    from conftest import WORDS
+
+    rng = random.Random(0)
+    words: list[str] = []
+    for _ in range(700):
+        w = rng.choice(WORDS[:40])
+        words += [w, WORDS[(WORDS.index(w) * 7) % 60]]
+    path = tmp_path_factory.mktemp("text") / "train.txt"
+    path.write_text("\n".join(" ".join(words[i : i + 20]) for i in range(0, len(words), 20)) + "\n", encoding="utf-8")
+    return path
+
+
+def _compressed(folder: Path) -> "fwsvd.LoadedModel":
+    loaded = fwsvd.load_model(folder)
+    fwsvd.compress(loaded.model, fwsvd.CompressConfig(method="svd", keep=0.4), task="causal-lm", progress=False)
+    return loaded
+
+
+def _blocks(loaded, text: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    every = d.causal_blocks(loaded.tokenizer, d.read_text(text), 16)
+    picked = d.draw(len(every), 12, 0)
+    return every[torch.tensor(picked)], correction_blocks(every, picked, 0)
+
+
+def test_the_step_is_the_sign_of_the_mean_gradient_and_lowers_the_heldout_loss(llama_dir, text):
+    loaded = _compressed(llama_dir)
+    model = loaded.model
+    blocks, heldout = _blocks(loaded, text)
+    factors = {n: p for n, p in model.named_parameters() if n.endswith(("weight_in", "weight_out"))}
+    others = {n: p.detach().clone() for n, p in model.named_parameters() if n not in factors}
+    before = {n: p.detach().clone() for n, p in factors.items()}
+    # The gradient of the mean loss over all blocks in one batch (the correction goes one block at a time).
+    model.zero_grad()
+    example_losses("causal-lm", model(input_ids=blocks).logits, blocks).mean().backward()
+    signs = {n: p.grad.sign() for n, p in factors.items()}
+    model.zero_grad(set_to_none=True)
+    nll_before = block_nll(model, heldout, 4)
+
+    summary = gradient_correction(model, blocks, heldout, steps=(1e-4, 1e-3, 1e-2, 1e-1), refine=False, progress=False)
+
+    step = summary["step"]
+    assert step > 0, summary["tried"]
+    for n, p in factors.items():
+        torch.testing.assert_close(p.detach(), before[n] - step * signs[n], rtol=0, atol=1e-6)
+        assert p.requires_grad and p.grad is None
+    for n, p in model.named_parameters():
+        if n in others:
+            assert torch.equal(p.detach(), others[n]), n  # only the factors move
+    assert block_nll(model, heldout, 4) < nll_before
+    assert summary["heldout_perplexity_after"] < summary["heldout_perplexity_before"]
+    assert summary["blocks"] == 12 and summary["heldout_blocks"] == len(heldout) == 8
+    assert summary["parameters"] == sum(p.numel() for p in factors.values())
+    assert not model.training
+
+
+def test_a_step_that_raises_the_heldout_loss_is_not_taken(llama_dir, text):
+    loaded = _compressed(llama_dir)
+    blocks, heldout = _blocks(loaded, text)
+    state = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    summary = gradient_correction(loaded.model, blocks, heldout, steps=(1e4, 2e4, 4e4), progress=False)
+    assert summary["step"] == 0 and len(summary["tried"]) == 2  # two rises in a row end the search
+    assert all(torch.equal(v, state[k]) for k, v in loaded.model.state_dict().items())
+    assert summary["heldout_perplexity_after"] == summary["heldout_perplexity_before"]
+
+
+def test_heldout_blocks_never_overlap_the_gradient_blocks():
+    every = torch.arange(20 * 4).view(20, 4)
+    picked = d.draw(20, 15, 3)
+    held = correction_blocks(every, picked, 3)
+    assert len(held) == 5 and not set(held[:, 0].tolist()) & set(every[picked][:, 0].tolist())
+    with pytest.raises(DataError, match="fewer --samples"):
+        correction_blocks(every, list(range(20)), 0)
+
+
+def test_the_correction_needs_a_compressed_model(llama_dir, text):
+    loaded = fwsvd.load_model(llama_dir)
+    blocks = d.causal_blocks(loaded.tokenizer, d.read_text(text), 16, limit=4)
+    with pytest.raises(ModelError, match="compress it first"):
+        gradient_correction(loaded.model, blocks[:2], blocks[2:], progress=False)
+
+
+def test_cli_compress_with_correct_records_the_step_and_reloads(llama_dir, text, tmp_path, capsys):
+    out = tmp_path / "corrected"
+    assert main(["compress", str(llama_dir), "--out", str(out), "--method", "fwsvd", "--keep", "0.5", "--data", str(text),
+                 "--samples", "12", "--max-length", "16", "--correct", "--json", "--quiet"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    corr = result["correction"]
+    assert corr["blocks"] == 12 and corr["heldout_blocks"] == 8 and corr["data"] == str(text)
+    assert corr["heldout_perplexity_after"] <= corr["heldout_perplexity_before"]
+    record = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert record["correction"]["step"] == corr["step"]
+    back = fwsvd.load(out)
+    assert {n: m.rank for n, m in back.named_modules() if isinstance(m, LowRankLinear)} == {k: int(v) for k, v in record["ranks"].items()}
+    # The same held-out perplexity from the saved folder: the step was saved with the factors.
+    every = d.causal_blocks(fwsvd.load_model(out).tokenizer, d.read_text(text), 16)
+    held = correction_blocks(every, d.draw(len(every), 12, 0), 0)
+    assert torch.exp(torch.tensor(block_nll(back, held, 4))).item() == pytest.approx(corr["heldout_perplexity_after"], rel=1e-4)
+
+
+def test_cli_correct_errors_are_one_line(llama_dir, bert_dir, sst2_tsv, text, tmp_path, capsys):
+    base = ["compress", str(llama_dir), "--out", str(tmp_path / "x"), "--method", "svd", "--keep", "0.5", "--quiet", "--correct"]
+    cases = [
+        (base, "--data"),
+        (base + ["--data", str(text), "--low-memory"], "--low-memory"),
+        (base + ["--data", str(text), "--samples", "87", "--max-length", "16"], "fewer --samples"),
+        (["compress", str(bert_dir), "--out", str(tmp_path / "y"), "--method", "svd", "--keep", "0.5", "--quiet", "--correct",
+          "--data", str(sst2_tsv)], "causal"),
+    ]
+    for argv, needle in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and needle in err, (argv, err)
+    assert not any((tmp_path / name).exists() for name in ("x", "y"))
