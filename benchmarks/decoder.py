@@ -283,7 +283,7 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     # scale, where lines that overlap on the left come apart.
     fig, (ax, zoom) = plt.subplots(1, 2, figsize=(10.5, 4.2))
     labels = list(dict.fromkeys(r["label"] for r in result["runs"]))
-    markers = dict(zip(labels, "osD^vPX*"))
+    markers = dict(zip(labels, "osD^vPX*<>ph"))
     for label in labels:
         rows = sorted((r for r in result["runs"] if r["label"] == label), key=lambda r: r["keep"])
         keeps, ppl = [r["keep"] for r in rows], [r["perplexity"] for r in rows]

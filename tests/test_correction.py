@@ -60,7 +60,7 @@ def test_the_step_is_the_sign_of_the_mean_gradient_and_lowers_the_heldout_loss(l
     model.zero_grad(set_to_none=True)
     nll_before = block_nll(model, heldout, 4)
 
-    summary = gradient_correction(model, blocks, heldout, steps=(1e-4, 1e-3, 1e-2, 1e-1), refine=False, progress=False)
+    summary = gradient_correction(model, blocks, heldout, steps=(1e-4, 1e-3, 1e-2, 1e-1), progress=False)
 
     step = summary["step"]
     assert step > 0, summary["tried"]
@@ -82,7 +82,7 @@ def test_a_step_that_raises_the_heldout_loss_is_not_taken(llama_dir, text):
     blocks, heldout = _blocks(loaded, text)
     state = {k: v.clone() for k, v in loaded.model.state_dict().items()}
     summary = gradient_correction(loaded.model, blocks, heldout, steps=(1e4, 2e4, 4e4), progress=False)
-    assert summary["step"] == 0 and len(summary["tried"]) == 2  # two rises in a row end the search
+    assert summary["step"] == 0 and [s for s, _ in summary["tried"]] == [2e4, 1e4]  # middle, then down; no larger step
     assert all(torch.equal(v, state[k]) for k, v in loaded.model.state_dict().items())
     assert summary["heldout_perplexity_after"] == summary["heldout_perplexity_before"]
 
@@ -113,6 +113,8 @@ def test_cli_compress_with_correct_records_the_step_and_reloads(llama_dir, text,
     assert corr["heldout_perplexity_after"] <= corr["heldout_perplexity_before"]
     record = json.loads((out / "config.json").read_text())["quantization_config"]
     assert record["correction"]["step"] == corr["step"]
+    assert main(["inspect", str(out)]) == 0
+    assert f"one gradient step of {corr['step']:g}" in capsys.readouterr().out
     back = fwsvd.load(out)
     assert {n: m.rank for n, m in back.named_modules() if isinstance(m, LowRankLinear)} == {k: int(v) for k, v in record["ranks"].items()}
     # The same held-out perplexity from the saved folder: the step was saved with the factors.
@@ -135,3 +137,19 @@ def test_cli_correct_errors_are_one_line(llama_dir, bert_dir, sst2_tsv, text, tm
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and needle in err, (argv, err)
     assert not any((tmp_path / name).exists() for name in ("x", "y"))
+
+
+def test_the_line_search_walks_the_grid_to_a_local_minimum(llama_dir, text):
+    loaded = _compressed(llama_dir)
+    blocks, heldout = _blocks(loaded, text)
+    grid = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+    summary = gradient_correction(loaded.model, blocks, heldout, steps=grid, progress=False)
+    tried = dict(summary["tried"])
+    assert grid[len(grid) // 2] in tried  # it starts in the middle
+    best = summary["step"]
+    assert best > 0 and tried[best] == min(tried.values()) == summary["heldout_perplexity_after"]
+    at = grid.index(best)
+    # The best step's neighbours on the grid were tried and are worse: a local minimum.
+    for neighbour in grid[max(at - 1, 0) : at + 2]:
+        if neighbour != best:
+            assert neighbour in tried and tried[neighbour] > tried[best]

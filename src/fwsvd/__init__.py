@@ -17,6 +17,7 @@ from .api import (  # noqa: E402
     load,
     save,
 )
+from .correction import correct_causal  # noqa: E402
 from .errors import DataError, FwsvdError, ModelError  # noqa: E402
 from .hf import register as _register  # noqa: E402
 from .methods import METHODS, Method, get_method  # noqa: E402
@@ -42,6 +43,7 @@ __all__ = [
     "calibrate",
     "collect_statistics",
     "compress",
+    "correct_causal",
     "count_parameters",
     "evaluate_zeroshot",
     "get_method",

@@ -890,6 +890,7 @@ def inspect(model: nn.Module) -> dict[str, Any]:
         "dtype": dtype_name(next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)),
         "rank_table": rank_table(ranks, record.get("dense_layers", [])),
         "calibration": record.get("calibration", {}),
+        "correction": record.get("correction"),
     }
 
 

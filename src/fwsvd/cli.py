@@ -618,6 +618,9 @@ def format_inspect(result: dict[str, Any]) -> str:
         if number("dense_above"):
             rules.append(f"dense above {alloc['dense_above']:g} of break-even")
         lines.append(f"allocation        {alloc.get('mode')}" + (f" ({', '.join(rules)})" if rules else ""))
+    correction = result.get("correction")
+    if isinstance(correction, dict) and isinstance(correction.get("step"), (int, float)) and not isinstance(correction.get("step"), bool):
+        lines.append(f"correction        one gradient step of {correction['step']:g} per factor entry" + (" (none taken)" if not correction["step"] else ""))
     if result.get("stored_dtype"):
         lines.append(f"weights stored as {result['stored_dtype']}" + (f", computing in {result['dtype']}" if result.get("dtype") else ""))
     elif result.get("factor_dtype"):

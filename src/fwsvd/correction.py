@@ -31,10 +31,9 @@ from .nn import LowRankLinear
 
 logger = logging.getLogger(__name__)
 
-#: Step lengths tried by the line search, per factor entry (the sign direction moves every entry
-#: by exactly this much): a doubling grid from well below to well above the best step measured on
-#: SmolLM2-135M (1.6e-4 on the doubling grid). The search stops once the held-out loss rises twice
-#: in a row, then tries the geometric midpoints on either side of the best step.
+#: Step lengths the line search may try, per factor entry (the sign direction moves every entry by
+#: exactly this much): a doubling grid from well below to well above the best step measured on
+#: SmolLM2-135M (1.6e-4; the geometric midpoints on either side of it were worse).
 STEPS = (1e-5, 2e-5, 4e-5, 8e-5, 1.6e-4, 3.2e-4, 6.4e-4, 1.28e-3)
 #: Held-out blocks for the line search, at most (drawn from the text's other blocks).
 MAX_HELDOUT = 8
@@ -65,7 +64,6 @@ def gradient_correction(
     *,
     steps: Sequence[float] = STEPS,
     batch_size: int = 4,
-    refine: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
     """One sign-gradient step on the low-rank factors of ``model``, in place, its length by line search.
@@ -74,9 +72,8 @@ def gradient_correction(
         model: a compressed causal LM (holds :class:`~fwsvd.nn.LowRankLinear` layers).
         blocks: ``[n, length]`` token blocks whose mean next-token loss gives the gradient.
         heldout: token blocks the line search scores each step length on (not in ``blocks``).
-        steps: candidate step lengths (per factor entry), tried in increasing order until the
-            held-out loss rises twice in a row.
-        refine: then also try the geometric midpoints between the best step and its neighbours.
+        steps: candidate step lengths (per factor entry); the search starts in the middle of the
+            sorted grid and moves to larger steps while the held-out loss falls, else to smaller ones.
         batch_size: blocks per forward pass when scoring (memory only).
         progress: show a progress bar over the gradient's blocks.
 
@@ -135,17 +132,17 @@ def gradient_correction(
             return True
         return False
 
+    # A local search on the grid, from its middle: up while the held-out loss falls, else down
+    # while it falls (the loss along one direction is near unimodal in the step length).
     grid = sorted(steps)
-    rises = 0
-    for step in grid:
-        rises = 0 if attempt(step) else rises + 1
-        if rises == 2:
-            break
-    if best_step and refine:
-        # The best step's neighbours on the grid bracket the optimum: try the geometric midpoints.
-        at = grid.index(best_step)
-        for neighbour in (grid[at - 1] if at else best_step / 2, grid[at + 1] if at + 1 < len(grid) else best_step * 2):
-            attempt(math.sqrt(best_step * neighbour))
+    middle = len(grid) // 2
+    at = middle
+    while at < len(grid) and attempt(grid[at]):
+        at += 1
+    if best_step in (0.0, grid[middle]):
+        at = middle - 1
+        while at >= 0 and attempt(grid[at]):
+            at -= 1
     move(best_step)
     return {
         "direction": "sign of the mean next-token-loss gradient",
