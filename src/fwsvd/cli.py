@@ -312,7 +312,7 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         raise FwsvdError("--sequential collects each block's statistics on the fly: drop --stats/--save-stats")
     if args.correct and (args.low_memory or ctx.active):
         raise FwsvdError("--correct needs the whole compressed model in one process: drop --low-memory and torchrun, or run without --correct")
-    if args.correct and args.data is None:
+    if args.correct and calibration.data is None:
         raise FwsvdError("--correct takes its gradient on calibration text: pass --data TEXT.txt")
     if args.stats and not args.correct and (args.data is not None or args.samples is not None):
         raise FwsvdError("--stats reuses saved statistics, so --data/--samples would be ignored: drop them, or drop --stats to recalibrate")
@@ -368,7 +368,8 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
 
         cal = calibration.resolved(loaded.task)
         assert cal.samples is not None and cal.max_length is not None
-        corrected = correct_causal(loaded, args.data, samples=cal.samples, max_length=cal.max_length, seed=cal.seed, progress=not args.quiet)
+        assert calibration.data is not None
+        corrected = correct_causal(loaded, calibration.data, samples=cal.samples, max_length=cal.max_length, seed=cal.seed, progress=not args.quiet)
         if args.dtype is not None and recovery is None:
             api.cast_weights(loaded.model, args.dtype)
     finetuned = None
