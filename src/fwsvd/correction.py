@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -45,8 +46,6 @@ def correction_blocks(all_blocks: torch.Tensor, gradient: Sequence[int], seed: i
     Raises:
         DataError: when every block is used for the gradient.
     """
-    import random
-
     rest = sorted(set(range(len(all_blocks))) - set(gradient))
     if not rest:
         raise DataError(
