@@ -153,3 +153,23 @@ def test_the_line_search_walks_the_grid_to_a_local_minimum(llama_dir, text):
     for neighbour in grid[max(at - 1, 0) : at + 2]:
         if neighbour != best:
             assert neighbour in tried and tried[neighbour] > tried[best]
+
+
+def test_cli_correct_with_stats_and_dtype_steps_in_float32_then_stores_bfloat16(llama_dir, text, tmp_path, capsys):
+    from safetensors import safe_open
+
+    stats = tmp_path / "s.safetensors"
+    base = ["compress", str(llama_dir), "--method", "fwsvd", "--keep", "0.5", "--max-length", "16", "--quiet", "--json"]
+    assert main([*base, "--out", str(tmp_path / "a"), "--data", str(text), "--samples", "12", "--save-stats", str(stats)]) == 0
+    capsys.readouterr()
+    # --stats with --correct: --data and --samples name the correction's text (refused without --correct).
+    assert main([*base, "--out", str(tmp_path / "b"), "--stats", str(stats), "--data", str(text), "--samples", "12", "--correct",
+                 "--dtype", "bfloat16"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["correction"]["blocks"] == 12 and result["stored_dtype"] == "bfloat16"
+    record = json.loads((tmp_path / "b" / "config.json").read_text())["quantization_config"]
+    assert record["correction"]["step"] == result["correction"]["step"] and record["stored_dtype"] == "bfloat16"
+    with safe_open(str(tmp_path / "b" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys() if f.get_tensor(k).is_floating_point()} == {torch.bfloat16}
+    assert main([*base, "--out", str(tmp_path / "c"), "--stats", str(stats), "--data", str(text)]) == 2
+    assert "--stats reuses saved statistics" in capsys.readouterr().err
