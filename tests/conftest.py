@@ -217,6 +217,19 @@ def corpus_txt(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def bigram_txt(tmp_path_factory) -> Path:
+    """Text with bigram structure for the causal LMs to learn: 1,400 words, 87 blocks of 16 tokens."""
+    rng = random.Random(0)
+    words: list[str] = []
+    for _ in range(700):
+        w = rng.choice(WORDS[:40])
+        words += [w, WORDS[(WORDS.index(w) * 7) % 60]]
+    path = tmp_path_factory.mktemp("bigram") / "train.txt"
+    path.write_text("\n".join(" ".join(words[i : i + 20]) for i in range(0, len(words), 20)) + "\n", encoding="utf-8")
+    return path
+
+
 @pytest.fixture
 def fresh() -> Callable[..., "fwsvd.LoadedModel"]:
     """Load a new, independent model (and tokenizer) from a session folder."""

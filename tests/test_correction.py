@@ -18,20 +18,9 @@ from fwsvd.nn import LowRankLinear
 
 
 @pytest.fixture(scope="module")
-def text(tmp_path_factory) -> Path:
-    """A text with bigram structure for the tiny Llama: 1,400 words, 87 blocks of 16 tokens."""
-    import random
-
-    from conftest import WORDS
-
-    rng = random.Random(0)
-    words: list[str] = []
-    for _ in range(700):
-        w = rng.choice(WORDS[:40])
-        words += [w, WORDS[(WORDS.index(w) * 7) % 60]]
-    path = tmp_path_factory.mktemp("text") / "train.txt"
-    path.write_text("\n".join(" ".join(words[i : i + 20]) for i in range(0, len(words), 20)) + "\n", encoding="utf-8")
-    return path
+def text(bigram_txt) -> Path:
+    """conftest's bigram text: 87 blocks of 16 tokens for the tiny Llama."""
+    return bigram_txt
 
 
 def _compressed(folder: Path) -> "fwsvd.LoadedModel":

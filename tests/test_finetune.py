@@ -273,20 +273,11 @@ def test_eval_of_finetuned_pair_model_in_process(encoder_dir, data):
 
 
 @pytest.fixture(scope="module")
-def llama_text(tmp_path_factory) -> tuple[Path, Path]:
-    """A tiny Llama folder (from conftest's builder and tokenizer) and a text with bigram structure to learn."""
-    from conftest import WORDS as VOCAB_WORDS
+def llama_text(tmp_path_factory, bigram_txt) -> tuple[Path, Path]:
+    """A tiny Llama folder (from conftest's builder and tokenizer) and conftest's bigram text to learn."""
     from conftest import make_llama, save_model
 
-    folder = save_model(make_llama(), tmp_path_factory.mktemp("llama"))
-    rng = random.Random(0)
-    words: list[str] = []
-    for _ in range(700):
-        w = rng.choice(VOCAB_WORDS[:40])
-        words += [w, VOCAB_WORDS[(VOCAB_WORDS.index(w) * 7) % 60]]
-    text = tmp_path_factory.mktemp("text") / "train.txt"
-    text.write_text("\n".join(" ".join(words[i : i + 20]) for i in range(0, len(words), 20)) + "\n", encoding="utf-8")
-    return folder, text  # 1,400 words: 87 blocks of 16 tokens
+    return save_model(make_llama(), tmp_path_factory.mktemp("llama")), bigram_txt
 
 
 def _compressed_llama(folder: Path) -> tuple["fwsvd.LoadedModel", torch.nn.Module]:
