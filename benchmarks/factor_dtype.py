@@ -1,4 +1,4 @@
-"""Half-precision storage: folder size and perplexity of ``--dtype bfloat16`` / ``float16`` against float32.
+"""Smaller storage: folder size and perplexity of ``--dtype bfloat16`` / ``float16`` and ``--quantize-factors int8`` against float32.
 
     python benchmarks/factor_dtype.py [--keep 0.8] [--method fwsvd] [--samples 16] [--stats FILE]
 
@@ -6,7 +6,8 @@ SmolLM2-135M (``benchmarks/.cache/smollm2-135m``, made by ``benchmarks/decoder.p
 once (calibration: ``--samples`` blocks of 512 tokens of WikiText-2 valid, seed 0; or statistics
 saved by ``fwsvd compress --save-stats`` with that protocol, ``--stats``) and saved in float32; that
 folder is loaded again and saved with every weight cast to bfloat16 (and float16), as ``--dtype``
-stores it. Each folder is loaded back as a user would (``fwsvd.load``: computing in float32) and
+stores it, and with the factors rounded to int8 (``--quantize-factors int8``: ``int8`` keeps the
+other weights in float32, ``int8+bfloat16`` stores them in bfloat16). Each folder is loaded back as a user would (``fwsvd.load``: computing in float32) and
 scored on the first 24 blocks × 512 tokens of WikiText-2 test; its weight files' size is compared
 with the dense float32 folder's and with the whole-model kept fraction. Writes
 ``benchmarks/results/factor-dtype.{json,md}``. Not a test: nothing here asserts.
@@ -28,6 +29,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import fwsvd  # noqa: E402
 from fwsvd.demo import machine_info  # noqa: E402
 from fwsvd.evaluate import EvalConfig, evaluate  # noqa: E402
+from fwsvd.quantize import quantize_factors  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared"
@@ -46,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--stats", type=Path, default=None, help="statistics saved by fwsvd compress --save-stats (same protocol) instead of calibrating")
     p.add_argument("--blocks", type=int, default=24)
-    p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float16"])
+    p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float16", "int8", "int8+bfloat16"],
+                   help="storage forms besides float32: a --dtype, int8 (int8 factors), or int8+DTYPE (int8 factors, the rest in DTYPE)")
     p.add_argument("--out", type=Path, default=HERE / "results")
     args = p.parse_args(argv)
     import transformers
@@ -73,11 +76,15 @@ def main(argv: list[str] | None = None) -> int:
         for dtype in ["float32", *args.dtypes]:
             folder = float32_folder
             if dtype != "float32":
-                # What --dtype stores: the float32 compressed model with every weight cast once.
-                half = fwsvd.load_model(float32_folder)
-                fwsvd.api.cast_weights(half.model, dtype)
-                folder = fwsvd.save(half.model, Path(tmp) / dtype, half.tokenizer)
-                del half
+                # What --quantize-factors / --dtype store: the float32 compressed model rounded / cast once.
+                small = fwsvd.load_model(float32_folder)
+                quantized, _, cast = dtype.partition("+") if dtype.startswith("int8") else ("", "", dtype)
+                if quantized:
+                    quantize_factors(small.model, quantized)
+                if cast:
+                    fwsvd.api.cast_weights(small.model, cast)
+                folder = fwsvd.save(small.model, Path(tmp) / dtype, small.tokenizer)
+                del small
             reloaded = fwsvd.load_model(folder)
             ppl = evaluate(reloaded, EvalConfig(data=str(DATA / "test.txt"), limit=args.blocks, max_length=512), progress=False)["perplexity"]
             size = weight_bytes(folder)
@@ -108,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "factor-dtype.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     lines = [
-        "# Weights stored in half precision (`--dtype`)",
+        "# Weights stored in half precision (`--dtype`) or with int8 factors (`--quantize-factors int8`)",
         "",
         f"`{record['command']}` — {record['date']}; {machine['processor']}, {machine['cpu_count']} CPUs, torch {machine['torch']}; "
         f"load average {record['load_average_1min']['start']:.1f} at the start, {record['load_average_1min']['end']:.1f} at the end.",
@@ -119,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         "| weights stored as | perplexity | change vs float32 | weights MiB | / dense folder | / kept fraction | / float32 folder |",
         "|---|---|---|---|---|---|---|",
     ]
+    lines.insert(-2, "`int8`: factors as int8 with a float32 scale per row, other weights float32; `int8+bfloat16`: the other weights in bfloat16.\n")
     for r in rows:
         lines.append(f"| {r['stored_dtype']} | {r['perplexity']:.3f} | {r['perplexity_change'] * 100:+.2f} % | {r['folder_bytes'] / 2**20:.1f} | "
                      f"{r['folder_ratio']:.4f} | {r['folder_ratio_over_model_keep']:.4f} | {r['folder_ratio_vs_float32']:.4f} |")

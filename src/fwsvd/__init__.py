@@ -23,6 +23,7 @@ from .hf import register as _register  # noqa: E402
 from .methods import METHODS, Method, get_method  # noqa: E402
 from .models import LoadedModel, load_model  # noqa: E402
 from .nn import LowRankLinear  # noqa: E402
+from .quantize import quantize_factors  # noqa: E402
 from .stats import Statistics, collect_statistics  # noqa: E402
 from .zeroshot import evaluate_zeroshot  # noqa: E402
 
@@ -50,5 +51,6 @@ __all__ = [
     "inspect",
     "load",
     "load_model",
+    "quantize_factors",
     "save",
 ]

@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__
-from .core import Decomposition, allocate_ranks, dense_parameters, factorized_parameters, rank_for_kept_fraction
+from .core import Decomposition, allocate_ranks, dense_parameters, factorized_parameters, rank_for_kept_fraction, round_ranks
 from .errors import DataError, FwsvdError, ModelError
 from .fsutil import atomic_dir
 from .hf import FwsvdQuantizationConfig, compression_record
@@ -120,6 +120,12 @@ class CompressConfig:
         "dense product (benchmarks/kernels.py measures where on a CPU); 1 keeps dense only layers that would save nothing",
         default=1.0,
     )
+    rank_multiple: int = help_field(
+        "round every rank to a multiple of this (matrix kernels run fastest on widths that fill their vector registers and "
+        "blocks; benchmarks/kernels.py measures which) without holding more parameters in total than unrounded ranks; "
+        "with any allocation; 1: off",
+        default=1,
+    )
     # Off by default, by measurement: on SmolLM2-135M (keep 0.8, 16 x 512 calibration tokens) an
     # in-sample refit lowered every layer's calibration error yet raised test perplexity from 40.79
     # (sequential, no refit) to 62.64; judged on held-out batches (what it does now) 41.97.
@@ -151,6 +157,8 @@ class CompressConfig:
             raise FwsvdError(f"--rank-floor {self.rank_floor!r} must be a fraction in [0, 1] of each layer's uniform rank")
         if isinstance(self.dense_above, bool) or not isinstance(self.dense_above, (int, float)) or not 0 < self.dense_above <= 1:
             raise FwsvdError(f"--dense-above {self.dense_above!r} must be a fraction in (0, 1] of each layer's break-even rank (1: off)")
+        if isinstance(self.rank_multiple, bool) or not isinstance(self.rank_multiple, int) or not 1 <= self.rank_multiple <= 4096:
+            raise FwsvdError(f"--rank-multiple {self.rank_multiple!r} must be a whole number from 1 (off) to 4096, e.g. 8 or 16")
         if self.dtype is not None and self.dtype not in STORAGE_DTYPES:
             raise FwsvdError(f"--dtype {self.dtype!r} must be one of {', '.join(STORAGE_DTYPES)}")
         self.build_method("sequence-classification")  # validates the method's options early
@@ -455,6 +463,7 @@ def compress(
     ranks = decompositions = None
     if config.resolved_allocation() == "global":
         ranks, decompositions = allocate(model, targets, method, config.keep, statistics, floor=config.rank_floor, dense_above=config.dense_above, progress=progress)
+    ranks = rounded_ranks(targets, config, ranks)
     rows = factorize_targets(model, targets, method, config.keep, statistics, ranks=ranks, decompositions=decompositions, progress=progress)
     return record_compression(
         model,
@@ -572,12 +581,27 @@ def decomposition_cost(info: LinearInfo) -> float:
     return float(out_f * in_f * min(out_f, in_f) + in_f**3)
 
 
+def rounded_ranks(targets: list[LinearInfo], config: CompressConfig, ranks: Mapping[str, int | None] | None) -> dict[str, int | None] | None:
+    """``ranks`` (``None``: each target's uniform rank for ``config.keep``) moved to multiples of
+    ``config.rank_multiple`` by :func:`fwsvd.core.round_ranks`, within the same parameter total;
+    ``ranks`` unchanged when the multiple is 1."""
+    if config.rank_multiple == 1:
+        return dict(ranks) if ranks is not None else None
+    chosen = [
+        ranks[t.name] if ranks is not None else rank_for_kept_fraction(t.out_features, t.in_features, config.keep, bias=t.bias)
+        for t in targets
+    ]
+    shapes = [(t.out_features, t.in_features, t.bias) for t in targets]
+    return {t.name: r for t, r in zip(targets, round_ranks(chosen, shapes, config.rank_multiple))}
+
+
 def allocation_record(config: CompressConfig) -> dict[str, Any]:
-    """The allocation as the compression record keeps it: the mode, and for global its rules."""
+    """The allocation as the compression record keeps it: the mode, for global its rules, and the rank multiple."""
     mode = config.resolved_allocation()
+    rounding = {"rank_multiple": config.rank_multiple} if config.rank_multiple > 1 else {}
     if mode != "global":
-        return {"mode": mode}
-    return {"mode": mode, "rank_floor": config.rank_floor, **({"dense_above": config.dense_above} if config.dense_above < 1 else {})}
+        return {"mode": mode, **rounding}
+    return {"mode": mode, "rank_floor": config.rank_floor, **({"dense_above": config.dense_above} if config.dense_above < 1 else {}), **rounding}
 
 
 def allocate(
@@ -697,8 +721,13 @@ def cast_weights(model: nn.Module, dtype: str) -> None:
         FwsvdError: for a dtype not in :data:`STORAGE_DTYPES` or a model without a compression record.
     """
     qc, target = _storage_target(model, dtype, "cast_weights")
+    # Factors rounded by --quantize-factors stay float32 (on their int8 grid): save writes them as int8.
+    quantized = getattr(qc, "quantized_factors", None) is not None
     for module in model.modules():
-        for param in module.parameters(recurse=False):
+        keep_factors = quantized and isinstance(module, LowRankLinear)
+        for name, param in module.named_parameters(recurse=False):
+            if keep_factors and name in ("weight_in", "weight_out"):
+                continue
             if param.is_floating_point():
                 param.data = param.data.to(target)  # in place on the Parameter: tied weights stay one object
         for name, buffer in module.named_buffers(recurse=False):
@@ -737,7 +766,9 @@ def _sync_stored_dtype(model: nn.Module) -> None:
         return
     stored = getattr(qc, "stored_dtype", None)
     if stored is not None:
-        dtypes = {dtype_name(t.dtype) for t in model.state_dict().values() if t.is_floating_point()}
+        # int8 factors (``quantized_factors``) are written as int8 whatever their dtype in memory.
+        skip = (".weight_in", ".weight_out") if getattr(qc, "quantized_factors", None) else ()
+        dtypes = {dtype_name(t.dtype) for k, t in model.state_dict().items() if t.is_floating_point() and not (skip and k.endswith(skip))}
         if dtypes != {stored}:
             if len(dtypes) == 1 and next(iter(dtypes)) in STORAGE_DTYPES:
                 qc.stored_dtype = next(iter(dtypes))
@@ -843,9 +874,12 @@ def save(model: nn.Module, out: str | Path, tokenizer: Any = None, *, overwrite:
     Raises:
         FwsvdError: when ``out`` exists, is not empty and ``overwrite`` is false.
     """
+    from .quantize import storage_state_dict
+
+    state = storage_state_dict(model)  # int8 factors and their scales, when the record says so and they are on their grid
     _sync_stored_dtype(model)
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, **({"state_dict": state} if state is not None else {}))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(out)
@@ -886,7 +920,8 @@ def inspect(model: nn.Module) -> dict[str, Any]:
         # What the folder was stored in (None: the model's own dtype; older folders may record only
         # their factors' dtype) and what this loaded model computes in.
         "stored_dtype": record.get("stored_dtype"),
-        "factor_dtype": record.get("stored_dtype") or record.get("factor_dtype"),
+        "factor_dtype": record.get("quantized_factors") or record.get("stored_dtype") or record.get("factor_dtype"),
+        "quantized_factors": record.get("quantized_factors"),
         "dtype": dtype_name(next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)),
         "rank_table": rank_table(ranks, record.get("dense_layers", [])),
         "calibration": record.get("calibration", {}),

@@ -99,9 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--allocation", choices=list(ALLOCATIONS), default=DEFAULT_ALLOCATION, help=_help(CompressConfig, "allocation"))
     c.add_argument("--rank-floor", type=float, default=DEFAULT_RANK_FLOOR, help=_help(CompressConfig, "rank_floor"))
     c.add_argument("--dense-above", type=float, default=1.0, metavar="FRACTION", help=_help(CompressConfig, "dense_above"))
+    c.add_argument("--rank-multiple", type=int, default=1, metavar="N", help=_help(CompressConfig, "rank_multiple"))
     c.add_argument("--asvd-alpha", type=float, default=0.5, help=_help(CompressConfig, "asvd_alpha"))
     c.add_argument("--damping", type=float, default=0.01, help=_help(CompressConfig, "damping"))
     c.add_argument("--dtype", choices=list(STORAGE_DTYPES), default=None, help=_help(CompressConfig, "dtype"))
+    c.add_argument(
+        "--quantize-factors", choices=["int8"], default=None,
+        help="store the low-rank factors as int8 with one float32 scale per row (a quarter of float32; other weights as --dtype "
+        "says); the model computes in floating point with the rounded factors, here and after loading",
+    )
     c.add_argument("--task", choices=list(TASKS), default=None, help="model task (detected from config.json when omitted)")
     c.add_argument("--save-stats", default=None, metavar="FILE", help="also write the calibration statistics to this .safetensors file")
     c.add_argument("--stats", default=None, metavar="FILE", help="reuse statistics saved with --save-stats instead of calibrating")
@@ -268,6 +274,8 @@ def format_compression(report: dict[str, Any]) -> str:
         out.append(_finetune_line(report["finetune"]))
     if report.get("stored_dtype"):
         out.append(f"weights stored as {report['stored_dtype']}")
+    if report.get("quantized_factors"):
+        out.append(f"factors stored as {report['quantized_factors']} with one float32 scale per row")
     if report.get("out"):
         out.append(f"saved to {report['out']}")
     return "\n".join(out)
@@ -280,9 +288,10 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     config = api.CompressConfig(
         method=args.method, keep=args.keep, include=tuple(args.include), exclude=tuple(args.exclude),
         fisher_reduction=args.fisher_reduction, fisher_whiten=args.fisher_whiten, asvd_alpha=args.asvd_alpha, damping=args.damping,
-        allocation=args.allocation, rank_floor=args.rank_floor, dense_above=args.dense_above, refit=args.refit,
-        # With recovery fine-tuning the model trains in its own dtype and is cast after it.
-        dtype=None if args.finetune_data is not None or args.correct else args.dtype,
+        allocation=args.allocation, rank_floor=args.rank_floor, dense_above=args.dense_above,
+        rank_multiple=args.rank_multiple, refit=args.refit,
+        # With recovery fine-tuning, correction or int8 factors the model is cast last, before saving.
+        dtype=None if args.finetune_data is not None or args.correct or args.quantize_factors else args.dtype,
     )
     # Without --data, a recovery run's labelled training file also serves as calibration data.
     calibration = api.CalibrationConfig(
@@ -306,6 +315,8 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         raise FwsvdError(f"--checkpoint-every {args.checkpoint_every} must be a number of batches (0: no checkpoints)")
     if args.stats and args.save_stats:
         raise FwsvdError("--stats and --save-stats together make no sense: --stats reuses a file, --save-stats writes one")
+    if args.low_memory and args.quantize_factors:
+        raise FwsvdError("--quantize-factors rounds the factors of the whole model before saving: drop --low-memory, or drop --quantize-factors")
     if args.low_memory and (args.sequential or args.stats or args.save_stats or args.finetune_data):
         raise FwsvdError("--low-memory never holds the whole model or all its statistics: drop --sequential/--stats/--save-stats/--finetune-data")
     if args.sequential and (args.stats or args.save_stats):
@@ -370,16 +381,18 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         assert cal.samples is not None and cal.max_length is not None
         assert calibration.data is not None
         corrected = correct_causal(loaded, calibration.data, samples=cal.samples, max_length=cal.max_length, seed=cal.seed, progress=not args.quiet)
-        if args.dtype is not None and recovery is None:
-            api.cast_weights(loaded.model, args.dtype)
     finetuned = None
     if recovery is not None:
         from .finetune import finetune
 
         finetuned = finetune(loaded, recovery, progress=not args.quiet, teacher=teacher)
         del teacher
-        if args.dtype is not None:
-            api.cast_weights(loaded.model, args.dtype)
+    if args.quantize_factors:
+        from .quantize import quantize_factors
+
+        quantize_factors(loaded.model, args.quantize_factors)
+    if args.dtype is not None and config.dtype is None:
+        api.cast_weights(loaded.model, args.dtype)
     if ctx.is_main:
         api.save(loaded.model, out, loaded.tokenizer, overwrite=args.overwrite)
         if checkpointing is not None:
@@ -391,6 +404,8 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         checkpointing.discard(ctx)  # on other nodes of a job, each process's own file
     result = report.to_dict()
     result.update(_dtype_result(args.dtype))
+    if args.quantize_factors:
+        result.update(quantized_factors=args.quantize_factors, factor_dtype=args.quantize_factors)
     if corrected is not None:
         result["correction"] = corrected
     if finetuned is not None:
@@ -618,10 +633,14 @@ def format_inspect(result: dict[str, Any]) -> str:
         rules = [f"rank floor {alloc['rank_floor']:g}"] if number("rank_floor") else []
         if number("dense_above"):
             rules.append(f"dense above {alloc['dense_above']:g} of break-even")
+        if number("rank_multiple"):
+            rules.append(f"ranks in multiples of {alloc['rank_multiple']:g}")
         lines.append(f"allocation        {alloc.get('mode')}" + (f" ({', '.join(rules)})" if rules else ""))
     correction = result.get("correction")
     if isinstance(correction, dict) and isinstance(correction.get("step"), (int, float)) and not isinstance(correction.get("step"), bool):
         lines.append(f"correction        one gradient step of {correction['step']:g} per factor entry" + (" (none taken)" if not correction["step"] else ""))
+    if result.get("quantized_factors"):
+        lines.append(f"factors stored as {result['quantized_factors']} (one float32 scale per row), computing in {result.get('dtype') or 'float32'}")
     if result.get("stored_dtype"):
         lines.append(f"weights stored as {result['stored_dtype']}" + (f", computing in {result['dtype']}" if result.get("dtype") else ""))
     elif result.get("factor_dtype"):

@@ -62,6 +62,7 @@ RECORD_KEYS: dict[str, str] = {
     "allocation": "an object",
     "factor_dtype": "one of 'float32', 'bfloat16', 'float16'",  # older folders: only the factors were cast
     "stored_dtype": "one of 'float32', 'bfloat16', 'float16'",
+    "quantized_factors": "the string 'int8'",
 }
 _WHERE = "quantization_config in config.json"
 _FIX = "restore the config.json saved with the weights"
@@ -112,6 +113,7 @@ def validate_record(record: Any) -> dict[str, Any]:
         "allocation": lambda v: isinstance(v, Mapping),
         "factor_dtype": lambda v: v in ("float32", "bfloat16", "float16"),
         "stored_dtype": lambda v: v in ("float32", "bfloat16", "float16"),
+        "quantized_factors": lambda v: v == "int8",
         "keep": _is_fraction,
         "target_keep": _is_fraction,
         "include": _is_str_list,
@@ -203,6 +205,24 @@ class FwsvdQuantizer(HfQuantizer):
         # recorded ranks so the saved factors load into them by name.
         check_ranks(model, self.quantization_config.ranks)
         low_rank_skeleton(model, self.quantization_config.ranks)
+        if getattr(self.quantization_config, "quantized_factors", None) == "int8":
+            from .quantize import prepare_skeleton
+
+            prepare_skeleton(model)  # the factors' scales load by name beside their int8 bytes
+
+    def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
+        if getattr(self.quantization_config, "quantized_factors", None) == "int8":
+            from .quantize import dequantize_loaded
+
+            dequantize_loaded(model)  # floating-point factors again, in the model's dtype
+        return model
+
+    def get_state_dict_and_metadata(self, model: Any) -> tuple[Any, dict[str, Any]]:
+        # save_pretrained of a loaded model asks its quantizer what to write: int8 factors again
+        # when the record says so and they are still on their grid (None: the model's own state dict).
+        from .quantize import storage_state_dict
+
+        return storage_state_dict(model), {}
 
     @property
     def is_trainable(self) -> bool:

@@ -45,6 +45,7 @@ from .api import (
     count_parameters,
     factorize_targets,
     record_compression,
+    rounded_ranks,
 )
 from .core import allocate_ranks
 from .errors import FwsvdError, ModelError
@@ -309,6 +310,7 @@ def compress_low_memory(
         ranks: dict[str, int | None] | None = None
         if config.resolved_allocation() == "global":
             ranks = _global_ranks(skeleton, block_names, by_block, info, method, config, weights, block_statistics, progress)
+        ranks = rounded_ranks(targets, config, ranks)
 
         rows: list[LayerReport] = []
         with atomic_dir(out, overwrite=overwrite) as tmp:

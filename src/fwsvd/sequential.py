@@ -54,6 +54,7 @@ from .api import (
     factorize_targets,
     record_compression,
     refuse_compressed,
+    rounded_ranks,
 )
 from .errors import DataError, FwsvdError
 from .models import LoadedModel
@@ -373,6 +374,7 @@ def compress_sequential(
         t0 = time.perf_counter()
         ranks, _ = allocate(model, targets, method, config.keep, statistics, floor=config.rank_floor, dense_above=config.dense_above, progress=progress)
         seconds_global += time.perf_counter() - t0
+    ranks = rounded_ranks(targets, config, ranks)
 
     if config.refit:
         block_kinds |= {"cov"}  # the refit solves against the current inputs' covariance
