@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import FwsvdError, ModelError
+from .hf import FwsvdQuantizationConfig
 from .nn import LowRankLinear
 
 #: What ``--quantize-factors`` accepts.
@@ -70,8 +72,6 @@ def _on_grid(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 
 def _record(model: nn.Module) -> Any:
-    from .hf import FwsvdQuantizationConfig
-
     qc = getattr(getattr(model, "config", None), "quantization_config", None)
     return qc if isinstance(qc, FwsvdQuantizationConfig) else None
 
@@ -84,8 +84,6 @@ def quantize_factors(model: nn.Module, fmt: str = "int8") -> int:
     Raises:
         FwsvdError: for an unknown format, a model without a compression record, or factors not in float32.
     """
-    from .errors import FwsvdError
-
     if fmt not in QUANTIZED_FORMATS:
         raise FwsvdError(f"--quantize-factors {fmt!r} must be one of {', '.join(QUANTIZED_FORMATS)}")
     qc = _record(model)
@@ -144,8 +142,6 @@ def dequantize_loaded(model: nn.Module, dtype: torch.dtype | None = None) -> Non
     Raises:
         ModelError: when a factor or scale did not load as the record says (wrong dtype or shape, non-finite or non-positive scale).
     """
-    from .errors import ModelError
-
     if dtype is None:
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     for prefix, module in model.named_modules():
