@@ -244,12 +244,11 @@ def ceilings(models: dict[str, torch.nn.Module], info: dict[str, dict[str, Any]]
     for each compressed model the speed-up it would reach if its low-rank products cost their share
     of the dense products' time in proportion to their parameters, the rest unchanged:
     ``1 / (1 - f + f * target_keep)``."""
-    from fwsvd.nn import LowRankLinear
+    from fwsvd.nn import find_targets
 
-    probe = next((m for n, m in models.items() if n != "dense" and "fast" not in n), None)
-    if probe is None:
+    if not info:
         return []
-    targets = {name for name, module in probe.named_modules() if isinstance(module, LowRankLinear)}
+    targets = {t.name for t in find_targets(models["dense"])}  # what the compressed models factorize: the default targets
     rows = []
     for count in threads:
         torch.set_num_threads(count)

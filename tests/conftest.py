@@ -238,3 +238,10 @@ def fresh() -> Callable[..., "fwsvd.LoadedModel"]:
         return fwsvd.load_model(folder, **kw)
 
     return load
+
+
+def low_rank_ranks(model: torch.nn.Module) -> dict[str, int]:
+    """``{module name: rank}`` of every low-rank layer of ``model``."""
+    from fwsvd.nn import LowRankLinear
+
+    return {n: m.rank for n, m in model.named_modules() if isinstance(m, LowRankLinear)}

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import low_rank_ranks
 
 import fwsvd
 from fwsvd.cli import main
@@ -172,7 +173,7 @@ def test_fresh_head_learns_and_is_seeded(encoder_dir, data):
 def test_finetune_compressed_keeps_ranks_and_reloads(classifier_dir, data, tmp_path):
     loaded = fwsvd.load_model(classifier_dir)
     fwsvd.compress(loaded.model, fwsvd.CompressConfig(method="svd", keep=0.5), progress=False)
-    ranks = {n: m.rank for n, m in loaded.model.named_modules() if isinstance(m, LowRankLinear)}
+    ranks = low_rank_ranks(loaded.model)
     assert ranks
     layer = next(m for m in loaded.model.modules() if isinstance(m, LowRankLinear))
     before = (layer.weight_in.detach().clone(), layer.weight_out.detach().clone())
@@ -184,7 +185,7 @@ def test_finetune_compressed_keeps_ranks_and_reloads(classifier_dir, data, tmp_p
     record = json.loads((out / "config.json").read_text())["quantization_config"]
     assert record["quant_method"] == "fwsvd" and record["finetune"]["epochs"] == 1 and record["finetune"]["data"] == str(data["sst2"])
     back = fwsvd.load_model(out)
-    assert {n: m.rank for n, m in back.model.named_modules() if isinstance(m, LowRankLinear)} == ranks
+    assert low_rank_ranks(back.model) == ranks
     assert fwsvd.inspect(back.model)["target_keep"] == pytest.approx(fwsvd.inspect(loaded.model)["target_keep"])
     batch = loaded.tokenizer(["good movie", "bad plot"], return_tensors="pt", padding=True)
     with torch.no_grad():
@@ -288,10 +289,6 @@ def _compressed_llama(folder: Path) -> tuple["fwsvd.LoadedModel", torch.nn.Modul
     return loaded, dense
 
 
-def _ranks(model: torch.nn.Module) -> dict[str, int]:
-    return {n: m.rank for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
-
-
 def test_causal_config_defaults_and_validation():
     causal = FinetuneConfig(data="x.txt").resolved(compressed=True, task="causal-lm")
     assert (causal.tokens, causal.epochs, causal.max_length, causal.train) == (DEFAULT_TOKENS, None, 512, "low-rank")
@@ -316,7 +313,7 @@ def test_causal_config_defaults_and_validation():
 def test_causal_recovery_lowers_the_loss_keeps_ranks_and_reloads(llama_text, tmp_path):
     folder, text = llama_text
     loaded, _ = _compressed_llama(folder)
-    ranks = _ranks(loaded.model)
+    ranks = low_rank_ranks(loaded.model)
     embedding = loaded.model.get_input_embeddings().weight.detach().clone()
     layer = next(m for m in loaded.model.modules() if isinstance(m, LowRankLinear))
     factors = layer.weight_in.detach().clone()
@@ -331,7 +328,7 @@ def test_causal_recovery_lowers_the_loss_keeps_ranks_and_reloads(llama_text, tmp
     assert summary["eval"]["perplexity"] == pytest.approx(min(h["perplexity"] for h in history))
     assert summary["cpu_seconds"] > 0 and summary["seconds"] > 0
     # Ranks stay; only the low-rank factors train by default.
-    assert _ranks(loaded.model) == ranks and summary["train"] == "low-rank"
+    assert low_rank_ranks(loaded.model) == ranks and summary["train"] == "low-rank"
     assert not torch.equal(factors, layer.weight_in)
     assert torch.equal(embedding, loaded.model.get_input_embeddings().weight)
     assert all(p.requires_grad for p in loaded.model.parameters()), "frozen parameters are given back"
@@ -343,7 +340,7 @@ def test_causal_recovery_lowers_the_loss_keeps_ranks_and_reloads(llama_text, tmp
     assert record["perplexity"] == pytest.approx(summary["eval"]["perplexity"], rel=1e-6)
     assert [h["step"] for h in record["history"]] == [0, 20, 40, 60]
     back = fwsvd.load(out)
-    assert _ranks(back) == ranks
+    assert low_rank_ranks(back) == ranks
     ids = torch.tensor([[5, 9, 13, 40, 41, 7]])
     with torch.no_grad():
         torch.testing.assert_close(back(input_ids=ids).logits, loaded.model(input_ids=ids).logits, rtol=0, atol=1e-5)
@@ -416,7 +413,7 @@ def test_cli_compress_causal_lm_with_recovery(llama_text, tmp_path, capsys):
     record = json.loads((out / "config.json").read_text())["quantization_config"]
     assert record["finetune"]["tokens"] == summary["tokens"] and record["finetune"]["lr"] == pytest.approx(3e-3)
     back = fwsvd.load(out)
-    assert _ranks(back) == {k: int(v) for k, v in record["ranks"].items()}
+    assert low_rank_ranks(back) == {k: int(v) for k, v in record["ranks"].items()}
     scored = _run(["eval", str(out), "--data", str(text), "--max-length", "16"], capsys)
     assert scored["metric"] == "perplexity" and scored["perplexity"] > 1
     # The table form names the recovery, and `fwsvd finetune` continues from the compressed folder.

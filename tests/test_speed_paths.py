@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_llama
+from conftest import low_rank_ranks, make_llama
 from test_decoder import _write_tiny_gguf
 
 import fwsvd
@@ -312,18 +312,12 @@ def test_round_ranks_keeps_the_budget_and_uses_multiples():
     assert round_ranks(ranks, shapes, 1) == ranks
 
 
-def _ranks(model) -> dict[str, int]:
-    from fwsvd.nn import LowRankLinear
-
-    return {n: m.rank for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
-
-
 @pytest.mark.parametrize("allocation", ["uniform", "global"])
 def test_rank_multiple_rounds_every_rank_within_the_budget(allocation: str):
     plain, rounded = make_llama(), make_llama()
     base = fwsvd.compress(plain, fwsvd.CompressConfig(method="svd", keep=0.5, allocation=allocation), task="causal-lm", progress=False)
     report = fwsvd.compress(rounded, fwsvd.CompressConfig(method="svd", keep=0.5, allocation=allocation, rank_multiple=8), task="causal-lm", progress=False)
-    before, after = _ranks(plain), _ranks(rounded)
+    before, after = low_rank_ranks(plain), low_rank_ranks(rounded)
     assert any(r % 8 for r in before.values()), "the test needs ranks that are not already multiples of 8"
     assert all(r % 8 == 0 or r < 8 for r in after.values()) and after != before
     assert report.parameters_after <= base.parameters_after

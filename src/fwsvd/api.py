@@ -31,7 +31,7 @@ from .fsutil import atomic_dir
 from .hf import FwsvdQuantizationConfig, compression_record
 from .methods import METHODS, Method, get_method
 from .models import TASKS, LoadedModel, dtype_name, load_model
-from .nn import LinearInfo, LowRankLinear, find_targets, linear_bias, linear_weight, swap_module
+from .nn import FACTORS, LinearInfo, LowRankLinear, find_targets, linear_bias, linear_weight, swap_module
 from .resume import Checkpointing
 from .stats import Statistics, collect_statistics
 
@@ -726,7 +726,7 @@ def cast_weights(model: nn.Module, dtype: str) -> None:
     for module in model.modules():
         keep_factors = quantized and isinstance(module, LowRankLinear)
         for name, param in module.named_parameters(recurse=False):
-            if keep_factors and name in ("weight_in", "weight_out"):
+            if keep_factors and name in FACTORS:
                 continue
             if param.is_floating_point():
                 param.data = param.data.to(target)  # in place on the Parameter: tied weights stay one object
@@ -767,7 +767,7 @@ def _sync_stored_dtype(model: nn.Module) -> None:
     stored = getattr(qc, "stored_dtype", None)
     if stored is not None:
         # int8 factors (``quantized_factors``) are written as int8 whatever their dtype in memory.
-        skip = (".weight_in", ".weight_out") if getattr(qc, "quantized_factors", None) else ()
+        skip = tuple(f".{f}" for f in FACTORS) if getattr(qc, "quantized_factors", None) else ()
         dtypes = {dtype_name(t.dtype) for k, t in model.state_dict().items() if t.is_floating_point() and not (skip and k.endswith(skip))}
         if dtypes != {stored}:
             if len(dtypes) == 1 and next(iter(dtypes)) in STORAGE_DTYPES:

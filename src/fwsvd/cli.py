@@ -78,6 +78,7 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .api import ALLOCATIONS, DEFAULT_ALLOCATION, DEFAULT_RANK_FLOOR, STORAGE_DTYPES, CompressConfig
+    from .quantize import QUANTIZED_FORMATS
     from .methods import METHODS
     from .models import TASKS
 
@@ -104,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--damping", type=float, default=0.01, help=_help(CompressConfig, "damping"))
     c.add_argument("--dtype", choices=list(STORAGE_DTYPES), default=None, help=_help(CompressConfig, "dtype"))
     c.add_argument(
-        "--quantize-factors", choices=["int8"], default=None,
+        "--quantize-factors", choices=list(QUANTIZED_FORMATS), default=None,
         help="store the low-rank factors as int8 with one float32 scale per row (a quarter of float32; other weights as --dtype "
         "says); the model computes in floating point with the rounded factors, here and after loading",
     )
@@ -403,9 +404,7 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     if checkpointing is not None:
         checkpointing.discard(ctx)  # on other nodes of a job, each process's own file
     result = report.to_dict()
-    result.update(_dtype_result(args.dtype))
-    if args.quantize_factors:
-        result.update(quantized_factors=args.quantize_factors, factor_dtype=args.quantize_factors)
+    result.update(_dtype_result(args.dtype, args.quantize_factors))
     if corrected is not None:
         result["correction"] = corrected
     if finetuned is not None:
@@ -415,9 +414,11 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def _dtype_result(dtype: str | None) -> dict[str, str]:
-    """What ``--dtype`` stored: every weight (``stored_dtype``), so the factors too (``factor_dtype``, its older name)."""
-    return {} if dtype is None else {"stored_dtype": dtype, "factor_dtype": dtype}
+def _dtype_result(dtype: str | None, quantized: str | None = None) -> dict[str, str]:
+    """What ``--dtype`` stored: every weight (``stored_dtype``), so the factors too (``factor_dtype``, its older name),
+    unless ``--quantize-factors`` stored the factors (``quantized_factors``)."""
+    result = {} if dtype is None else {"stored_dtype": dtype, "factor_dtype": dtype}
+    return result if quantized is None else {**result, "quantized_factors": quantized, "factor_dtype": quantized}
 
 
 def _check_out(args: argparse.Namespace, model: str, *inputs: tuple[str, str | None]) -> Path:

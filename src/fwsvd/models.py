@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .errors import ModelError
+from .nn import FACTORS
 
 logger = logging.getLogger(__name__)
 
@@ -226,7 +227,7 @@ def weight_shapes(folder: str | os.PathLike, *, allow_pickle: bool = False) -> d
 
 def _check_factors(shapes: dict[str, tuple[int, ...]], record: dict[str, Any] | None, model: str) -> None:
     """The low-rank factors in the weights must be exactly those of the record, at its ranks."""
-    factors = {k.rsplit(".", 1)[0] for k in shapes if k.endswith((".weight_in", ".weight_out"))}
+    factors = {k.rsplit(".", 1)[0] for k in shapes if k.endswith(tuple(f".{f}" for f in FACTORS))}
     ranks = (record or {}).get("ranks", {})
     if factors and not ranks:
         example = sorted(factors)[0]

@@ -32,6 +32,8 @@ __all__ = [
 ]
 
 LINEAR_TYPES: tuple[type, ...] = (nn.Linear, Conv1D)
+#: The parameter names of a :class:`LowRankLinear`'s two factors (``weight_in`` is applied first).
+FACTORS = ("weight_in", "weight_out")
 
 
 class LowRankLinear(nn.Module):

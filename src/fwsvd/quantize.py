@@ -25,12 +25,10 @@ from torch import nn
 
 from .errors import FwsvdError, ModelError
 from .hf import FwsvdQuantizationConfig
-from .nn import LowRankLinear
+from .nn import FACTORS, LowRankLinear
 
 #: What ``--quantize-factors`` accepts.
 QUANTIZED_FORMATS = ("int8",)
-#: Names of the two factors of a :class:`LowRankLinear`.
-FACTORS = ("weight_in", "weight_out")
 SCALE_SUFFIX = "_scale"
 _LEVELS = 127  # symmetric: -127 .. 127, so negating a row never overflows
 
