@@ -8,6 +8,7 @@ need a fresh model load it from the folder (``fresh`` below); a folder is never 
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -39,7 +40,9 @@ def pytest_configure(config):
     # The test matrices are tiny (<= 100x100): one thread is faster than any OpenMP team, and on a
     # loaded 2-core machine a 2-thread LAPACK SVD of a 64x32 matrix was seen to take 0.2 s instead of
     # 0.1 ms. This is a test-session setting only; the library never changes torch's globals.
-    torch.set_num_threads(1)
+    # CI runs the suite a second time with OMP_NUM_THREADS=2, so that no test depends on one
+    # thread count's summation order: an explicit OMP_NUM_THREADS is honoured.
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 1))
 
 
 def seed_everything(seed: int = SEED) -> None:

@@ -12,6 +12,7 @@ Typical use::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -31,7 +32,7 @@ from .fsutil import atomic_dir
 from .hf import FwsvdQuantizationConfig, compression_record
 from .methods import METHODS, Method, get_method
 from .models import TASKS, LoadedModel, dtype_name, load_model
-from .nn import FACTORS, LinearInfo, LowRankLinear, find_targets, linear_bias, linear_weight, swap_module
+from .nn import FACTORS, LinearInfo, LowRankLinear, check_finite_weights, find_targets, linear_bias, linear_weight, swap_module
 from .resume import Checkpointing
 from .stats import Statistics, collect_statistics
 
@@ -47,6 +48,7 @@ __all__ = [
     "cast_factors",
     "cast_weights",
     "check_finite",
+    "layer_errors",
     "check_statistics",
     "compress",
     "count_parameters",
@@ -159,6 +161,11 @@ class CompressConfig:
             raise FwsvdError(f"--dense-above {self.dense_above!r} must be a fraction in (0, 1] of each layer's break-even rank (1: off)")
         if isinstance(self.rank_multiple, bool) or not isinstance(self.rank_multiple, int) or not 1 <= self.rank_multiple <= 4096:
             raise FwsvdError(f"--rank-multiple {self.rank_multiple!r} must be a whole number from 1 (off) to 4096, e.g. 8 or 16")
+        if self.dense_above < 1 and self.resolved_allocation() != "global":
+            raise FwsvdError(
+                f"--dense-above {self.dense_above:g} applies to global allocation, but {self.method} allocates "
+                f"{self.resolved_allocation()}: pass --allocation global, or drop --dense-above"
+            )
         if self.dtype is not None and self.dtype not in STORAGE_DTYPES:
             raise FwsvdError(f"--dtype {self.dtype!r} must be one of {', '.join(STORAGE_DTYPES)}")
         self.build_method("sequence-classification")  # validates the method's options early
@@ -482,12 +489,24 @@ def refuse_compressed(model: nn.Module) -> None:
         raise FwsvdError("this model is already compressed: compress the original dense model instead")
 
 
-def check_finite(model: nn.Module, targets: list[LinearInfo]) -> None:
-    """Raise :class:`ModelError` when a targeted weight holds NaN or infinite values."""
-    for info in targets:
-        w = linear_weight(model.get_submodule(info.name))
-        if not torch.isfinite(w).all():
-            raise ModelError(f"weight of {info.name} contains NaN or infinite values: the model is corrupt; re-export it")
+@contextlib.contextmanager
+def layer_errors(name: str) -> Iterator[None]:
+    """Turn the math core's ``ValueError`` (a statistic it cannot use: negative importance, an indefinite
+    covariance) into one line that names the layer and the fix."""
+    try:
+        yield
+    except ValueError as err:
+        raise FwsvdError(f"cannot factorize {name}: {err}; recalibrate with --data, or pass statistics saved from this model") from err
+
+
+def check_finite(model: nn.Module, targets: list[LinearInfo] | None = None) -> None:
+    """Raise :class:`ModelError` when a weight of ``model`` (anywhere, not only the targets) holds NaN or infinite values.
+
+    ``targets`` is accepted for compatibility; every parameter and floating-point buffer is checked,
+    since a NaN in a layer norm or an embedding spoils the compressed model as surely as one in a
+    factorized weight.
+    """
+    check_finite_weights(model)
 
 
 def factorize_targets(
@@ -533,7 +552,8 @@ def factorize_targets(
         stats = statistics.for_module(info.name) if statistics is not None else {}
         with torch.no_grad():
             cached = decompositions.pop(info.name, None) if decompositions is not None else None
-            a, b = cached.truncate(rank) if cached is not None else method.factorize(weight, rank, stats)
+            with layer_errors(info.name):
+                a, b = cached.truncate(rank) if cached is not None else method.factorize(weight, rank, stats)
             if correct is not None:
                 a, b = correct(weight, a, b, stats)
         return [a.to(weight.dtype), b.to(weight.dtype), torch.tensor([time.perf_counter() - t0], dtype=torch.float64)]
@@ -633,7 +653,8 @@ def allocate(
     def decompose(info: LinearInfo) -> list[torch.Tensor]:
         stats = statistics.for_module(info.name) if statistics is not None else {}
         with torch.no_grad():
-            dec = method.decompose(linear_weight(model.get_submodule(info.name)).detach(), stats)
+            with layer_errors(info.name):
+                dec = method.decompose(linear_weight(model.get_submodule(info.name)).detach(), stats)
             loss = method.component_loss(dec, stats).double()
         decompositions[info.name] = dec
         return [loss]
@@ -845,9 +866,41 @@ def load_statistics(path: str | Path) -> Statistics:
         raise FwsvdError(f"cannot read statistics file {path} ({str(err).splitlines()[0] if str(err) else type(err).__name__}): {fix}") from err
     for name, stats in statistics.tensors.items():
         for stat, tensor in stats.items():
-            if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
-                raise FwsvdError(f"statistic {stat} of {name} in {path} is not finite floating-point data: {fix}")
+            problem = _statistic_problem(stat, tensor)
+            if problem is not None:
+                raise FwsvdError(f"statistic {stat} of {name} in {path} {problem}: {fix}")
     return statistics
+
+
+#: Relative tolerance of the covariance checks: float32 sums of ``x xᵀ`` are symmetric and have a
+#: non-negative diagonal exactly, so anything beyond round-off means the file was changed.
+_COV_TOLERANCE = 1e-4
+
+
+def _statistic_problem(stat: str, tensor: torch.Tensor) -> str | None:
+    """What is wrong with one statistic read from a file (``None``: nothing).
+
+    Shapes against the model are checked later (:func:`check_statistics`); here: floating point,
+    finite, the Fisher sums and mean activations non-negative, a covariance square, symmetric, with a
+    non-negative diagonal. Positive semi-definiteness itself is checked where the covariance is
+    decomposed (:func:`fwsvd.core.whitened_decomposition`), which is the only place that can afford it.
+    """
+    if not tensor.is_floating_point():
+        return f"is stored as {tensor.dtype}, not floating point"
+    if not bool(torch.isfinite(tensor).all()):
+        return "holds NaN or infinite values"
+    if stat in ("fisher_out", "fisher_in", "fisher_full", "act_abs_mean") and bool((tensor < 0).any()):
+        return f"holds negative values (smallest {tensor.min().item():.3g}), which a sum of squares or of magnitudes never has"
+    if stat == "cov":
+        if tensor.ndim != 2 or tensor.shape[0] != tensor.shape[1]:
+            return f"has shape {list(tensor.shape)}, not a square matrix"
+        cov = tensor.double()
+        scale = cov.abs().max().item()
+        if bool((cov.diagonal() < -_COV_TOLERANCE * scale).any()):
+            return "has a negative diagonal entry, so it is not a covariance"
+        if (cov - cov.T).abs().max().item() > _COV_TOLERANCE * scale:
+            return "is not symmetric, so it is not a covariance"
+    return None
 
 
 def check_statistics(statistics: Statistics, targets: list[LinearInfo]) -> None:

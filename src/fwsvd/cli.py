@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--fisher-reduction", choices=["auto", "out", "in", "both"], default="auto", help=_help(CompressConfig, "fisher_reduction"))
     c.add_argument("--fisher-whiten", choices=["auto", "on", "off"], default="auto", help=_help(CompressConfig, "fisher_whiten"))
     c.add_argument("--allocation", choices=list(ALLOCATIONS), default=DEFAULT_ALLOCATION, help=_help(CompressConfig, "allocation"))
-    c.add_argument("--rank-floor", type=float, default=DEFAULT_RANK_FLOOR, help=_help(CompressConfig, "rank_floor"))
+    c.add_argument("--rank-floor", type=float, default=None, help=_help(CompressConfig, "rank_floor") + f" (default {DEFAULT_RANK_FLOOR:g})")
     c.add_argument("--dense-above", type=float, default=1.0, metavar="FRACTION", help=_help(CompressConfig, "dense_above"))
     c.add_argument("--rank-multiple", type=int, default=1, metavar="N", help=_help(CompressConfig, "rank_multiple"))
     c.add_argument("--asvd-alpha", type=float, default=0.5, help=_help(CompressConfig, "asvd_alpha"))
@@ -261,7 +261,10 @@ def format_compression(report: dict[str, Any]) -> str:
     out.append(_table(["", "params before", "params after", "kept"], summary))
     cal = report.get("calibration") or {}
     timing = f"method {report['method']}, keep {report['keep']:g}; factorization {report['seconds_factorize']:.2f} s"
-    if cal:
+    if report.get("statistics_file"):
+        # No calibration ran: the summary is that of the run which saved the file.
+        timing += f", statistics read from {report['statistics_file']} (saved by a calibration on {cal.get('samples')} samples, {cal.get('tokens')} tokens)"
+    elif cal:
         timing += f", calibration {cal.get('seconds', 0):.2f} s on {cal.get('samples')} samples ({cal.get('tokens')} tokens)"
     out.append(timing)
     if report.get("correction"):
@@ -289,7 +292,7 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     config = api.CompressConfig(
         method=args.method, keep=args.keep, include=tuple(args.include), exclude=tuple(args.exclude),
         fisher_reduction=args.fisher_reduction, fisher_whiten=args.fisher_whiten, asvd_alpha=args.asvd_alpha, damping=args.damping,
-        allocation=args.allocation, rank_floor=args.rank_floor, dense_above=args.dense_above,
+        allocation=args.allocation, rank_floor=api.DEFAULT_RANK_FLOOR if args.rank_floor is None else args.rank_floor, dense_above=args.dense_above,
         rank_multiple=args.rank_multiple, refit=args.refit,
         # With recovery fine-tuning, correction or int8 factors the model is cast last, before saving.
         dtype=None if args.finetune_data is not None or args.correct or args.quantize_factors else args.dtype,
@@ -308,6 +311,8 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     if ctx.is_main:
         out = _check_out(args, args.model, ("statistics file", args.stats), ("--save-stats target", args.save_stats),
                          ("data file", args.data), ("fine-tuning data", args.finetune_data))
+    from .fsutil import check_output_file
+    from .models import TASKS
     if ctx.active and args.sequential:
         raise FwsvdError("--sequential runs in one process: launch it without torchrun, or drop --sequential to calibrate on all processes")
     if ctx.active and args.finetune_data is not None:
@@ -328,8 +333,15 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         raise FwsvdError("--correct takes its gradient on calibration text: pass --data TEXT.txt")
     if args.stats and not args.correct and (args.data is not None or args.samples is not None):
         raise FwsvdError("--stats reuses saved statistics, so --data/--samples would be ignored: drop them, or drop --stats to recalibrate")
+    if args.rank_floor is not None and config.resolved_allocation() != "global":
+        raise FwsvdError(f"--rank-floor applies to global allocation, but {args.method} allocates {config.resolved_allocation()}: drop --rank-floor or pass --allocation global")
+    if args.refit and not args.sequential:
+        raise FwsvdError("--refit refits layers inside sequential compression: add --sequential, or drop --refit")
+    if (args.save_stats or args.stats) and not any(config.needs(task) for task in TASKS):
+        option = "--save-stats" if args.save_stats else "--stats"
+        raise FwsvdError(f"method {args.method} needs no calibration statistics, so {option} would do nothing: drop {option} or choose another --method")
     if args.save_stats and ctx.is_main:
-        _check_stats_target(args.save_stats)
+        check_output_file(args.save_stats, args.overwrite, "--save-stats", protect=[*_inputs(args), ("output folder", out)])
     recovery = _recovery_config(args)
     if args.low_memory:
         from .lowmem import compress_low_memory, streamable
@@ -409,6 +421,8 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         result["correction"] = corrected
     if finetuned is not None:
         result["finetune"] = finetuned
+    if args.stats:
+        result["statistics_file"] = str(args.stats)
     result["out"] = str(out)
     result["task"] = loaded.task
     return result
@@ -427,22 +441,28 @@ def _check_out(args: argparse.Namespace, model: str, *inputs: tuple[str, str | N
     Raises:
         FwsvdError: see :func:`fwsvd.fsutil.check_output_dir`.
     """
-    from .fsutil import check_output_dir
+    from .fsutil import check_output_dir, refuse_busy_output
     from .models import model_source
 
     source, _ = model_source(model)
     local = source if Path(source).exists() else None
-    return check_output_dir(args.out, args.overwrite, protect=[("input model folder", local), *inputs])
+    out = check_output_dir(args.out, args.overwrite, protect=[("input model folder", local), *inputs])
+    refuse_busy_output(out, args.overwrite)
+    return out
 
 
-def _check_stats_target(target: str) -> None:
-    """``--save-stats`` must name a file that can be written (checked before calibrating)."""
-    from .fsutil import check_writable_parent
+def _inputs(args: argparse.Namespace) -> list[tuple[str, str | None]]:
+    """Every input of a compress run, which no output may be or lie in: the model (its folder, or its
+    one .gguf file), the data files and the statistics file."""
+    from .models import model_source
 
-    path = Path(target).expanduser()
-    if path.is_dir():
-        raise FwsvdError(f"--save-stats {target} is a folder: name the .safetensors file to write")
-    check_writable_parent(path, "--save-stats")
+    source, gguf = model_source(args.model)
+    model: tuple[str, str | None]
+    if gguf is not None:
+        model = ("input model file", str(Path(source) / gguf))
+    else:
+        model = ("input model folder", source if Path(source).exists() else None)
+    return [model, ("data file", args.data), ("statistics file", args.stats), ("fine-tuning data", args.finetune_data)]
 
 
 _RECOVERY_OPTIONS = ("epochs", "tokens", "lr", "batch_size", "limit", "distill", "train")

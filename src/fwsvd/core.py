@@ -42,6 +42,9 @@ IMPORTANCE_FLOOR = 1e-6
 #: Eigenvalues of a covariance are raised to at least this fraction of its mean diagonal before
 #: whitening: far below any useful damping, far above float64 round-off of the eigendecomposition.
 EIGENVALUE_FLOOR = 1e-10
+#: A covariance whose smallest eigenvalue lies below minus this fraction of its largest is not one
+#: (float32 sums of x xᵀ stray a few 1e-7 below zero at most) and is refused, not clamped.
+INDEFINITE_TOLERANCE = 1e-4
 
 
 def floor_relative(values: torch.Tensor, fraction: float = IMPORTANCE_FLOOR) -> torch.Tensor:
@@ -290,6 +293,13 @@ def whitened_decomposition(
         # Round-off made the floored covariance indefinite (only possible with little or no
         # damping): the eigendecomposition clamps the offending eigenvalues instead.
         evals, evecs = torch.linalg.eigh(cov)
+        if evals[0] < -INDEFINITE_TOLERANCE * evals.abs().max():
+            # Round-off leaves eigenvalues of a sum of x xᵀ at most a tiny fraction below zero; a
+            # clearly negative one means the matrix is not a covariance, and clamping would hide it.
+            raise ValueError(
+                f"the covariance is not positive semi-definite (smallest eigenvalue {evals[0].item():.3g}, "
+                f"largest {evals[-1].item():.3g}), so it is not a sum of x xᵀ"
+            )
         sqrt_e = (evals.clamp_min(0) + damping * scale).clamp_min(EIGENVALUE_FLOOR * scale).sqrt()
         # S = Q diag(sqrt(e)); S^{-1} = diag(1/sqrt(e)) Q^T.
         ws = (w @ evecs) * sqrt_e[None, :]

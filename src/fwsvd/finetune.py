@@ -57,7 +57,7 @@ from .models import (
     model_source,
     weight_shapes,
 )
-from .nn import LowRankLinear, find_blocks
+from .nn import LowRankLinear, check_finite_weights, find_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -575,6 +575,7 @@ def finetune(
         model.train(was_training)
         _restore_trainable(frozen)
     model.eval()
+    check_finite_weights(model, "the fine-tuned model")  # never handed back, nor saved, with NaN weights
     ranks_after = {n: m.rank for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
     if ranks_after != ranks_before:  # pragma: no cover - structure never changes here
         raise ModelError("fine-tuning changed the low-rank structure")
@@ -797,7 +798,8 @@ def finetune_causal(
                 history.append(row)
                 loss_sum, kl_sum, count = 0.0, 0.0, 0
                 logger.info("step %d/%d: training loss %.4f, held-out perplexity %.3f", step, total, row["loss"], metrics.perplexity(nll_now, 1))
-                if math.isfinite(nll_now) and nll_now < best_nll:
+                # A state is kept only when its loss and every weight are finite.
+                if math.isfinite(nll_now) and nll_now < best_nll and all(bool(torch.isfinite(p).all()) for p in params):
                     best_nll, best_step = nll_now, step
                     # No copy of the last state: nothing comes after it.
                     best_state = None if step == total else [p.detach().clone() for p in params]
@@ -813,6 +815,7 @@ def finetune_causal(
         model.train(was_training)
         _restore_trainable(frozen)
     model.eval()
+    check_finite_weights(model, "the fine-tuned model")
     ranks_after = {name: mod.rank for name, mod in model.named_modules() if isinstance(mod, LowRankLinear)}
     if ranks_after != ranks_before:  # pragma: no cover - structure never changes here
         raise ModelError("fine-tuning changed the low-rank structure")

@@ -22,15 +22,45 @@ from pathlib import Path
 
 from .errors import FwsvdError
 
-__all__ = ["atomic_dir", "atomic_write_text", "check_output_dir", "check_writable_parent", "follow_umask"]
+__all__ = [
+    "atomic_dir",
+    "atomic_file",
+    "atomic_write_text",
+    "check_output_dir",
+    "check_output_file",
+    "check_writable_parent",
+    "follow_umask",
+    "refuse_busy_output",
+    "scratch_dir",
+]
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh hidden temporary file beside ``path``; on success it replaces ``path`` in one rename.
+
+    The temporary name is unique (``.NAME.XXXX.partial``), so no other file is ever touched; on any
+    error it is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with _signals_deferred():
+            tmp.replace(path)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` (UTF-8) to a hidden temporary file beside ``path``, then rename it over ``path``."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+        follow_umask(tmp)
     return path
 
 
@@ -64,7 +94,72 @@ def check_writable_parent(target: str | os.PathLike, what: str = "--out") -> Non
         probe = tempfile.mkdtemp(prefix=".fwsvd-probe.", dir=ancestor)
         os.rmdir(probe)
     except OSError as err:
-        raise FwsvdError(f"cannot write {what} {target}: folder {ancestor} is not writable ({err.strerror}); choose another {what}") from err
+        raise FwsvdError(f"cannot write {what} {target}: {_refusal(ancestor, err)}; choose another {what}") from err
+
+
+def _refusal(folder: Path, err: OSError) -> str:
+    """Why ``folder`` refused a new entry, in words (``/proc`` answers ENOENT, which reads as a missing file)."""
+    import errno
+
+    if err.errno in (errno.EACCES, errno.EPERM):
+        return f"folder {folder} is not writable (permission denied)"
+    if err.errno == errno.EROFS:
+        return f"folder {folder} is on a read-only file system"
+    if err.errno == errno.ENOSPC:
+        return f"the file system of {folder} is full"
+    return f"folder {folder} does not accept new files ({err.strerror or type(err).__name__})"
+
+
+def _is_protected(resolved: Path, protect: Iterable[tuple[str, str | os.PathLike | None]]) -> tuple[str, str | os.PathLike] | None:
+    """The first protected input that ``resolved`` is, or lies inside; ``None`` when none."""
+    for what, other in protect:
+        if other is None:
+            continue
+        inner = Path(other).expanduser().resolve()
+        if resolved == inner or inner in resolved.parents:
+            return what, other
+    return None
+
+
+def check_output_file(
+    target: str | os.PathLike,
+    overwrite: bool,
+    what: str,
+    *,
+    protect: Iterable[tuple[str, str | os.PathLike | None]] = (),
+) -> Path:
+    """Check, before any work, that the file ``target`` may be written; returns it as a ``Path``.
+
+    The one guard of every output file (``--save-stats`` and the like): it is never an input, nor
+    inside an input folder or an output folder that will be replaced (``protect``, whatever
+    ``overwrite`` says), never an existing file unless ``overwrite``, never a folder, and its folder
+    must accept new files.
+
+    Args:
+        target: the file to write.
+        overwrite: whether an existing file (not an input) may be replaced.
+        what: the option that names it, for messages (``--save-stats``).
+        protect: ``(what, path)`` pairs of inputs and output folders; ``None`` paths are skipped.
+
+    Raises:
+        FwsvdError: naming the file and the fix.
+    """
+    path = Path(target).expanduser()
+    resolved = path.resolve()
+    hit = _is_protected(resolved, protect)
+    if hit is not None:
+        other_what, other = hit
+        relation = "is" if resolved == Path(other).expanduser().resolve() else "lies inside"
+        raise FwsvdError(f"{what} {target} {relation} the {other_what} {other}: writing it would change or lose it; choose another file")
+    if path.is_dir():
+        raise FwsvdError(f"{what} {target} is a folder: name the file to write")
+    if path.exists() or path.is_symlink():
+        if not overwrite:
+            raise FwsvdError(f"{what} {target} exists: pass --overwrite to replace it, or choose another file")
+        if not path.is_file():
+            raise FwsvdError(f"{what} {target} exists and is not a regular file: choose another file")
+    check_writable_parent(path, what)
+    return path
 
 
 def check_output_dir(
@@ -229,3 +324,80 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False) -> Iterator[P
             with contextlib.suppress(OSError):
                 if tmp.exists():
                     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _try_flock(folder: Path) -> int | None:
+    """A non-blocking exclusive ``flock`` on ``folder``: its descriptor, or ``None`` when another holder has it."""
+    import fcntl
+
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def refuse_busy_output(target: str | os.PathLike, overwrite: bool) -> None:
+    """Fail before any work when another live process is writing the output folder ``target`` now.
+
+    That writer holds the lock on the output's parent folder and has its ``.NAME.*.partial`` folder
+    there; without ``overwrite`` this run could only fail at its end, when the other's output stands.
+
+    Raises:
+        FwsvdError: when ``target`` is being written and ``overwrite`` is false.
+    """
+    path = Path(target).expanduser().absolute()
+    if overwrite or not path.parent.is_dir() or not any(path.parent.glob(f".{path.name}.*.partial")):
+        return
+    try:
+        fd = _try_flock(path.parent)
+    except (ImportError, OSError):  # pragma: no cover - no flock here: nothing to tell
+        return
+    if fd is not None:
+        os.close(fd)  # nobody holds it: the partial folders are stale, the next write removes them
+        return
+    raise FwsvdError(
+        f"another process is writing the output folder {target} now: wait for it and choose another --out, "
+        "or pass --overwrite to replace its output after it"
+    )
+
+
+def _sweep_scratch(root: Path, prefix: str) -> None:
+    """Remove the scratch folders of ``prefix`` whose process died (their lock is free)."""
+    for folder in root.glob(f"{prefix}*"):
+        if not folder.is_dir() or folder.is_symlink():
+            continue
+        try:
+            fd = _try_flock(folder)
+        except OSError:
+            continue
+        if fd is None:
+            continue  # a live run holds it
+        try:
+            shutil.rmtree(folder, ignore_errors=True)
+        finally:
+            os.close(fd)
+
+
+@contextmanager
+def scratch_dir(prefix: str) -> Iterator[Path]:
+    """A private scratch folder in the temporary directory, removed at the end, even after a SIGKILL.
+
+    The folder (``PREFIX<pid>-XXXX``) is locked for as long as the run lives; every new scratch
+    folder of the same prefix first removes those whose lock is free, i.e. whose run was killed
+    before it could clean up.
+    """
+    root = Path(tempfile.gettempdir())
+    _sweep_scratch(root, prefix)
+    folder = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=root))
+    fd: int | None = None
+    try:
+        with contextlib.suppress(ImportError, OSError):
+            fd = _try_flock(folder)
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        if fd is not None:
+            os.close(fd)

@@ -24,6 +24,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .errors import ModelError
+from .methods import METHODS, check_options
 from .nn import LINEAR_TYPES, LowRankLinear, linear_weight, low_rank_skeleton
 
 QUANT_METHOD = "fwsvd"
@@ -127,6 +128,15 @@ def validate_record(record: Any) -> dict[str, Any]:
     for key, ok in checks.items():
         if key in record and not ok(record[key]):
             raise _bad(key, record[key])
+    if "method" in record:
+        if record["method"] not in METHODS:
+            raise ModelError(f"{_WHERE}: method {str(record['method'])[:40]!r} is not one of {', '.join(METHODS)}: {_FIX}")
+        try:
+            check_options(record["method"], record.get("method_options", {}))
+        except ValueError as err:
+            raise ModelError(f"{_WHERE}: {err}: {_FIX}") from None
+    if "allocation" in record:
+        _check_allocation(record["allocation"])
     ranks = record.get("ranks", {})
     if not isinstance(ranks, Mapping):
         raise _bad("ranks", ranks)
@@ -136,6 +146,29 @@ def validate_record(record: Any) -> dict[str, Any]:
         if not _is_int(rank) or rank < 1:
             raise ModelError(f"{_WHERE}: the rank of {name[:80]} is {str(rank)[:40]!r}, not a positive integer: {_FIX}")
     return {**dict(record), "quant_method": QUANT_METHOD, "ranks": dict(ranks)}
+
+
+#: The allocation record (see :func:`fwsvd.api.allocation_record`): each key and its check.
+_ALLOCATION_KEYS: dict[str, tuple[str, Any]] = {
+    "mode": ("'uniform' or 'global'", lambda v: v in ("uniform", "global")),
+    "rank_floor": ("a number in [0, 1]", lambda v: _is_number(v) and 0 <= v <= 1),
+    "dense_above": ("a number in (0, 1]", _is_fraction),
+    "rank_multiple": ("a whole number from 1 to 4096", lambda v: _is_int(v) and 1 <= v <= 4096),
+}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_allocation(allocation: Mapping[str, Any]) -> None:
+    for key, value in allocation.items():
+        if key not in _ALLOCATION_KEYS:
+            raise ModelError(f"{_WHERE}: allocation has unknown key {str(key)[:40]!r} (known: {', '.join(_ALLOCATION_KEYS)}): {_FIX}")
+        what, ok = _ALLOCATION_KEYS[key]
+        if not ok(value):
+            shown = repr(value)
+            raise ModelError(f"{_WHERE}: allocation {key} is {shown if len(shown) <= 40 else shown[:37] + '...'}, not {what}: {_FIX}")
 
 
 def _version() -> str:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -41,15 +40,15 @@ from .api import (
     CompressionReport,
     LayerReport,
     calibration_batches,
-    check_finite,
     count_parameters,
     factorize_targets,
+    layer_errors,
     record_compression,
     rounded_ranks,
 )
 from .core import allocate_ranks
 from .errors import FwsvdError, ModelError
-from .fsutil import atomic_dir
+from .fsutil import atomic_dir, scratch_dir
 from .models import LoadedModel, check_no_custom_code, check_record, detect_task, model_source, weight_shapes
 from .nn import LinearInfo, find_blocks, find_targets, linear_weight
 from .stats import Statistics
@@ -149,6 +148,12 @@ class CheckpointWeights:
             with safe_open(str(file), framework="pt") as handle:
                 for name in group:
                     tensor = handle.get_tensor(self.key[name]).to(self.dtype)
+                    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                        # Every read is checked: a NaN anywhere (a layer norm too) would spoil the output.
+                        raise ModelError(
+                            f"tensor {self.key[name]} in {file.name} holds NaN or infinite values: the model is corrupt; "
+                            "restore or re-export its weights"
+                        )
                     param = nn.Parameter(tensor, requires_grad=False)
                     for alias in self.aliases[name]:
                         _set_param(self.model, alias, param)
@@ -266,8 +271,9 @@ def compress_low_memory(
     weights.load_outside(block_names)
     before = count_parameters(skeleton)
 
-    with tempfile.TemporaryDirectory(prefix="fwsvd-low-memory-") as scratch_dir:
-        scratch = Path(scratch_dir)
+    # A killed run's scratch folder (the blocks' statistics, GBs for a large model) is removed by
+    # the next run: scratch_dir names it by process and holds a lock on it while the run lives.
+    with scratch_dir("fwsvd-low-memory-") as scratch:
         statistics: Statistics | None = None
         if needs:
             (scratch / "states").mkdir()
@@ -327,7 +333,6 @@ def compress_low_memory(
                     weights.load(block)
                     try:
                         infos = [info[n] for n in by_block[block]]
-                        check_finite(skeleton, infos)
                         rows.extend(
                             factorize_targets(skeleton, infos, method, config.keep, block_statistics(block), ranks=ranks, progress=False)
                         )
@@ -422,7 +427,8 @@ def _global_ranks(
             for name in by_block[block]:
                 layer = stats.for_module(name) if stats is not None else {}
                 with torch.no_grad():
-                    dec = method.decompose(linear_weight(model.get_submodule(name)).detach(), layer)
+                    with layer_errors(name):
+                        dec = method.decompose(linear_weight(model.get_submodule(name)).detach(), layer)
                     losses.append(method.component_loss(dec, layer))
                 del dec
                 t = info[name]

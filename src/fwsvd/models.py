@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .errors import ModelError
-from .nn import FACTORS
+from .nn import FACTORS, check_finite_weights
 
 logger = logging.getLogger(__name__)
 
@@ -250,6 +250,55 @@ def _check_factors(shapes: dict[str, tuple[int, ...]], record: dict[str, Any] | 
         raise ModelError(f"the weights of {model} hold low-rank factors of {extra[0]}, which config.json does not record: restore the config.json saved with them")
 
 
+#: safetensors dtypes a floating-point factor may be stored in (transformers casts them to the load dtype).
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+def _check_factor_dtypes(folder: Path, record: dict[str, Any] | None, model: str) -> None:
+    """Each low-rank factor is stored as the record says: floating point, or int8 with positive scales beside it.
+
+    Read from the safetensors headers, before anything loads: an integer or boolean factor in a folder
+    whose record does not say int8 would load as such and fail at the first matrix product.
+    """
+    from safetensors import safe_open
+
+    ranks = (record or {}).get("ranks", {})
+    if not ranks:
+        return
+    from .quantize import SCALE_SUFFIX
+
+    int8 = (record or {}).get("quantized_factors") == "int8"
+    wanted = {f"{name}.{factor}" for name in ranks for factor in FACTORS}
+    found: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for file in safetensors_files(folder):
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                base = key.removesuffix(SCALE_SUFFIX)
+                if base in wanted:
+                    piece = handle.get_slice(key)
+                    found[key] = (piece.get_dtype(), tuple(piece.get_shape()))
+    for key in sorted(wanted):
+        dtype, shape = found[key]  # presence is checked by _check_factors
+        if int8:
+            if dtype != "I8":
+                raise ModelError(f"factor {key} of {model} is stored as {dtype} but config.json records int8 factors: restore the weights saved with this config.json")
+            scale = found.get(key + SCALE_SUFFIX)
+            if scale is None:
+                raise ModelError(f"the weights of {model} lack {key}{SCALE_SUFFIX}, the scales of the int8 factor {key}: copy the complete weights again")
+            if scale[0] not in _FLOAT_DTYPES or scale[1] != shape[:1]:
+                raise ModelError(
+                    f"scales {key}{SCALE_SUFFIX} of {model} are {scale[0]} of shape {list(scale[1])}, not {shape[0]} floating-point values: "
+                    "copy the complete weights again"
+                )
+        elif dtype not in _FLOAT_DTYPES:
+            raise ModelError(
+                f"factor {key} of {model} is stored as {dtype}, not floating point, and config.json does not record quantized factors: "
+                "restore the config.json saved with these weights"
+            )
+        elif key + SCALE_SUFFIX in found:
+            raise ModelError(f"the weights of {model} hold {key}{SCALE_SUFFIX}, scales of int8 factors that config.json does not record: restore the config.json saved with them")
+
+
 def _check_loading_info(info: dict[str, Any], model: str) -> None:
     """Turn transformers' report of missing, unexpected or mis-shaped tensors into one error."""
     missing = sorted(info.get("missing_keys") or [])
@@ -360,12 +409,14 @@ def load_model(
         raise ModelError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
     if shapes is not None:
         _check_factors(shapes, record, str(model))
+        _check_factor_dtypes(Path(source), record, str(model))
     loaded = load_weights(auto_model_class(task), source, model, {**extra, **(_gguf_dense_options(gguf_file) if gguf_file else {})},
                            dtype=dtype, allow_pickle=allow_pickle or bool(gguf_file), strict_shapes=not gguf_file)
     if gguf_file:
         _drop_gguf_state(loaded)
         own_storage(loaded)
     loaded.eval()
+    check_finite_weights(loaded, str(model))
     stored = (record or {}).get("stored_dtype")
     if stored is not None and dtype_name(loaded.dtype) != stored:
         logger.info("%s: weights stored as %s, computing in %s (dtype='auto' computes in the stored dtype)", model, stored, dtype_name(loaded.dtype))
@@ -441,7 +492,14 @@ def load_weights(
         loaded, info = auto_class.from_pretrained(source, dtype=dtype or torch.float32, **extra, **options, **kwargs)
     except ModelError:
         raise
-    except (SafetensorError, pickle.UnpicklingError, EOFError) as err:
+    except pickle.UnpicklingError as err:
+        # torch's message advises loading with weights_only=False, the very action that runs the
+        # pickle's code: it is not repeated.
+        raise ModelError(
+            f"refused the pickle weights of {model}: they hold objects other than tensors, which could run code when read; "
+            "convert them to safetensors where you trust them, or use another copy of the model"
+        ) from err
+    except (SafetensorError, EOFError) as err:
         raise ModelError(f"cannot read the weights of {model} ({first_line(err)}): copy the complete weights again, as safetensors") from err
     except OSError as err:
         raise ModelError(f"cannot load the weights of {model} ({first_line(err)}): check that the folder holds complete safetensors weights") from err

@@ -18,6 +18,7 @@ from transformers.pytorch_utils import Conv1D
 from .errors import ModelError
 
 __all__ = [
+    "check_finite_weights",
     "LinearInfo",
     "LowRankLinear",
     "SharedInput",
@@ -348,3 +349,26 @@ def low_rank_skeleton(model: nn.Module, ranks: dict[str, int]) -> None:
         info = _info(name, module)
         w = linear_weight(module)
         swap_module(model, name, LowRankLinear(info.in_features, info.out_features, int(rank), bias=info.bias, device=w.device, dtype=w.dtype))
+
+
+def check_finite_weights(model: nn.Module, source: str | None = None) -> None:
+    """Raise :class:`ModelError` naming the first parameter or floating-point buffer of ``model`` that holds NaN or inf.
+
+    Args:
+        model: any module; tensors on the meta device (not loaded yet) are skipped.
+        source: where the model came from, for the message.
+
+    Raises:
+        ModelError: naming the tensor and how many of its values are not finite.
+    """
+    for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+        if not tensor.is_floating_point() or tensor.device.type == "meta":
+            continue
+        finite = torch.isfinite(tensor)
+        if not bool(finite.all()):
+            bad = int(finite.numel() - finite.sum())
+            where = f" of {source}" if source else ""
+            raise ModelError(
+                f"tensor {name}{where} holds {bad} NaN or infinite value(s) of {tensor.numel()}: the model is corrupt; "
+                "restore or re-export its weights"
+            )

@@ -30,6 +30,7 @@ import torch
 
 from . import __version__
 from .distributed import Context
+from .errors import FwsvdError
 from .stats import RunningSums
 
 logger = logging.getLogger(__name__)
@@ -56,15 +57,30 @@ def _for_process(base: Path, ctx: Context) -> Path:
     return base.with_name(base.name.replace(".checkpoint.safetensors", f".checkpoint.rank{ctx.rank}-of-{ctx.world_size}.safetensors"))
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(path.name + ".tmp")
+def _remove_partials(path: Path) -> None:
+    """Remove what killed writes of ``path`` left (:func:`fwsvd.fsutil.atomic_file` names them ``.NAME.XXXX.partial``)."""
+    for partial in path.parent.glob(f".{path.name}.*.partial"):
+        if partial.is_file() and not partial.is_symlink():
+            partial.unlink(missing_ok=True)
+
+
+def _is_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is a calibration checkpoint (by its safetensors metadata), so ours to replace."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == _FORMAT
+    except (SafetensorError, OSError, ValueError):
+        return False
 
 
 def remove_checkpoints(base: Path) -> None:
     """Remove the checkpoint files of ``base`` (every process's, of any job size, and half-written ones)."""
     stem = base.name.removesuffix(".safetensors")
-    for path in base.parent.glob(f"{stem}*.safetensors*"):
-        if path.is_file() and (path.name in (base.name, _tmp(base).name) or path.name.startswith(f"{stem}.rank")):
+    for path in base.parent.glob(f"{stem}*.safetensors"):
+        if path.is_file() and (path.name == base.name or path.name.startswith(f"{stem}.rank")) and _is_checkpoint(path):
+            _remove_partials(path)
             path.unlink(missing_ok=True)
 
 
@@ -147,7 +163,7 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tenso
 
 
 def write_checkpoint(path: Path, sums: RunningSums, facts: Mapping[str, Any]) -> None:
-    """Write ``sums`` and their fingerprint to ``path`` atomically (a hidden ``.tmp`` file, then a rename)."""
+    """Write ``sums`` and their fingerprint to ``path`` atomically (a hidden temporary file, then a rename)."""
     from .fsutil import follow_umask
 
     flat = {f"{name}::{key}": t for name, entry in sums.tensors.items() for key, t in entry.items()}
@@ -157,11 +173,12 @@ def write_checkpoint(path: Path, sums: RunningSums, facts: Mapping[str, Any]) ->
         "shared": json.dumps(sums.shared),
         "counts": json.dumps(sums.counts()),
     }
-    tmp = _tmp(path)
+    from .fsutil import atomic_file
+
     path.parent.mkdir(parents=True, exist_ok=True)  # on other nodes of a job the output's folder may not exist yet
-    write_safetensors(tmp, flat, meta)
-    follow_umask(tmp)
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        write_safetensors(tmp, flat, meta)
+        follow_umask(tmp)
 
 
 def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -216,13 +233,19 @@ class Checkpointing:
     def discard(self, ctx: Context) -> None:
         """Remove this process's checkpoint (once its output is safely written)."""
         path = _for_process(Path(self.base), ctx)
-        path.unlink(missing_ok=True)
-        _tmp(path).unlink(missing_ok=True)
+        _remove_partials(path)
+        if path.is_file() and _is_checkpoint(path):
+            path.unlink()
 
     def begin(self, facts: Mapping[str, Any], ctx: Context, total: int) -> tuple[RunningSums | None, Callable[[RunningSums], None]]:
         """The sums to resume from (``None``: start over) and the callback that checkpoints after each batch."""
         path = _for_process(Path(self.base), ctx)
-        _tmp(path).unlink(missing_ok=True)  # half-written by a killed run
+        if (path.exists() or path.is_symlink()) and not (path.is_file() and _is_checkpoint(path)):
+            raise FwsvdError(
+                f"{path} is in the way of this run's calibration checkpoint and is not one: move it away, "
+                "or pass --checkpoint-every 0 to calibrate without checkpoints"
+            )
+        _remove_partials(path)  # half-written by a killed run
         start = read_checkpoint(path, facts)
         if start is not None:
             if start.batches > total:

@@ -88,10 +88,11 @@ class Statistics:
         """Write to one safetensors file (tensors plus JSON metadata); no pickle involved."""
         flat = {f"{name}::{key}": t.contiguous() for name, stats in self.tensors.items() for key, t in stats.items()}
         meta = {"format": _FORMAT, "shared": json.dumps(self.shared), "summary": json.dumps(self.summary)}
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(flat, str(tmp), metadata=meta)
-        tmp.replace(path)
+        from .fsutil import atomic_file, follow_umask
+
+        with atomic_file(path) as tmp:
+            save_file(flat, str(tmp), metadata=meta)
+            follow_umask(tmp)
 
     @classmethod
     def load(cls, path: str | Path) -> Statistics:
