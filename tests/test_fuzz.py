@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -251,3 +252,99 @@ def test_random_config_json_loads_or_fails_with_one_error(config_folder, bert_di
             load_model(folder)
         except FwsvdError:
             pass
+
+
+# --- stored tensors: any dtype, any non-finite value -----------------------------------------------
+
+STORED_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.int32, torch.int64, torch.uint8, torch.bool]
+SPECIALS = [float("nan"), float("inf"), -float("inf")]
+
+
+@pytest.fixture(scope="module")
+def compressed_folders(bert_dir, tmp_path_factory):
+    """A small svd-compressed folder with float factors, and one with int8 factors."""
+    import fwsvd
+
+    root = tmp_path_factory.mktemp("stored")
+    folders = {}
+    for name, int8 in (("float", False), ("int8", True)):
+        loaded = fwsvd.load_model(bert_dir)
+        fwsvd.compress(loaded.model, fwsvd.CompressConfig(method="svd", keep=0.5), progress=False)
+        if int8:
+            fwsvd.quantize_factors(loaded.model)
+        folders[name] = fwsvd.save(loaded.model, root / name, loaded.tokenizer)
+    return folders
+
+
+def _poison(tensor: torch.Tensor, dtype: torch.dtype, specials: list[tuple[int, float]]) -> torch.Tensor:
+    out = tensor.clone()
+    if out.is_floating_point():
+        flat = out.view(-1)
+        for index, value in specials:
+            flat[index % flat.numel()] = value
+    return out.to(dtype)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(
+    kind=st.sampled_from(["float", "int8"]),
+    which=st.sampled_from(["weight_in", "weight_out", "weight_in_scale", "LayerNorm.weight", "query.bias", "embeddings"]),
+    dtype=st.sampled_from(STORED_DTYPES),
+    specials=st.lists(st.tuples(st.integers(0, 10**6), st.sampled_from(SPECIALS)), max_size=3),
+)
+def test_stored_tensors_of_any_dtype_and_value_load_finite_or_fail_with_one_error(compressed_folders, kind, which, dtype, specials):
+    """A compressed folder whose one tensor is re-stored in a random dtype with random NaN/inf: either
+    the model loads and every weight is finite floating point, or the load is one FwsvdError."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from fwsvd.models import load_model
+
+    source = compressed_folders[kind]
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder) / "m"
+        shutil.copytree(source, folder)
+        weights = load_file(folder / "model.safetensors")
+        keys = sorted(k for k in weights if k.endswith(which) or which in k)
+        if not keys:
+            return
+        key = keys[0]
+        weights[key] = _poison(weights[key], dtype, specials)
+        save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+        try:
+            model = load_model(folder).model
+        except FwsvdError:
+            return
+        for name, p in model.named_parameters():
+            assert p.is_floating_point() and bool(torch.isfinite(p).all()), name
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(
+    stat=st.sampled_from(["fisher_out", "fisher_in", "act_abs_mean", "cov"]),
+    dtype=st.sampled_from(STORED_DTYPES),
+    specials=st.lists(st.tuples(st.integers(0, 10**6), st.sampled_from(SPECIALS)), max_size=2),
+    negate=st.booleans(),
+)
+def test_statistics_tensors_of_any_dtype_and_value_are_usable_or_one_error(stat, dtype, specials, negate):
+    """A statistics file whose one tensor has a random dtype, sign or NaN/inf: either every statistic read
+    back is finite floating point (non-negative where it is a sum of squares) or the read is one FwsvdError."""
+    from fwsvd.api import load_statistics
+    from fwsvd.stats import Statistics
+
+    x = torch.randn(20, 6, generator=torch.Generator().manual_seed(0))
+    tensors = {"fisher_out": torch.rand(5), "fisher_in": torch.rand(6), "act_abs_mean": x.abs().mean(0), "cov": x.T @ x}
+    value = tensors[stat] * (-1 if negate else 1)
+    tensors[stat] = _poison(value, dtype, specials)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "stats.safetensors"
+        Statistics({"layer": tensors}, {}, {"kinds": ["fisher", "cov", "act"], "samples": 20}).save(path)
+        try:
+            loaded = load_statistics(path)
+        except FwsvdError:
+            return
+    for name, t in loaded.tensors["layer"].items():
+        assert t.is_floating_point() and bool(torch.isfinite(t).all()), name
+        if name != "cov":
+            assert bool((t >= 0).all()), name

@@ -352,22 +352,29 @@ def low_rank_skeleton(model: nn.Module, ranks: dict[str, int]) -> None:
 
 
 def check_finite_weights(model: nn.Module, source: str | None = None) -> None:
-    """Raise :class:`ModelError` naming the first parameter or floating-point buffer of ``model`` that holds NaN or inf.
+    """Raise :class:`ModelError` naming the first weight of ``model`` that is not finite floating-point data.
+
+    Every parameter must be floating point (transformers loads an integer or boolean tensor stored
+    for a float weight as it is, and the first product fails), and no parameter or floating-point
+    buffer may hold NaN or inf.
 
     Args:
         model: any module; tensors on the meta device (not loaded yet) are skipped.
         source: where the model came from, for the message.
 
     Raises:
-        ModelError: naming the tensor and how many of its values are not finite.
+        ModelError: naming the tensor and what is wrong with it.
     """
+    where = f" of {source}" if source else ""
+    for name, param in model.named_parameters():
+        if not param.is_floating_point() and param.device.type != "meta":
+            raise ModelError(f"weight {name}{where} is stored as {param.dtype}, not floating point: the weights are damaged; restore or re-export them")
     for name, tensor in (*model.named_parameters(), *model.named_buffers()):
         if not tensor.is_floating_point() or tensor.device.type == "meta":
             continue
         finite = torch.isfinite(tensor)
         if not bool(finite.all()):
             bad = int(finite.numel() - finite.sum())
-            where = f" of {source}" if source else ""
             raise ModelError(
                 f"tensor {name}{where} holds {bad} NaN or infinite value(s) of {tensor.numel()}: the model is corrupt; "
                 "restore or re-export its weights"
