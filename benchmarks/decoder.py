@@ -44,7 +44,7 @@ from typing import Any
 # setting in the environment wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from fwsvd.correction import correct_causal  # noqa: E402
+from fwsvd.compression.correction import correct_causal
 from fwsvd.demo import machine_info  # noqa: E402  (after the OpenMP setting above)
 
 HERE = Path(__file__).resolve().parent
@@ -167,7 +167,7 @@ def _mib(kb: int) -> float:
 
 def _zeroshot(lm: Any, limit: int | None) -> dict[str, Any]:
     """acc / acc_norm of the four zero-shot tasks (first ``limit`` examples of each), and their mean."""
-    from fwsvd.zeroshot import evaluate_zeroshot
+    from fwsvd.evaluation.zeroshot import evaluate_zeroshot
 
     if limit == 0 or not ZEROSHOT.is_dir():
         return {}
@@ -182,7 +182,7 @@ def _zeroshot(lm: Any, limit: int | None) -> dict[str, Any]:
 
 
 def _perplexity(lm: Any, blocks: int, max_length: int) -> tuple[float, float]:
-    from fwsvd.evaluate import EvalConfig, evaluate
+    from fwsvd.evaluation.evaluate import EvalConfig, evaluate
 
     start = time.perf_counter()
     result = evaluate(lm, EvalConfig(data=str(TEST), limit=blocks, max_length=max_length), progress=False)
@@ -197,7 +197,7 @@ def memory_probe(mode: str, keep: float, calibration: dict[str, Any]) -> dict[st
     import torch
 
     import fwsvd
-    from fwsvd.sequential import compress_sequential
+    from fwsvd.compression.sequential import compress_sequential
 
     torch.manual_seed(0)
     lm = fwsvd.load_model(CACHE)
@@ -347,9 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     import fwsvd
-    from fwsvd import finetune
-    from fwsvd.api import load_statistics
-    from fwsvd.sequential import compress_sequential
+    from fwsvd.training import finetune
+    from fwsvd.calibration.files import load_statistics
+    from fwsvd.compression.sequential import compress_sequential
 
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)

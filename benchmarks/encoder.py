@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fwsvd.demo import machine_info
-from fwsvd.fsutil import atomic_write_text
+from fwsvd.storage.atomic import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SHARED = ROOT.parent / "shared"
@@ -65,8 +65,9 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
 
     import fwsvd
     from fwsvd import api
-    from fwsvd.evaluate import EvalConfig, evaluate
-    from fwsvd.finetune import FinetuneConfig, finetune
+    from fwsvd.config import DEFAULT_ALLOCATION
+    from fwsvd.evaluation.evaluate import EvalConfig, evaluate
+    from fwsvd.training.finetune import FinetuneConfig, finetune
 
     progress = not args.quiet
     started = time.perf_counter()
@@ -91,7 +92,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         method, reduction, whiten, allocation = ([*spec.split(":"), "auto", "auto", "default"])[:4]
         model = copy.deepcopy(dense.model)
         loaded = fwsvd.LoadedModel(model, dense.tokenizer, dense.task, dense.source)
-        allocation = api.DEFAULT_ALLOCATION if allocation == "default" else allocation
+        allocation = DEFAULT_ALLOCATION if allocation == "default" else allocation
         config = api.CompressConfig(method=method, keep=keep, fisher_reduction=reduction, fisher_whiten=whiten, allocation=allocation)
         report = api.compress(model, config, statistics if method != "svd" else None, task=dense.task, progress=False)
         row: dict[str, Any] = {

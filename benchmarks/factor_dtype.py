@@ -28,8 +28,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import fwsvd  # noqa: E402
 from fwsvd.demo import machine_info  # noqa: E402
-from fwsvd.evaluate import EvalConfig, evaluate  # noqa: E402
-from fwsvd.quantize import quantize_factors  # noqa: E402
+from fwsvd.evaluation.evaluate import EvalConfig, evaluate
+from fwsvd.storage.int8 import quantize_factors
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared"

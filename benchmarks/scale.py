@@ -373,7 +373,7 @@ def main() -> None:
             result["smollm2"] = sorted(kept + fresh, key=lambda r: order.index(r["mode"]) if r["mode"] in order else len(order))
         if not args.skip_synthetic:
             counts = [int(c) for c in args.synthetic_blocks.split(",")]
-            base = measured([sys.executable, "-c", "import fwsvd, fwsvd.lowmem, torch, transformers"], lock, env)["peak_rss_gib"]
+            base = measured([sys.executable, "-c", "import fwsvd, fwsvd.compression.lowmem, torch, transformers"], lock, env)["peak_rss_gib"]
             result["import_rss_gib"] = base
             result["synthetic"] = synthetic(Path(work), lock, env, counts)
             result["extrapolation"] = extrapolate(result["synthetic"], base)

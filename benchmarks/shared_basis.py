@@ -51,7 +51,7 @@ from typing import Any
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from fwsvd.demo import machine_info  # noqa: E402
-from fwsvd.fsutil import atomic_write_text  # noqa: E402
+from fwsvd.storage.atomic import atomic_write_text
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -85,7 +85,7 @@ def groups_of(statistics: Any, names: list[str]) -> list[list[str]]:
     """Targeted modules that read one input tensor (two or more each), in model order.
 
     Calibration records them: a module whose covariance is stored under another's (its owner)
-    read the very same tensor (:class:`fwsvd.stats.ActivationHooks`).
+    read the very same tensor (:class:`fwsvd.calibration.statistics.ActivationHooks`).
     """
     members: dict[str, list[str]] = {}
     targeted = set(names)
@@ -254,7 +254,7 @@ def _median(ranks: list[int | None]) -> float | None:
 def load_or_calibrate(part: str, loaded: Any, path: Path | None) -> Any:
     """The part's statistics: from ``path`` (checked against the protocol) or calibrated now."""
     import fwsvd
-    from fwsvd.api import load_statistics
+    from fwsvd.calibration.files import load_statistics
 
     cal = {k: (str(v) if isinstance(v, Path) else v) for k, v in PARTS[part]["calibration"].items()}
     if path is not None:
@@ -273,7 +273,7 @@ def run_part(part: str, keeps: list[float], global_keeps: list[float], stats_pat
     import torch
 
     import fwsvd
-    from fwsvd.evaluate import EvalConfig, evaluate
+    from fwsvd.evaluation.evaluate import EvalConfig, evaluate
     from fwsvd.nn import find_targets
 
     spec = PARTS[part]

@@ -1,4 +1,4 @@
-"""Tests for fwsvd.api (and fwsvd.hf): compress with every method, save, reload, inspect."""
+"""Tests for fwsvd.api (and fwsvd.storage.record): compress with every method, save, reload, inspect."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from fwsvd import CalibrationConfig, CompressConfig, calibrate, compress, count_
 from fwsvd.core import floor_relative
 from fwsvd.errors import DataError, FwsvdError, ModelError
 from fwsvd.methods.fisher import FWSVD
-from fwsvd.models import LoadedModel
+from fwsvd.storage.loading import LoadedModel
 from fwsvd.nn import LowRankLinear, find_targets, linear_weight
-from fwsvd.stats import Statistics
+from fwsvd.calibration.statistics import Statistics
 
 KEEP = 0.5
 METHODS = ["svd", "fwsvd", "asvd", "svd-llm"]
@@ -401,7 +401,7 @@ def test_inspect_dense_and_compressed(compressed, bert_dir):
 
 
 def test_atomic_write_text_replaces_in_one_rename(tmp_path):
-    from fwsvd.fsutil import atomic_write_text
+    from fwsvd.storage.atomic import atomic_write_text
 
     target = tmp_path / "results.json"
     target.write_text("old", encoding="utf-8")

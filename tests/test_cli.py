@@ -15,7 +15,7 @@ from conftest import folder_digest, make_bert, save_model
 
 import fwsvd
 from fwsvd.cli import main
-from fwsvd.models import load_model
+from fwsvd.storage.loading import load_model
 from fwsvd.nn import LowRankLinear
 
 SMALL = ["--quiet", "--max-length", "16", "--batch-size", "8"]

@@ -11,9 +11,9 @@ import torch
 import fwsvd
 from fwsvd import data as d
 from fwsvd.cli import main
-from fwsvd.correction import correction_blocks, gradient_correction
+from fwsvd.compression.correction import correction_blocks, gradient_correction
 from fwsvd.errors import DataError, ModelError
-from fwsvd.losses import block_nll, example_losses
+from fwsvd.training.losses import block_nll, example_losses
 from fwsvd.nn import LowRankLinear
 
 

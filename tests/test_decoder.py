@@ -15,14 +15,14 @@ import pytest
 import torch
 
 import fwsvd
-from fwsvd.api import CalibrationConfig, CompressConfig
+from fwsvd.config import CalibrationConfig, CompressConfig
 from fwsvd.core import whitened_svd
 from fwsvd.errors import FwsvdError
-from fwsvd.evaluate import EvalConfig, evaluate
+from fwsvd.evaluation.evaluate import EvalConfig, evaluate
 from fwsvd.methods import get_method
-from fwsvd.models import LoadedModel
+from fwsvd.storage.loading import LoadedModel
 from fwsvd.nn import LowRankLinear
-from fwsvd.sequential import compress_sequential
+from fwsvd.compression.sequential import compress_sequential
 
 WORDS = [f"w{i}" for i in range(61)]
 SPECIALS = ["<unk>", "<s>", "</s>"]
@@ -308,7 +308,7 @@ def test_sequential_refit_lowers_the_error_and_records_it(method, tokenizer, tex
 def test_refit_is_kept_only_where_it_lowers_the_error():
     from fwsvd.core import output_error, whitened_svd
     from fwsvd.methods import get_method
-    from fwsvd.sequential import _Refit
+    from fwsvd.compression.sequential import _Refit
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(12, 8, generator=g, dtype=torch.float64)
@@ -333,7 +333,7 @@ def test_refit_is_kept_only_where_it_lowers_the_error():
 def test_held_out_refit_moves_only_as_far_as_the_held_out_tokens_support():
     from fwsvd.core import output_error, whitened_svd
     from fwsvd.methods import get_method
-    from fwsvd.sequential import _Refit, held_out_batches
+    from fwsvd.compression.sequential import _Refit, held_out_batches
 
     assert held_out_batches(1) == frozenset() and held_out_batches(2) == {1} and held_out_batches(9) == {3, 7}
     g = torch.Generator().manual_seed(1)

@@ -1,4 +1,4 @@
-"""Data-parallel calibration under torchrun (fwsvd.distributed), with 2 gloo processes on tiny models.
+"""Data-parallel calibration under torchrun (fwsvd.calibration.distributed), with 2 gloo processes on tiny models.
 
 One test launches the real ``torchrun ... -m fwsvd compress`` command; the others fork two
 processes of this test session (fast: nothing is imported again) that set the variables
@@ -24,7 +24,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from fwsvd import cli, distributed, resume
+from fwsvd import cli
+from fwsvd.calibration import distributed, resume
 from fwsvd.errors import FwsvdError
 
 TIMEOUT = 180
@@ -139,12 +140,12 @@ def _errors(texts: list[str]) -> list[str]:
 def test_a_failure_on_one_process_ends_the_job_with_one_line(tmp_path, llama_dir, corpus_txt):
     def fail_on_rank_1(rank: int) -> None:
         if rank == 1:
-            import fwsvd.api
+            import fwsvd.calibration.calibrate
 
             def broken(*args, **kwargs):
                 raise FwsvdError("calibration loss is [nan]: check the labels and the model weights for NaN/inf")
 
-            fwsvd.api.collect_statistics = broken
+            fwsvd.calibration.calibrate.collect_statistics = broken
 
     out = tmp_path / "out"
     codes, texts = _run_ranks(tmp_path, _args(llama_dir, out, corpus_txt, "--quiet"), fail_on_rank_1)

@@ -1,4 +1,4 @@
-"""Tests for fwsvd.finetune and the ``finetune`` / ``compress --finetune-*`` commands.
+"""Tests for fwsvd.training.finetune and the ``finetune`` / ``compress --finetune-*`` commands.
 
 Everything is built offline: a tiny BERT and a tiny Llama from configs and word-level tokenizers
 made with the ``tokenizers`` library; the data are small generated files in GLUE layouts and a
@@ -20,9 +20,9 @@ from conftest import low_rank_ranks
 import fwsvd
 from fwsvd.cli import main
 from fwsvd.errors import DataError, FwsvdError, ModelError
-from fwsvd.evaluate import EvalConfig, evaluate
-from fwsvd.finetune import DEFAULT_TOKENS, FinetuneConfig, _epoch_batches, finetune, head_config, load_for_finetune
-from fwsvd.hf import compression_record
+from fwsvd.evaluation.evaluate import EvalConfig, evaluate
+from fwsvd.training.finetune import DEFAULT_TOKENS, FinetuneConfig, _epoch_batches, finetune, head_config, load_for_finetune
+from fwsvd.storage.record import compression_record
 from fwsvd.nn import LowRankLinear
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
@@ -359,7 +359,7 @@ def test_causal_recovery_keeps_the_best_heldout_state(llama_text, monkeypatch):
     # Which state is best must follow from the setup, not from one CPU's rounding: the held-out
     # losses are scripted (better, better, best at step 2, then worse and non-finite), and each
     # evaluated state is recorded, so the state kept is known exactly.
-    import fwsvd.finetune as ft
+    import fwsvd.training.finetune as ft
 
     script = iter([3.0, 2.5, 2.0, 2.4, 2.9, float("nan"), 3.5, 4.0, 4.5])
     seen: list[dict[str, torch.Tensor]] = []
@@ -466,7 +466,7 @@ def test_cli_causal_recovery_errors_are_one_line(llama_text, classifier_dir, dat
 
 
 def test_causal_blocks_one_at_a_time_give_the_batch_gradient(llama_text, monkeypatch):
-    import fwsvd.finetune as ft
+    import fwsvd.training.finetune as ft
 
     folder, text = llama_text
     config = FinetuneConfig(data=str(text), tokens=16 * 4 * 3, lr=3e-3, batch_size=4, max_length=16, distill=True, eval_steps=3)

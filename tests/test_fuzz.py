@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from fwsvd import data as d
 from fwsvd.errors import FwsvdError
-from fwsvd.hf import RECORD_KEYS, FwsvdQuantizationConfig, validate_record
+from fwsvd.storage.record import RECORD_KEYS, FwsvdQuantizationConfig, validate_record
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 
@@ -191,7 +191,7 @@ def test_record_in_config_json_loads_or_fails_with_one_error(record, tmp_path_fa
     """The record as transformers reads it from config.json (a JSON round trip, so Infinity and NaN too)."""
     from transformers import BertConfig
 
-    from fwsvd.models import check_record
+    from fwsvd.storage.loading import check_record
 
     config = BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)
     config.quantization_config = json.loads(json.dumps(record))
@@ -205,7 +205,7 @@ def test_record_in_config_json_loads_or_fails_with_one_error(record, tmp_path_fa
 @given(data=st.binary(max_size=600), header=st.booleans())
 def test_random_statistics_files_are_one_error(data, header):
     """``--stats`` given random bytes, or bytes behind a plausible safetensors header length."""
-    from fwsvd.api import load_statistics
+    from fwsvd.calibration.files import load_statistics
 
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "stats.safetensors"
@@ -240,7 +240,7 @@ def test_random_config_json_loads_or_fails_with_one_error(config_folder, bert_di
     """A model folder whose config.json fields are replaced by random JSON: a model, or one FwsvdError."""
     import shutil
 
-    from fwsvd.models import load_model
+    from fwsvd.storage.loading import load_model
 
     base, root = config_folder
     with tempfile.TemporaryDirectory(dir=root) as folder:
@@ -299,7 +299,7 @@ def test_stored_tensors_of_any_dtype_and_value_load_finite_or_fail_with_one_erro
 
     from safetensors.torch import load_file, save_file
 
-    from fwsvd.models import load_model
+    from fwsvd.storage.loading import load_model
 
     source = compressed_folders[kind]
     with tempfile.TemporaryDirectory() as folder:
@@ -330,8 +330,8 @@ def test_stored_tensors_of_any_dtype_and_value_load_finite_or_fail_with_one_erro
 def test_statistics_tensors_of_any_dtype_and_value_are_usable_or_one_error(stat, dtype, specials, negate):
     """A statistics file whose one tensor has a random dtype, sign or NaN/inf: either every statistic read
     back is finite floating point (non-negative where it is a sum of squares) or the read is one FwsvdError."""
-    from fwsvd.api import load_statistics
-    from fwsvd.stats import Statistics
+    from fwsvd.calibration.files import load_statistics
+    from fwsvd.calibration.statistics import Statistics
 
     x = torch.randn(20, 6, generator=torch.Generator().manual_seed(0))
     tensors = {"fisher_out": torch.rand(5), "fisher_in": torch.rand(6), "act_abs_mean": x.abs().mean(0), "cov": x.T @ x}

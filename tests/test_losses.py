@@ -1,4 +1,4 @@
-"""Tests for fwsvd.losses: each example's loss equals the model's own loss on that example alone."""
+"""Tests for fwsvd.training.losses: each example's loss equals the model's own loss on that example alone."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fwsvd.errors import FwsvdError
-from fwsvd.losses import example_losses
+from fwsvd.training.losses import example_losses
 
 
 def _check(model, task, inputs, labels, tol=1e-5):

@@ -1,4 +1,4 @@
-"""Tests for fwsvd.lowmem: weights streamed from disk give the in-memory path's output."""
+"""Tests for fwsvd.compression.lowmem: weights streamed from disk give the in-memory path's output."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from fwsvd.cli import main
-from fwsvd.models import load_model
+from fwsvd.storage.loading import load_model
 
 COMMON = ["--keep", "0.6", "--samples", "10", "--batch-size", "4", "--max-length", "16", "--quiet", "--json"]
 
@@ -58,7 +58,7 @@ def test_low_memory_output_equals_in_memory(family, method, model_dirs, sst2_tsv
 
 def test_low_memory_never_holds_the_dense_block_weights(llama_dir, corpus_txt, tmp_path, monkeypatch, capsys):
     """At most one block's weights are real at any time; the rest stay on the meta device."""
-    from fwsvd import lowmem
+    from fwsvd.compression import lowmem
 
     peaks = []
     original = lowmem.CheckpointWeights.load
@@ -77,7 +77,7 @@ def test_low_memory_never_holds_the_dense_block_weights(llama_dir, corpus_txt, t
 def test_low_memory_factorizes_without_embeddings_or_tokenizer(llama_dir, corpus_txt, tmp_path, monkeypatch, capsys):
     """While blocks are factorized the embeddings/head are back on the meta device and the
     tokenizer waits on disk; the output still holds both (tokenizer files as save_pretrained wrote them)."""
-    from fwsvd import lowmem
+    from fwsvd.compression import lowmem
 
     seen = []
     original = lowmem.factorize_targets

@@ -1,4 +1,4 @@
-"""Tests for fwsvd.metrics on hand-computable cases."""
+"""Tests for fwsvd.evaluation.metrics on hand-computable cases."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fwsvd.errors import DataError
-from fwsvd.metrics import classification_metrics, headline_metric, perplexity, regression_metrics
+from fwsvd.evaluation.metrics import classification_metrics, headline_metric, perplexity, regression_metrics
 
 
 def test_classification_hand_computed():

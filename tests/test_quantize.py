@@ -1,4 +1,4 @@
-"""int8 storage of the low-rank factors (fwsvd.quantize, ``--quantize-factors int8``)."""
+"""int8 storage of the low-rank factors (fwsvd.storage.int8, ``--quantize-factors int8``)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import fwsvd
 from fwsvd.errors import ModelError
-from fwsvd.quantize import dequantize_rows, quantize_factors, quantize_rows
+from fwsvd.storage.int8 import dequantize_rows, quantize_factors, quantize_rows
 
 IDS = torch.tensor([[2, 5, 9, 14, 3, 7]])
 
@@ -107,7 +107,7 @@ def test_damaged_int8_folders_are_refused(tmp_path: Path):
     save_file(missing, str(tmp_path / "q" / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(fwsvd.FwsvdError):
         fwsvd.load(tmp_path / "q")
-    from fwsvd.hf import validate_record
+    from fwsvd.storage.record import validate_record
 
     with pytest.raises(ModelError, match="quantized_factors"):
         validate_record({"method": "svd", "ranks": {}, "quantized_factors": "int4"})

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from fwsvd.api import CompressConfig
+from fwsvd.config import CompressConfig
 from fwsvd.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,9 +20,9 @@ from safetensors.torch import load_file, save_file
 from test_trust import SMALL, assert_refused, run, subprocess_env, variant
 
 import fwsvd
-from fwsvd.fsutil import atomic_dir, check_output_file, scratch_dir
+from fwsvd.storage.atomic import atomic_dir, check_output_file, scratch_dir
 from fwsvd.errors import FwsvdError
-from fwsvd.stats import Statistics
+from fwsvd.calibration.statistics import Statistics
 
 COMMON = ["--keep", "0.5", "--quiet", "--max-length", "16", "--batch-size", "8", "--samples", "16"]
 
@@ -272,7 +272,7 @@ def test_scratch_folders_of_killed_runs_are_swept(tmp_path, monkeypatch):
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setattr(tempfile, "tempdir", None)
     code = (
-        "import sys, time\nfrom fwsvd.fsutil import scratch_dir\n"
+        "import sys, time\nfrom fwsvd.storage.atomic import scratch_dir\n"
         "with scratch_dir('fwsvd-low-memory-') as d:\n"
         "    (d / 'states.bin').write_bytes(b'x' * 1000)\n    print(d, flush=True)\n    time.sleep(60)\n"
     )

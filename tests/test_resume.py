@@ -1,4 +1,4 @@
-"""Resumable calibration (fwsvd.resume): checkpoints of the running sums, resumed by a rerun."""
+"""Resumable calibration (fwsvd.calibration.resume): checkpoints of the running sums, resumed by a rerun."""
 
 from __future__ import annotations
 
@@ -15,9 +15,11 @@ import torch
 from safetensors.torch import load_file
 
 import fwsvd
-from fwsvd import cli, resume
-from fwsvd.api import CalibrationConfig, CompressConfig, calibrate
-from fwsvd.resume import Checkpointing, checkpoint_base
+from fwsvd import cli
+from fwsvd.calibration import resume
+from fwsvd.config import CalibrationConfig, CompressConfig
+from fwsvd.calibration.calibrate import calibrate
+from fwsvd.calibration.resume import Checkpointing, checkpoint_base
 
 CAL = dict(samples=12, max_length=16, batch_size=2)  # 6 batches
 
@@ -64,7 +66,7 @@ def test_interrupted_calibration_resumes_to_the_same_statistics(monkeypatch, cap
     assert written == [base, base] and base.is_file()
     monkeypatch.undo()
 
-    with caplog.at_level(logging.INFO, logger="fwsvd.resume"):
+    with caplog.at_level(logging.INFO, logger="fwsvd.calibration.resume"):
         resumed = calibrate(lm, config, kinds, progress=False, checkpoint=Checkpointing(base, every=1))
     assert any("resuming calibration" in r.getMessage() and "2 of 6 batches" in r.getMessage() for r in caplog.records)
     # Sums are stored exactly and the rest added in the same order: bit-identical statistics.
@@ -82,7 +84,7 @@ def test_other_settings_ignore_the_checkpoint(monkeypatch, caplog, tmp_path, lla
     monkeypatch.undo()
 
     other = CalibrationConfig(data=str(corpus_txt), **{**CAL, "samples": 10})
-    with caplog.at_level(logging.INFO, logger="fwsvd.resume"):
+    with caplog.at_level(logging.INFO, logger="fwsvd.calibration.resume"):
         stats = calibrate(lm, other, kinds, progress=False, checkpoint=Checkpointing(base, every=1))
     messages = [r.getMessage() for r in caplog.records]
     assert any("ignoring calibration checkpoint" in m and "calibration.samples" in m for m in messages), messages
@@ -111,7 +113,7 @@ def test_a_changed_model_ignores_the_checkpoint(monkeypatch, caplog, tmp_path, l
     monkeypatch.undo()
     with torch.no_grad():
         lm.model.model.layers[0].mlp.up_proj.weight.mul_(2)  # same shapes, other weights
-    with caplog.at_level(logging.INFO, logger="fwsvd.resume"):
+    with caplog.at_level(logging.INFO, logger="fwsvd.calibration.resume"):
         calibrate(lm, config, kinds, progress=False, checkpoint=Checkpointing(base, every=1))
     assert any("ignoring" in r.getMessage() and "model.parameters" in r.getMessage() for r in caplog.records)
 
@@ -119,7 +121,7 @@ def test_a_changed_model_ignores_the_checkpoint(monkeypatch, caplog, tmp_path, l
 KILLER = textwrap.dedent(
     """
     import os, signal, sys
-    import fwsvd.resume as r
+    import fwsvd.calibration.resume as r
     original, written = r.write_checkpoint, []
     def write(*args, **kwargs):
         original(*args, **kwargs)

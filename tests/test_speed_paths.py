@@ -12,7 +12,7 @@ from conftest import low_rank_ranks, make_llama
 from test_decoder import _write_tiny_gguf
 
 import fwsvd
-from fwsvd.models import own_storage
+from fwsvd.storage.loading import own_storage
 
 
 def _ordinary(tensor: torch.Tensor) -> bool:
@@ -181,7 +181,7 @@ def test_dtype_is_validated():
     with pytest.raises(fwsvd.FwsvdError, match="--dtype 'int8'"):
         fwsvd.CompressConfig(method="svd", keep=0.5, dtype="int8")
     from fwsvd.errors import ModelError
-    from fwsvd.hf import validate_record
+    from fwsvd.storage.record import validate_record
 
     with pytest.raises(ModelError, match="stored_dtype"):
         validate_record({"method": "svd", "ranks": {}, "stored_dtype": "int8"})

@@ -1,4 +1,4 @@
-"""Tests for fwsvd.stats: Fisher, activation and covariance statistics collected through hooks."""
+"""Tests for fwsvd.calibration.statistics: Fisher, activation and covariance statistics collected through hooks."""
 
 from __future__ import annotations
 
@@ -7,15 +7,16 @@ import torch
 from safetensors.torch import save_file
 
 from fwsvd import api
-from fwsvd.models import load_model
+from fwsvd.calibration.batches import calibration_batches
+from fwsvd.storage.loading import load_model
 from fwsvd.errors import FwsvdError
 from fwsvd.nn import find_targets
-from fwsvd.stats import Statistics, collect_statistics
+from fwsvd.calibration.statistics import Statistics, collect_statistics
 
 
 def batches_for(loaded, data, *, labels=True, samples=16):
     cfg = api.CalibrationConfig(data=str(data), samples=samples, batch_size=8, max_length=16)
-    batches, _ = api.calibration_batches(loaded, cfg, labels=labels)
+    batches, _ = calibration_batches(loaded, cfg, labels=labels)
     return batches
 
 
@@ -83,7 +84,7 @@ def test_fisher_does_not_depend_on_batch_size(family, bert_dir, gpt2_dir, llama_
     results = []
     for batch_size in (1, 4, 16):
         cfg = api.CalibrationConfig(data=str(data), samples=16, batch_size=batch_size, max_length=16)
-        batches, _ = api.calibration_batches(loaded, cfg)
+        batches, _ = calibration_batches(loaded, cfg)
         results.append(collect_statistics(loaded.model, names, batches, {"fisher", "cov"}, progress=False))
     reference = results[0]
     assert reference.summary["mean_loss"] > 0

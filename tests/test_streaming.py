@@ -1,4 +1,4 @@
-"""Tests for fwsvd.streaming: block-by-block calibration equals the one-pass statistics."""
+"""Tests for fwsvd.calibration.streaming: block-by-block calibration equals the one-pass statistics."""
 
 from __future__ import annotations
 
@@ -6,16 +6,17 @@ import pytest
 import torch
 
 from fwsvd import api
+from fwsvd.calibration.batches import calibration_batches
 from fwsvd.nn import find_targets
-from fwsvd.stats import collect_statistics
-from fwsvd.streaming import LOGIT_CHUNK_ELEMENTS, stream_statistics
+from fwsvd.calibration.statistics import collect_statistics
+from fwsvd.calibration.streaming import LOGIT_CHUNK_ELEMENTS, stream_statistics
 
 KEYS = ("fisher_out", "fisher_in", "fisher_full", "act_abs_mean", "cov")
 
 
 def _batches(loaded, data, batch_size=4):
     cfg = api.CalibrationConfig(data=str(data), samples=10, batch_size=batch_size, max_length=16)
-    batches, _ = api.calibration_batches(loaded, cfg)
+    batches, _ = calibration_batches(loaded, cfg)
     return batches
 
 
@@ -58,7 +59,7 @@ def test_streamed_statistics_equal_one_pass(family, spill, model_dirs, sst2_tsv,
 
 def test_causal_loss_is_chunked(llama_dir, corpus_txt, fresh, monkeypatch):
     """Logits in chunks of a few tokens give the one-pass statistics (exactness of the chunked loss)."""
-    import fwsvd.streaming as streaming
+    import fwsvd.calibration.streaming as streaming
 
     loaded = fresh(llama_dir)
     names = [t.name for t in find_targets(loaded.model)]

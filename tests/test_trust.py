@@ -26,7 +26,7 @@ import fwsvd
 from fwsvd.cli import main
 from fwsvd.errors import FwsvdError, ModelError
 from fwsvd.nn import LowRankLinear
-from fwsvd.stats import Statistics
+from fwsvd.calibration.statistics import Statistics
 
 SMALL = ["--quiet", "--max-length", "16", "--batch-size", "8"]
 SRC = str(Path(fwsvd.__file__).resolve().parents[1])
@@ -156,7 +156,7 @@ def test_every_transformers_load_passes_trust_remote_code_false(monkeypatch, ber
 
         monkeypatch.setattr(cls, "from_pretrained", classmethod(spy))
     fwsvd.load_model(bert_dir, need_tokenizer=True)
-    from fwsvd.finetune import FinetuneConfig, load_for_finetune
+    from fwsvd.training.finetune import FinetuneConfig, load_for_finetune
 
     encoder = bert_dir.parent / "encoder-for-trust"
     if not encoder.exists():
@@ -459,7 +459,7 @@ def test_save_stats_inside_out_is_refused_before_calibration(capsys, monkeypatch
     if exists:
         save_model(make_bert(), out)
     before = folder_digest(out) if exists else None
-    monkeypatch.setattr("fwsvd.models.load_model", lambda *a, **k: pytest.fail("work started before the output checks"))
+    monkeypatch.setattr("fwsvd.storage.loading.load_model", lambda *a, **k: pytest.fail("work started before the output checks"))
     status, stdout, err = run(capsys, "compress", bert_dir, "--out", out, "--overwrite", "--method", "svd-llm", "--keep", "0.5",
                               "--data", sst2_tsv, "--save-stats", out / "stats.safetensors", *SMALL)
     assert_refused(status, stdout, err, "--save-stats target")
@@ -483,7 +483,7 @@ def test_stats_or_data_inside_out_is_refused(capsys, tmp_path, bert_dir, stats_f
 
 
 def test_impossible_out_fails_before_loading(capsys, monkeypatch, tmp_path, bert_dir, sst2_tsv):
-    monkeypatch.setattr("fwsvd.models.load_model", lambda *a, **k: pytest.fail("work started before the output checks"))
+    monkeypatch.setattr("fwsvd.storage.loading.load_model", lambda *a, **k: pytest.fail("work started before the output checks"))
     (tmp_path / "file.txt").write_text("x")
     common = ["--method", "fwsvd", "--keep", "0.5", "--data", sst2_tsv, *SMALL]
     assert_refused(*run(capsys, "compress", bert_dir, "--out", tmp_path / "file.txt" / "out", *common), "is a file")
@@ -506,8 +506,8 @@ def test_unwritable_parent_fails_before_loading(capsys, monkeypatch, tmp_path, b
             raise PermissionError(13, "Permission denied", str(dir))
         return real(*args, dir=dir, **kwargs)
 
-    monkeypatch.setattr("fwsvd.fsutil.tempfile.mkdtemp", mkdtemp)
-    monkeypatch.setattr("fwsvd.models.load_model", lambda *a, **k: pytest.fail("work started before the output checks"))
+    monkeypatch.setattr("fwsvd.storage.atomic.tempfile.mkdtemp", mkdtemp)
+    monkeypatch.setattr("fwsvd.storage.loading.load_model", lambda *a, **k: pytest.fail("work started before the output checks"))
     status, out, err = run(capsys, "compress", bert_dir, "--out", locked / "new" / "out", "--method", "svd", "--keep", "0.5", *SMALL)
     assert_refused(status, out, err, "not writable")
 
@@ -607,7 +607,7 @@ def test_sigterm_during_the_save_cleans_up_and_sigkill_leftovers_go_next_run(tmp
 def _concurrent_writer(out: str, tag: int, overwrite: bool, queue) -> None:
     import time
 
-    from fwsvd.fsutil import atomic_dir
+    from fwsvd.storage.atomic import atomic_dir
 
     try:
         for _ in range(3 if overwrite else 1):

@@ -1,4 +1,4 @@
-"""Zero-shot evaluation (fwsvd.zeroshot and ``fwsvd eval --tasks``) against lm-evaluation-harness's definitions.
+"""Zero-shot evaluation (fwsvd.evaluation.zeroshot and ``fwsvd eval --tasks``) against lm-evaluation-harness's definitions.
 
 Three kinds of check:
 - a hand-checked case: a bigram "model" whose log-probabilities are chosen by hand, so that every
@@ -24,15 +24,8 @@ from conftest import seed_everything
 import fwsvd
 from fwsvd.cli import main
 from fwsvd.errors import DataError, FwsvdError
-from fwsvd.evaluate import split_list
-from fwsvd.zeroshot import (
-    encode_pair,
-    evaluate_zeroshot,
-    load_task,
-    loglikelihoods,
-    resolve_tasks,
-    unique_names,
-)
+from fwsvd.evaluation.evaluate import split_list
+from fwsvd.evaluation.zeroshot import encode_pair, evaluate_zeroshot, load_task, loglikelihoods, resolve_tasks, unique_names
 
 TOL = 1e-4  # nats: batched (padded) float32 forwards against one-sequence forwards
 
@@ -273,7 +266,7 @@ def tiny_opt(vocab_size: int):
 @pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
 def test_shared_context_cache_equals_whole_requests(family, bpe, monkeypatch):
     """Choices scored on copies of their question's key/value cache = each request run whole."""
-    import fwsvd.zeroshot as zs
+    import fwsvd.evaluation.zeroshot as zs
 
     real, calls = zs._score_shared, []
 

@@ -4,28 +4,29 @@ Importing the package registers the ``fwsvd`` quantization method with transform
 ``AutoModelFor….from_pretrained`` reloads compressed folders.
 """
 
-__version__ = "0.1.0"
-
-from .api import (  # noqa: E402
+from .api import (
     CalibrationConfig,
     CompressConfig,
     CompressionReport,
+    LoadedModel,
+    LowRankLinear,
+    Statistics,
     calibrate,
+    collect_statistics,
     compress,
+    correct_causal,
     count_parameters,
+    evaluate_zeroshot,
     inspect,
     load,
+    load_model,
+    quantize_factors,
     save,
 )
-from .correction import correct_causal  # noqa: E402
-from .errors import DataError, FwsvdError, ModelError  # noqa: E402
-from .hf import register as _register  # noqa: E402
-from .methods import METHODS, Method, get_method  # noqa: E402
-from .models import LoadedModel, load_model  # noqa: E402
-from .nn import LowRankLinear  # noqa: E402
-from .quantize import quantize_factors  # noqa: E402
-from .stats import Statistics, collect_statistics  # noqa: E402
-from .zeroshot import evaluate_zeroshot  # noqa: E402
+from .errors import DataError, FwsvdError, ModelError
+from .methods import METHODS, Method, get_method
+from .storage.quantizer import register as _register
+from .version import __version__
 
 _register()
 

@@ -19,7 +19,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import __version__
+from .version import __version__
 from .errors import FwsvdError
 
 EXIT_USAGE = 2
@@ -31,7 +31,7 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # "fwsvd: error:" for every command, like the errors raised while running one; under
         # torchrun every process meets the same error, and rank 0 alone prints it.
-        from .distributed import env_rank
+        from .calibration.distributed import env_rank
 
         self.exit(EXIT_USAGE, f"fwsvd: error: {message} (see {self.prog} --help)\n" if env_rank() == 0 else None)
 
@@ -55,7 +55,7 @@ def _help(cls: type, name: str) -> str:
 
 
 def _add_data_options(p: argparse.ArgumentParser, *, calibration: bool) -> None:
-    from .api import CalibrationConfig
+    from .config import CalibrationConfig
 
     p.add_argument("--max-length", type=positive_int, default=None, help=_help(CalibrationConfig, "max_length"))
     p.add_argument("--batch-size", type=positive_int, default=None, help="batch size: memory and speed only (calibration 16 rows or 4 causal-LM blocks, 1 with --low-memory; evaluation 32)")
@@ -77,10 +77,10 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .api import ALLOCATIONS, DEFAULT_ALLOCATION, DEFAULT_RANK_FLOOR, STORAGE_DTYPES, CompressConfig
-    from .quantize import QUANTIZED_FORMATS
+    from .config import ALLOCATIONS, DEFAULT_ALLOCATION, DEFAULT_RANK_FLOOR, STORAGE_DTYPES, CompressConfig
+    from .storage.int8 import QUANTIZED_FORMATS
     from .methods import METHODS
-    from .models import TASKS
+    from .storage.loading import TASKS
 
     parser = _Parser(prog="fwsvd", description="Low-rank compression of Hugging Face transformers (FWSVD, ASVD, SVD-LLM).")
     parser.add_argument("--version", action="version", version=f"fwsvd {__version__}")
@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_compress_finetune_options(c: argparse.ArgumentParser) -> None:
-    from .finetune import DEFAULT_EPOCHS, DEFAULT_TOKENS, TRAINABLE, FinetuneConfig
+    from .training.finetune import DEFAULT_EPOCHS, DEFAULT_TOKENS, TRAINABLE, FinetuneConfig
 
     c.add_argument(
         "--finetune-data", default=None, metavar="TRAIN",
@@ -190,7 +190,7 @@ def _add_compress_finetune_options(c: argparse.ArgumentParser) -> None:
 
 
 def _add_finetune_parser(sub: Any) -> None:
-    from .finetune import TRAINABLE, FinetuneConfig
+    from .training.finetune import TRAINABLE, FinetuneConfig
 
     f = sub.add_parser(
         "finetune", help="fine-tune a classifier or causal LM (dense or compressed), or add a head to a pretrained encoder",
@@ -287,12 +287,14 @@ def format_compression(report: dict[str, Any]) -> str:
 
 def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     from . import api
-    from .models import load_model
+    from .compression.factorize import refuse_compressed
+    from .config import DEFAULT_RANK_FLOOR
+    from .storage.loading import load_model
 
     config = api.CompressConfig(
         method=args.method, keep=args.keep, include=tuple(args.include), exclude=tuple(args.exclude),
         fisher_reduction=args.fisher_reduction, fisher_whiten=args.fisher_whiten, asvd_alpha=args.asvd_alpha, damping=args.damping,
-        allocation=args.allocation, rank_floor=api.DEFAULT_RANK_FLOOR if args.rank_floor is None else args.rank_floor, dense_above=args.dense_above,
+        allocation=args.allocation, rank_floor=DEFAULT_RANK_FLOOR if args.rank_floor is None else args.rank_floor, dense_above=args.dense_above,
         rank_multiple=args.rank_multiple, refit=args.refit,
         # With recovery fine-tuning, correction or int8 factors the model is cast last, before saving.
         dtype=None if args.finetune_data is not None or args.correct or args.quantize_factors else args.dtype,
@@ -303,7 +305,7 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         samples=args.samples, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
         text_column=args.text_column, pair_column=args.pair_column, label_column=args.label_column, low_memory=args.low_memory,
     )
-    from . import distributed
+    from .calibration import distributed
 
     ctx = distributed.current()
     # Only rank 0 writes: on other nodes of a torchrun job the output's folder need not exist.
@@ -311,8 +313,8 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     if ctx.is_main:
         out = _check_out(args, args.model, ("statistics file", args.stats), ("--save-stats target", args.save_stats),
                          ("data file", args.data), ("fine-tuning data", args.finetune_data))
-    from .fsutil import check_output_file
-    from .models import TASKS
+    from .storage.atomic import check_output_file
+    from .storage.loading import TASKS
     if ctx.active and args.sequential:
         raise FwsvdError("--sequential runs in one process: launch it without torchrun, or drop --sequential to calibrate on all processes")
     if ctx.active and args.finetune_data is not None:
@@ -344,7 +346,7 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         check_output_file(args.save_stats, args.overwrite, "--save-stats", protect=[*_inputs(args), ("output folder", out)])
     recovery = _recovery_config(args)
     if args.low_memory:
-        from .lowmem import compress_low_memory, streamable
+        from .compression.lowmem import compress_low_memory, streamable
 
         if streamable(args.model):
             report, task = compress_low_memory(args.model, out, config, calibration, task=args.task, overwrite=args.overwrite, progress=not args.quiet)
@@ -354,11 +356,11 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         )
     statistics = api.load_statistics(args.stats) if args.stats else None  # a bad file fails before the model loads
     loaded = load_model(args.model, args.task, allow_pickle=args.allow_pickle)
-    api.refuse_compressed(loaded.model)
+    refuse_compressed(loaded.model)
     if args.correct and loaded.task != "causal-lm":
         raise FwsvdError(f"--correct steps the next-token loss of causal LMs: {args.model} is a {loaded.task} model; drop --correct")
     teacher = None
-    from .finetune import DEFAULT_DISTILL
+    from .training.finetune import DEFAULT_DISTILL
 
     resolved_recovery = None if recovery is None else recovery.resolved(compressed=True, task=loaded.task)  # checked before any work
     if resolved_recovery is not None and (DEFAULT_DISTILL if resolved_recovery.distill is None else resolved_recovery.distill):
@@ -368,11 +370,11 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     needs = config.needs(loaded.task)
     checkpointing = None
     if args.checkpoint_every != 0:
-        from .resume import Checkpointing, checkpoint_base
+        from .calibration.resume import Checkpointing, checkpoint_base
 
         checkpointing = Checkpointing(checkpoint_base(out, args.save_stats), every=args.checkpoint_every)
     if args.sequential:
-        from .sequential import compress_sequential
+        from .compression.sequential import compress_sequential
 
         report = compress_sequential(loaded, config, calibration, progress=not args.quiet)
     else:
@@ -381,14 +383,14 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
                 loaded, calibration, needs, include=config.include, exclude=config.exclude, progress=not args.quiet, checkpoint=checkpointing,
             )
             if args.save_stats and ctx.is_main:
-                from .fsutil import follow_umask
+                from .storage.atomic import follow_umask
 
                 statistics.save(args.save_stats)
                 follow_umask(args.save_stats)
         report = api.compress(loaded.model, config, statistics, task=loaded.task, progress=not args.quiet)
     corrected = None
     if args.correct:
-        from .correction import correct_causal
+        from .compression.correction import correct_causal
 
         cal = calibration.resolved(loaded.task)
         assert cal.samples is not None and cal.max_length is not None
@@ -396,12 +398,12 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         corrected = correct_causal(loaded, calibration.data, samples=cal.samples, max_length=cal.max_length, seed=cal.seed, progress=not args.quiet)
     finetuned = None
     if recovery is not None:
-        from .finetune import finetune
+        from .training.finetune import finetune
 
         finetuned = finetune(loaded, recovery, progress=not args.quiet, teacher=teacher)
         del teacher
     if args.quantize_factors:
-        from .quantize import quantize_factors
+        from .storage.int8 import quantize_factors
 
         quantize_factors(loaded.model, args.quantize_factors)
     if args.dtype is not None and config.dtype is None:
@@ -409,7 +411,7 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     if ctx.is_main:
         api.save(loaded.model, out, loaded.tokenizer, overwrite=args.overwrite)
         if checkpointing is not None:
-            from .resume import remove_checkpoints
+            from .calibration.resume import remove_checkpoints
 
             remove_checkpoints(checkpointing.base)
     distributed.agree()  # the other processes wait here until rank 0 has written the output
@@ -439,10 +441,10 @@ def _check_out(args: argparse.Namespace, model: str, *inputs: tuple[str, str | N
     """Check ``--out`` before any work: it may not be, or hold, the input model or an input file.
 
     Raises:
-        FwsvdError: see :func:`fwsvd.fsutil.check_output_dir`.
+        FwsvdError: see :func:`fwsvd.storage.atomic.check_output_dir`.
     """
-    from .fsutil import check_output_dir, refuse_busy_output
-    from .models import model_source
+    from .storage.atomic import check_output_dir, refuse_busy_output
+    from .storage.loading import model_source
 
     source, _ = model_source(model)
     local = source if Path(source).exists() else None
@@ -454,7 +456,7 @@ def _check_out(args: argparse.Namespace, model: str, *inputs: tuple[str, str | N
 def _inputs(args: argparse.Namespace) -> list[tuple[str, str | None]]:
     """Every input of a compress run, which no output may be or lie in: the model (its folder, or its
     one .gguf file), the data files and the statistics file."""
-    from .models import model_source
+    from .storage.loading import model_source
 
     source, gguf = model_source(args.model)
     model: tuple[str, str | None]
@@ -470,7 +472,7 @@ _RECOVERY_OPTIONS = ("epochs", "tokens", "lr", "batch_size", "limit", "distill",
 
 def _recovery_config(args: argparse.Namespace) -> Any:
     """The fine-tuning asked for by compress's --finetune-* flags, or ``None``."""
-    from .finetune import FinetuneConfig
+    from .training.finetune import FinetuneConfig
 
     if args.finetune_data is None:
         given = [f"--finetune-{name.replace('_', '-')}" for name in _RECOVERY_OPTIONS if getattr(args, f"finetune_{name}") is not None]
@@ -486,8 +488,8 @@ def _recovery_config(args: argparse.Namespace) -> Any:
 
 def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
     from . import api
-    from .evaluate import EvalConfig
-    from .finetune import FinetuneConfig, finetune, load_for_finetune
+    from .evaluation.evaluate import EvalConfig
+    from .training.finetune import FinetuneConfig, finetune, load_for_finetune
 
     config = FinetuneConfig(
         data=args.data, epochs=args.epochs, tokens=args.tokens, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
@@ -511,7 +513,7 @@ def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
         raise FwsvdError("--distill needs the dense model: pass --teacher DENSE_FOLDER")
     teacher = None
     if args.teacher is not None:
-        from .models import load_model
+        from .storage.loading import load_model
 
         teacher = load_model(args.teacher, "causal-lm", allow_pickle=args.allow_pickle).model
     result = finetune(loaded, config, eval_config=eval_config, progress=not args.quiet, teacher=teacher)
@@ -572,9 +574,9 @@ def format_finetune(result: dict[str, Any]) -> str:
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from .errors import ModelError
-    from .evaluate import EvalConfig, check_result_names, evaluate, evaluate_files, merge_named, split_list
-    from .models import load_model
-    from .zeroshot import evaluate_zeroshot, resolve_tasks, unique_names
+    from .evaluation.evaluate import EvalConfig, check_result_names, evaluate, evaluate_files, merge_named, split_list
+    from .storage.loading import load_model
+    from .evaluation.zeroshot import evaluate_zeroshot, resolve_tasks, unique_names
 
     files, task_specs = split_list(args.data), split_list(args.tasks)
     if not files and not task_specs:
@@ -630,7 +632,7 @@ def _metric_table(result: dict[str, Any]) -> str:
 
 def cmd_inspect(args: argparse.Namespace) -> dict[str, Any]:
     from . import api
-    from .models import load_model
+    from .storage.loading import load_model
 
     loaded = load_model(args.model, args.task, allow_pickle=args.allow_pickle)
     result = api.inspect(loaded.model)
@@ -710,10 +712,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fwsvd`` console script; returns the exit status.
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) ``compress`` runs data-parallel (see
-    :mod:`fwsvd.distributed`): rank 0 alone prints, logs and writes, and an error on any process
+    :mod:`fwsvd.calibration.distributed`): rank 0 alone prints, logs and writes, and an error on any process
     is printed once while every process exits non-zero.
     """
-    from . import distributed
+    from .calibration import distributed
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -770,7 +772,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _fail(line: str, status: int) -> int:
     """Print ``line`` on stderr unless another process of a torchrun job prints the error; return ``status``."""
-    from . import distributed
+    from .calibration import distributed
 
     if distributed.report_failure() if distributed.current().active else distributed.env_rank() == 0:
         print(line, file=sys.stderr)

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DataError, FwsvdError, ModelError
-from .fsutil import atomic_dir, atomic_write_text
+from .storage.atomic import atomic_dir, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ class DemoSettings:
     batch_size: int = 32
     fisher_samples: int = 128
     recovery_limit: int | None = 512
-    recovery_lr: float | None = None  # None: fwsvd.finetune's defaults for compressed models
+    recovery_lr: float | None = None  # None: fwsvd.training.finetune's defaults for compressed models
     recovery_batch_size: int | None = None
     eval_limit: int | None = None
 
@@ -248,7 +248,7 @@ def machine_info() -> dict[str, Any]:
     import torch
     import transformers
 
-    from . import __version__
+    from .version import __version__
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -319,7 +319,7 @@ def _prepare_data(args: argparse.Namespace, settings: DemoSettings, cache: Path)
 
 def _classifier(model: Path, train: Path, settings: DemoSettings, cache: Path, progress: bool) -> tuple[Path, dict[str, Any]]:
     """Fine-tune a classifier on ``train`` once; later runs with the same settings reuse it."""
-    from .finetune import FinetuneConfig, finetune, load_for_finetune
+    from .training.finetune import FinetuneConfig, finetune, load_for_finetune
 
     config = FinetuneConfig(
         data=str(train), epochs=settings.classifier_epochs, lr=settings.classifier_lr, batch_size=settings.batch_size,
@@ -342,7 +342,7 @@ def _classifier(model: Path, train: Path, settings: DemoSettings, cache: Path, p
 
 
 def _eval(loaded: Any, test: Path, settings: DemoSettings, progress: bool) -> dict[str, Any]:
-    from .evaluate import EvalConfig, evaluate
+    from .evaluation.evaluate import EvalConfig, evaluate
 
     return evaluate(loaded, EvalConfig(data=str(test), limit=settings.eval_limit, batch_size=64, max_length=settings.max_length), progress=progress)
 
@@ -364,8 +364,8 @@ def _check_out(out: Path, overwrite: bool) -> None:
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     """Run the demo as configured by the parsed command line; returns the results (also written)."""
     from . import api
-    from .finetune import FinetuneConfig, finetune
-    from .models import load_model
+    from .training.finetune import FinetuneConfig, finetune
+    from .storage.loading import load_model
 
     started = time.perf_counter()
     settings = DemoSettings.quick() if args.quick else DemoSettings()

@@ -379,3 +379,8 @@ def check_finite_weights(model: nn.Module, source: str | None = None) -> None:
                 f"tensor {name}{where} holds {bad} NaN or infinite value(s) of {tensor.numel()}: the model is corrupt; "
                 "restore or re-export its weights"
             )
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Parameters of a model, each shared (tied) tensor counted once."""
+    return sum(p.numel() for p in model.parameters())

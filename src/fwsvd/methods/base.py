@@ -15,7 +15,7 @@ class Method(ABC):
     """A low-rank compression method.
 
     Subclasses are small dataclasses: their fields are the method's options, ``name`` is its
-    registry key and ``needs`` names the statistics (see :mod:`fwsvd.stats`) that one calibration
+    registry key and ``needs`` names the statistics (see :mod:`fwsvd.calibration.statistics`) that one calibration
     pass must collect for it.
     """
 
@@ -40,7 +40,7 @@ class Method(ABC):
 
         Args:
             weight: dense weight in ``nn.Linear`` layout.
-            stats: this module's statistics (keys as in :mod:`fwsvd.stats`).
+            stats: this module's statistics (keys as in :mod:`fwsvd.calibration.statistics`).
         """
 
     def factorize(

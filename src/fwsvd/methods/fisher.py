@@ -41,7 +41,7 @@ class FWSVD(Method):
     name = "fwsvd"
     needs = frozenset({"fisher"})
     description = "Fisher-weighted SVD (needs labelled calibration data)"
-    # Measured (README; fwsvd.api.DEFAULT_ALLOCATION): the Fisher loss estimate moves rank to where
+    # Measured (README; fwsvd.config.DEFAULT_ALLOCATION): the Fisher loss estimate moves rank to where
     # the task needs it, e.g. SmolLM2-135M keep 0.8: perplexity 40.8 against 62.6 with uniform ranks.
     default_allocation = "global"
 

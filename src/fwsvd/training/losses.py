@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from .errors import FwsvdError
+from ..errors import FwsvdError
 
 __all__ = ["IGNORE_INDEX", "block_nll", "example_losses", "next_token_labels"]
 

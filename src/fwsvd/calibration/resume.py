@@ -1,6 +1,6 @@
 """Resumable calibration: the running sums are checkpointed to a safetensors file every few batches.
 
-A checkpoint holds :class:`fwsvd.stats.RunningSums` (the sums over the batches done so far) and a
+A checkpoint holds :class:`fwsvd.calibration.statistics.RunningSums` (the sums over the batches done so far) and a
 *fingerprint* of everything that decides them: the model (its source, its weight files' sizes and
 times, and a sample of every parameter's values), the calibration data file (path, size, time),
 the calibration settings (samples, seed, max length, batch size, columns), the statistics asked
@@ -28,10 +28,10 @@ from typing import Any
 
 import torch
 
-from . import __version__
+from ..version import __version__
 from .distributed import Context
-from .errors import FwsvdError
-from .stats import RunningSums
+from ..errors import FwsvdError
+from .statistics import RunningSums
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def _for_process(base: Path, ctx: Context) -> Path:
 
 
 def _remove_partials(path: Path) -> None:
-    """Remove what killed writes of ``path`` left (:func:`fwsvd.fsutil.atomic_file` names them ``.NAME.XXXX.partial``)."""
+    """Remove what killed writes of ``path`` left (:func:`fwsvd.storage.atomic.atomic_file` names them ``.NAME.XXXX.partial``)."""
     for partial in path.parent.glob(f".{path.name}.*.partial"):
         if partial.is_file() and not partial.is_symlink():
             partial.unlink(missing_ok=True)
@@ -164,7 +164,7 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tenso
 
 def write_checkpoint(path: Path, sums: RunningSums, facts: Mapping[str, Any]) -> None:
     """Write ``sums`` and their fingerprint to ``path`` atomically (a hidden temporary file, then a rename)."""
-    from .fsutil import follow_umask
+    from ..storage.atomic import follow_umask
 
     flat = {f"{name}::{key}": t for name, entry in sums.tensors.items() for key, t in entry.items()}
     meta = {
@@ -173,7 +173,7 @@ def write_checkpoint(path: Path, sums: RunningSums, facts: Mapping[str, Any]) ->
         "shared": json.dumps(sums.shared),
         "counts": json.dumps(sums.counts()),
     }
-    from .fsutil import atomic_file
+    from ..storage.atomic import atomic_file
 
     path.parent.mkdir(parents=True, exist_ok=True)  # on other nodes of a job the output's folder may not exist yet
     with atomic_file(path) as tmp:

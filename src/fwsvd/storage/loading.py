@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ModelError
-from .nn import FACTORS, check_finite_weights
+from ..errors import ModelError
+from ..nn import FACTORS, check_finite_weights
 
 logger = logging.getLogger(__name__)
 
@@ -265,7 +265,7 @@ def _check_factor_dtypes(folder: Path, record: dict[str, Any] | None, model: str
     ranks = (record or {}).get("ranks", {})
     if not ranks:
         return
-    from .quantize import SCALE_SUFFIX
+    from .int8 import SCALE_SUFFIX
 
     int8 = (record or {}).get("quantized_factors") == "int8"
     wanted = {f"{name}.{factor}" for name in ranks for factor in FACTORS}
@@ -332,14 +332,14 @@ def check_record(config: Any) -> dict[str, Any] | None:
     Raises:
         ModelError: for a malformed ``quantization_config``.
     """
-    from . import hf
+    from .record import compression_record
 
     qc = getattr(config, "quantization_config", None)
     if qc is None:
         return None
     if not isinstance(qc, dict) and not hasattr(qc, "to_dict"):
         raise ModelError(f"quantization_config in config.json is {type(qc).__name__}, not an object: restore the config.json saved with the weights")
-    return hf.compression_record(config)
+    return compression_record(config)
 
 
 def auto_model_class(task: str) -> Any:
@@ -384,9 +384,9 @@ def load_model(
     """
     from transformers import AutoConfig, AutoTokenizer
 
-    from . import hf
+    from .quantizer import register
 
-    hf.register()
+    register()
     source, gguf_file = model_source(model)
     local = Path(source).is_dir()
     extra: dict[str, Any] = {"trust_remote_code": False}

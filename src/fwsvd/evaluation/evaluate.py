@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from . import data as d
+from .. import data as d
 from . import metrics as m
-from .errors import DataError, ModelError
-from .models import LoadedModel
+from ..errors import DataError, ModelError
+from ..storage.loading import LoadedModel
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def evaluate(loaded: LoadedModel, config: EvalConfig, *, progress: bool = True) 
 def _perplexity(loaded: LoadedModel, config: EvalConfig, progress: bool) -> dict[str, Any]:
     """Non-overlapping blocks, mean token NLL over all predicted tokens, exponentiated."""
     length = config.max_length or 512
-    blocks = d.causal_blocks(loaded.tokenizer, d.read_text(config.data), length, limit=config.limit)
+    blocks = d.causal_blocks_from_file(loaded.tokenizer, config.data, length, limit=config.limit)
     total_nll = 0.0
     n_tokens = 0
     for chunk in tqdm(blocks.split(max(1, config.batch_size // 8)), desc="perplexity", unit="batch", disable=not progress, leave=False):

@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import FwsvdError, ModelError
-from .hf import FwsvdQuantizationConfig
-from .nn import FACTORS, LowRankLinear
+from ..errors import FwsvdError, ModelError
+from .record import FwsvdQuantizationConfig
+from ..nn import FACTORS, LowRankLinear
 
 #: What ``--quantize-factors`` accepts.
 QUANTIZED_FORMATS = ("int8",)

@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .errors import DataError, ModelError
+from ..errors import DataError, ModelError
 
 logger = logging.getLogger(__name__)
 

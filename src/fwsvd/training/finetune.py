@@ -14,8 +14,8 @@ Three uses:
 Typical use::
 
     import fwsvd
-    from fwsvd.evaluate import EvalConfig
-    from fwsvd.finetune import FinetuneConfig, finetune, load_for_finetune
+    from fwsvd.evaluation.evaluate import EvalConfig
+    from fwsvd.training.finetune import FinetuneConfig, finetune, load_for_finetune
     config = FinetuneConfig(data="train.tsv", epochs=3)
     loaded = load_for_finetune("all-MiniLM-L6-v2", config)
     summary = finetune(loaded, config, eval_config=EvalConfig(data="dev.tsv"))
@@ -39,25 +39,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import data as d
-from . import metrics
-from .api import help_field
-from .errors import DataError, FwsvdError, ModelError
-from .evaluate import EvalConfig, evaluate
-from .hf import compression_record
+from .. import data as d
+from ..evaluation import metrics
+from ..config import help_field
+from ..errors import DataError, FwsvdError, ModelError
+from ..evaluation.evaluate import EvalConfig, evaluate
+from ..storage.record import compression_record
 from .losses import block_nll
-from .models import (
-    LoadedModel,
-    first_line,
-    load_config,
-    load_weights,
-    check_no_custom_code,
-    detect_task,
-    load_model,
-    model_source,
-    weight_shapes,
-)
-from .nn import LowRankLinear, check_finite_weights, find_blocks
+from ..storage.loading import LoadedModel, first_line, load_config, load_weights, check_no_custom_code, detect_task, load_model, model_source, weight_shapes
+from ..nn import LowRankLinear, check_finite_weights, find_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -330,16 +320,16 @@ def load_for_finetune(model: str | os.PathLike, config: FinetuneConfig, *, allow
     """Load a sequence classifier or causal LM (dense or compressed) as it is, or add a head to a bare encoder.
 
     Nothing in the folder is executed and pickle weights are refused unless ``allow_pickle`` (see
-    :func:`fwsvd.models.load_model`).
+    :func:`fwsvd.storage.loading.load_model`).
 
     Raises:
         ModelError: for a model whose head is neither sequence classification nor a causal LM.
     """
     from transformers import AutoConfig
 
-    from . import hf
+    from ..storage.quantizer import register
 
-    hf.register()
+    register()
     source, gguf_file = model_source(model)
     if Path(source).is_dir():
         check_no_custom_code(source)
@@ -699,7 +689,7 @@ def finetune_causal(
     cfg = replace(cfg, distill=distill)
     teacher = teacher if distill else None
 
-    blocks = d.causal_blocks(loaded.tokenizer, d.read_text(cfg.data), cfg.max_length, samples=cfg.limit, seed=cfg.seed)
+    blocks = d.causal_blocks_from_file(loaded.tokenizer, cfg.data, cfg.max_length, samples=cfg.limit, seed=cfg.seed)
     n = int(blocks.shape[0])
     if n < 2:
         raise DataError(
@@ -867,7 +857,7 @@ def _record(model: nn.Module, summary: dict[str, Any]) -> None:
             {"epoch": h["epoch"], "loss": round(h["loss"], 6), **({h["eval"]["metric"]: h["eval"][h["eval"]["metric"]]} if "eval" in h else {})}
             for h in summary["history"]
         ]
-    from . import __version__
+    from ..version import __version__
 
     record["library_version"] = __version__
     qc = getattr(model.config, "quantization_config", None)

@@ -1,10 +1,10 @@
 """Calibration one transformer block at a time: exact per-example Fisher without a whole-model backward.
 
-:func:`fwsvd.stats.collect_statistics` runs each micro-batch through the whole model with gradients,
+:func:`fwsvd.calibration.statistics.collect_statistics` runs each micro-batch through the whole model with gradients,
 so the activations of every block, the vocabulary-wide logits and every layer's covariance are in
 memory together. :func:`stream_statistics` computes the very same statistics block by block:
 
-1. **Capture** (:func:`fwsvd.sequential.capture_block_calls`): what every block is called with, and
+1. **Capture** (:func:`fwsvd.compression.sequential.capture_block_calls`): what every block is called with, and
    the hidden states entering the first block, per micro-batch, with the blocks skipped (each
    returns its input; the arguments the model hands its blocks do not depend on their outputs).
 2. **Forward, block-major.** Each block in turn runs every micro-batch from the states the block
@@ -13,12 +13,12 @@ memory together. :func:`stream_statistics` computes the very same statistics blo
    scratch folder on disk with ``scratch``).
 3. **Loss.** The model's own head runs on the last block's output (the blocks themselves are skipped:
    each returns what it is given) and each example's loss is taken as
-   :func:`fwsvd.losses.example_losses` defines it. For a causal LM the logits are formed a few
+   :func:`fwsvd.training.losses.example_losses` defines it. For a causal LM the logits are formed a few
    tokens at a time from the output embedding's input, so the vocabulary never holds more than a
    chunk: the gradient reaching the last block's output is accumulated chunk by chunk.
 4. **Backward, block-major, from the top.** Each block recomputes its forward pass for one
    micro-batch with gradients, receives the gradient of the block above at its output, reduces its
-   layers' per-example weight gradients at once (:class:`fwsvd.stats.FisherHooks`, the reduction of
+   layers' per-example weight gradients at once (:class:`fwsvd.calibration.statistics.FisherHooks`, the reduction of
    the one-pass path) and hands the gradient at its input to the block below.
 
 Peak memory is one block's activations and gradients for one micro-batch, one level of boundary
@@ -42,11 +42,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import FwsvdError
-from .losses import IGNORE_INDEX, example_losses, next_token_labels
-from .nn import find_blocks
-from .sequential import StopForward, block_targets, capture_block_calls, check_single_stack, split_hidden
-from .stats import FISHER_GRANULARITY, STAT_KINDS, ActivationHooks, FisherHooks, Statistics, calibration_mode, task_of
+from ..errors import FwsvdError
+from ..training.losses import IGNORE_INDEX, example_losses, next_token_labels
+from ..nn import find_blocks
+from ..blocks import StopForward, block_targets, capture_block_calls, check_single_stack, split_hidden
+from .statistics import FISHER_GRANULARITY, STAT_KINDS, ActivationHooks, FisherHooks, Statistics, calibration_mode, task_of
 
 logger = logging.getLogger(__name__)
 
@@ -262,7 +262,7 @@ class _Head:
         """Per-example mean next-token loss and its gradient at the head's input, a chunk of tokens at a time.
 
         Example ``e``'s loss is ``sum_t CE(e, t) / n_e`` over its labelled positions (as
-        :func:`fwsvd.losses.example_losses`), so each chunk's gradient is that of its own terms.
+        :func:`fwsvd.training.losses.example_losses`), so each chunk's gradient is that of its own terms.
         """
         head = self.model.get_output_embeddings()
         targets = next_token_labels(labels)
@@ -308,7 +308,7 @@ def stream_statistics(
     progress: bool = True,
     summary: Mapping[str, Any] | None = None,
 ) -> Statistics:
-    """The statistics of :func:`fwsvd.stats.collect_statistics`, computed one transformer block at a time.
+    """The statistics of :func:`fwsvd.calibration.statistics.collect_statistics`, computed one transformer block at a time.
 
     Args:
         model: the model (left in its mode, ``requires_grad`` flags and gradients as found). Its
@@ -316,7 +316,7 @@ def stream_statistics(
             when ``weights`` loads them.
         target_names: linear modules to collect for; all must lie inside the transformer blocks.
         batches: model inputs (with ``labels`` for ``fisher``).
-        kinds: subset of :data:`fwsvd.stats.STAT_KINDS`.
+        kinds: subset of :data:`fwsvd.calibration.statistics.STAT_KINDS`.
         task: the task that defines each example's loss (detected from the model when ``None``).
         keep_full_fisher: also keep the elementwise Fisher.
         weights: loads and drops each block's weights around its use; ``None``: resident.
@@ -328,7 +328,7 @@ def stream_statistics(
         summary: extra facts for :attr:`Statistics.summary`.
 
     Returns:
-        The :class:`~fwsvd.stats.Statistics` (``summary["streamed"]`` is true).
+        The :class:`~fwsvd.calibration.statistics.Statistics` (``summary["streamed"]`` is true).
 
     Raises:
         FwsvdError: no batch, a batch without labels for Fisher, targets outside the blocks, a
@@ -485,7 +485,7 @@ def _finite(name: str, entry: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 def _weight_shape(module: nn.Module) -> torch.Tensor:
     """A meta tensor of the module's ``[out, in]`` weight shape (for zero Fisher of unreached layers)."""
-    from .nn import linear_weight
+    from ..nn import linear_weight
 
     return torch.empty(linear_weight(module).shape, device="meta")
 

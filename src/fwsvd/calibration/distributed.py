@@ -37,8 +37,8 @@ from typing import TypeVar
 
 import torch
 
-from .errors import FwsvdError
-from .stats import RunningSums
+from ..errors import FwsvdError
+from .statistics import RunningSums
 
 logger = logging.getLogger(__name__)
 

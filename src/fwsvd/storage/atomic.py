@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import FwsvdError
+from ..errors import FwsvdError
 
 __all__ = [
     "atomic_dir",

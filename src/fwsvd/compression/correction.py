@@ -26,9 +26,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import DataError, ModelError
-from .losses import block_nll, example_losses
-from .nn import LowRankLinear
+from ..errors import DataError, ModelError
+from ..training.losses import block_nll, example_losses
+from ..nn import LowRankLinear
 
 logger = logging.getLogger(__name__)
 
@@ -172,8 +172,8 @@ def correct_causal(loaded: Any, data: str, *, samples: int, max_length: int, see
         ModelError: for a model that is not a compressed causal LM or has no tokenizer.
         DataError: for a text with no block left over for the line search.
     """
-    from . import data as d
-    from .hf import compression_record
+    from .. import data as d
+    from ..storage.record import compression_record
 
     if loaded.task != "causal-lm":
         raise ModelError(f"--correct takes one gradient step of the next-token loss: {loaded.source} is a {loaded.task} model, not a causal LM")
@@ -182,7 +182,7 @@ def correct_causal(loaded: Any, data: str, *, samples: int, max_length: int, see
     qc = getattr(loaded.model.config, "quantization_config", None)
     if compression_record(loaded.model.config) is None or qc is None or isinstance(qc, dict):
         raise ModelError(f"{loaded.source} is not compressed: the gradient correction follows compression")
-    every = d.causal_blocks(loaded.tokenizer, d.read_text(data), max_length)
+    every = d.causal_blocks_from_file(loaded.tokenizer, data, max_length)
     picked = d.draw(len(every), samples, seed)
     heldout = correction_blocks(every, picked, seed)
     summary = {"data": str(data), "max_length": max_length, "seed": seed}

@@ -14,18 +14,11 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from transformers.quantizers.auto import (
-    AUTO_QUANTIZATION_CONFIG_MAPPING,
-    AUTO_QUANTIZER_MAPPING,
-    register_quantization_config,
-    register_quantizer,
-)
-from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .errors import ModelError
-from .methods import METHODS, check_options
-from .nn import LINEAR_TYPES, LowRankLinear, linear_weight, low_rank_skeleton
+from ..errors import ModelError
+from ..methods import METHODS, check_options
+from ..nn import LINEAR_TYPES, LowRankLinear, linear_weight
 
 QUANT_METHOD = "fwsvd"
 
@@ -172,7 +165,7 @@ def _check_allocation(allocation: Mapping[str, Any]) -> None:
 
 
 def _version() -> str:
-    from . import __version__
+    from ..version import __version__
 
     return __version__
 
@@ -226,51 +219,6 @@ class FwsvdQuantizationConfig(QuantizationConfigMixin):
         data = super().to_dict()
         data["quant_method"] = QUANT_METHOD
         return data
-
-
-class FwsvdQuantizer(HfQuantizer):
-    """Rebuilds the low-rank structure of a saved fwsvd model during ``from_pretrained``."""
-
-    requires_calibration = False
-
-    def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> None:
-        # The model is a skeleton (usually on the meta device): swap in empty low-rank layers of the
-        # recorded ranks so the saved factors load into them by name.
-        check_ranks(model, self.quantization_config.ranks)
-        low_rank_skeleton(model, self.quantization_config.ranks)
-        if getattr(self.quantization_config, "quantized_factors", None) == "int8":
-            from .quantize import prepare_skeleton
-
-            prepare_skeleton(model)  # the factors' scales load by name beside their int8 bytes
-
-    def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
-        if getattr(self.quantization_config, "quantized_factors", None) == "int8":
-            from .quantize import dequantize_loaded
-
-            dequantize_loaded(model)  # floating-point factors again, in the model's dtype
-        return model
-
-    def get_state_dict_and_metadata(self, model: Any) -> tuple[Any, dict[str, Any]]:
-        # save_pretrained of a loaded model asks its quantizer what to write: int8 factors again
-        # when the record says so and they are still on their grid (None: the model's own state dict).
-        from .quantize import storage_state_dict
-
-        return storage_state_dict(model), {}
-
-    @property
-    def is_trainable(self) -> bool:
-        return True
-
-    def is_serializable(self, safe_serialization: Any = None) -> bool:
-        return True
-
-
-def register() -> None:
-    """Register the ``fwsvd`` quantization method with transformers (idempotent)."""
-    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
-        register_quantization_config(QUANT_METHOD)(FwsvdQuantizationConfig)
-    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
-        register_quantizer(QUANT_METHOD)(FwsvdQuantizer)
 
 
 def compression_record(config: Any) -> dict[str, Any] | None:

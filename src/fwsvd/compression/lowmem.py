@@ -6,7 +6,7 @@
   computed as usual); the parameters outside the transformer blocks (embeddings, final norm, head)
   are read once, and each block's are read (memory-mapped, :func:`safetensors.safe_open`) when the
   block runs and dropped after (:class:`CheckpointWeights`);
-* calibration is :func:`fwsvd.streaming.stream_statistics`; each block's covariances go to a
+* calibration is :func:`fwsvd.calibration.streaming.stream_statistics`; each block's covariances go to a
   scratch folder as soon as they are complete, only the Fisher vectors (two per layer) stay;
 * with global rank allocation, a first pass over the blocks decomposes each layer and keeps only
   the estimated loss of each component (:meth:`Method.component_loss`), which
@@ -34,26 +34,20 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .api import (
-    CalibrationConfig,
-    CompressConfig,
-    CompressionReport,
-    LayerReport,
-    calibration_batches,
-    count_parameters,
-    factorize_targets,
-    layer_errors,
-    record_compression,
-    rounded_ranks,
-)
-from .core import allocate_ranks
-from .errors import FwsvdError, ModelError
-from .fsutil import atomic_dir, scratch_dir
-from .models import LoadedModel, check_no_custom_code, check_record, detect_task, model_source, weight_shapes
-from .nn import LinearInfo, find_blocks, find_targets, linear_weight
-from .stats import Statistics
-from .sequential import block_targets
-from .streaming import release_freed_memory, return_large_blocks_at_once, stream_statistics
+from ..config import CalibrationConfig, CompressConfig
+from .report import CompressionReport, LayerReport
+from ..calibration.batches import calibration_batches
+from ..nn import count_parameters
+from .factorize import factorize_targets, record_compression, rounded_ranks
+from .allocation import layer_errors
+from ..core import allocate_ranks
+from ..errors import FwsvdError, ModelError
+from ..storage.atomic import atomic_dir, scratch_dir
+from ..storage.loading import LoadedModel, check_no_custom_code, check_record, detect_task, model_source, weight_shapes
+from ..nn import LinearInfo, find_blocks, find_targets, linear_weight
+from ..calibration.statistics import Statistics
+from ..blocks import block_targets
+from ..calibration.streaming import release_freed_memory, return_large_blocks_at_once, stream_statistics
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +82,7 @@ class CheckpointWeights:
     """
 
     def __init__(self, model: nn.Module, folder: str | Path, dtype: torch.dtype = torch.float32) -> None:
-        from .models import safetensors_files
+        from ..storage.loading import safetensors_files
 
         self.model = model
         self.dtype = dtype
@@ -202,10 +196,10 @@ def _skeleton(model: str, task: str | None) -> LoadedModel:
         raise ModelError("--low-memory needs the accelerate package: pip install accelerate") from err
     from transformers import AutoConfig, AutoTokenizer
 
-    from . import hf
-    from .models import TASKS, auto_model_class, load_config
+    from ..storage.quantizer import register
+    from ..storage.loading import TASKS, auto_model_class, load_config
 
-    hf.register()
+    register()
     source, _ = model_source(model)
     check_no_custom_code(source)
     extra = {"trust_remote_code": False}

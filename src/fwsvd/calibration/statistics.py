@@ -37,9 +37,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import FwsvdError
-from .losses import example_losses
-from .nn import linear_weight
+from ..errors import FwsvdError
+from ..training.losses import example_losses
+from ..nn import linear_weight
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ __all__ = ["STAT_KINDS", "ActivationHooks", "FisherHooks", "PairedInputHooks", "
 STAT_KINDS = frozenset({"fisher", "act", "cov"})
 #: The tensors each kind of statistic leaves per module.
 STAT_KEYS = {"fisher": ("fisher_out", "fisher_in"), "act": ("act_abs_mean",), "cov": ("cov",)}
-_FORMAT = "fwsvd-statistics/1"
+STATISTICS_FORMAT = "fwsvd-statistics/1"
 
 
 @dataclass
@@ -87,8 +87,8 @@ class Statistics:
     def save(self, path: str | Path) -> None:
         """Write to one safetensors file (tensors plus JSON metadata); no pickle involved."""
         flat = {f"{name}::{key}": t.contiguous() for name, stats in self.tensors.items() for key, t in stats.items()}
-        meta = {"format": _FORMAT, "shared": json.dumps(self.shared), "summary": json.dumps(self.summary)}
-        from .fsutil import atomic_file, follow_umask
+        meta = {"format": STATISTICS_FORMAT, "shared": json.dumps(self.shared), "summary": json.dumps(self.summary)}
+        from ..storage.atomic import atomic_file, follow_umask
 
         with atomic_file(path) as tmp:
             save_file(flat, str(tmp), metadata=meta)
@@ -108,7 +108,7 @@ class Statistics:
             raise FwsvdError(f"statistics file {path} does not exist: run a calibration with --save-stats first")
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-        if meta.get("format") != _FORMAT:
+        if meta.get("format") != STATISTICS_FORMAT:
             raise FwsvdError(f"{path} is not an fwsvd statistics file (format {meta.get('format')!r})")
         tensors: dict[str, dict[str, torch.Tensor]] = {}
         for key, t in load_file(str(path)).items():
@@ -121,8 +121,8 @@ class Statistics:
 class RunningSums:
     """What a calibration has added up so far: every statistic as a plain sum over the batches seen.
 
-    This is what a checkpoint holds (:mod:`fwsvd.resume`) and what the processes of a
-    ``torchrun`` job add up (:mod:`fwsvd.distributed`): sums over disjoint sets of batches add up
+    This is what a checkpoint holds (:mod:`fwsvd.calibration.resume`) and what the processes of a
+    ``torchrun`` job add up (:mod:`fwsvd.calibration.distributed`): sums over disjoint sets of batches add up
     to the sums over all of them. :func:`collect_statistics` turns them into :class:`Statistics`
     (the only non-sum, ``act_abs_mean``, is divided out there).
 
@@ -477,7 +477,7 @@ def collect_statistics(
         batches: model inputs; for ``fisher`` each batch carries the ``labels`` of the task loss.
         kinds: subset of :data:`STAT_KINDS`.
         keep_full_fisher: also keep the elementwise Fisher (``[out, in]`` per module; memory heavy).
-        task: the model's task (see :func:`fwsvd.losses.example_losses`), which defines each
+        task: the model's task (see :func:`fwsvd.training.losses.example_losses`), which defines each
             example's loss for ``fisher``; detected from the model when ``None``.
         total: number of batches, for the progress bar.
         progress: show a tqdm bar.
@@ -596,7 +596,7 @@ def collect_statistics(
 
 def task_of(model: nn.Module) -> str:
     """The task of a transformers model, from its class (or its config's ``architectures``)."""
-    from .models import detect_task
+    from ..storage.loading import detect_task
 
     names = [type(model).__name__, *(getattr(getattr(model, "config", None), "architectures", None) or [])]
     return detect_task(SimpleNamespace(architectures=names))

@@ -1,0 +1,1 @@
+"""Calibration: batches from data, hooks that collect statistics, streaming, many processes, resume, statistics files."""

@@ -1,0 +1,1 @@
+"""Compression: rank allocation and one-pass factorization, sequential and low-memory compression, gradient correction."""

@@ -1,0 +1,194 @@
+"""What a user sets: the compression and calibration configs (every field's help text is reused by the command line)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+from .errors import FwsvdError
+from .methods import METHODS, Method, get_method
+
+
+#: Rank allocation modes (see :func:`fwsvd.core.allocate_ranks`).
+ALLOCATIONS = ("auto", "uniform", "global")
+
+
+#: ``auto`` takes the method's own default (:attr:`Method.default_allocation`): global for fwsvd,
+#: whose Fisher estimate prices components across layers; uniform for the others, as published.
+#: Global allocation is fwsvd's default by measurement (README, benchmarks/results): fwsvd on
+#: SmolLM2-135M, WikiText-2 perplexity at keep 0.8 / 0.6, 40.8 / 67 against 62.6 / 125 with uniform
+#: ranks (dense 27.4); MiniLM-L6 SST-2 dev accuracy with rank floor 0.5, keep 0.8 / 0.5 / 0.3,
+#: 0.876 / 0.870 / 0.852 against 0.880 / - / 0.843 uniform.
+DEFAULT_ALLOCATION = "auto"
+
+
+#: A floor of half the uniform rank: at 0.25 the encoder's last layers fell to their floor and
+#: accuracy dropped (keep 0.8: 0.873, keep 0.3: 0.848 against 0.876 / 0.852 at 0.5), while the
+#: decoder barely noticed (keep 0.8: 40.4 against 40.8).
+DEFAULT_RANK_FLOOR = 0.5
+
+
+#: dtypes a compressed model's weights may be stored in (``None``: the model's own).
+STORAGE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+#: The name of :data:`STORAGE_DTYPES` from when ``--dtype`` cast only the low-rank factors.
+FACTOR_DTYPES = STORAGE_DTYPES
+
+
+def help_field(text: str, **kw: Any) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class CompressConfig:
+    """What to compress and how. Every field's help text is reused by the command line."""
+
+    method: str = help_field(f"compression method: {', '.join(METHODS)}", default="fwsvd")
+    keep: float = help_field(
+        "fraction of the targeted layers' parameters that STAYS after factorization, in (0, 1]; "
+        "e.g. 0.3 keeps 30 percent and removes 70 percent",
+        default=0.5,
+    )
+    include: tuple[str, ...] = help_field("glob/regex patterns of module names to target instead of the transformer blocks' linears", default=())
+    exclude: tuple[str, ...] = help_field("glob/regex patterns of module names to leave dense", default=())
+    fisher_reduction: str = help_field(
+        "fwsvd: reduce Fisher to one weight per output feature ('out'), input feature ('in'), both, or 'auto' "
+        "(out with whitened inputs; without whitening the measured best per task: out for encoders, both for causal LMs)",
+        default="auto",
+    )
+    fisher_whiten: str = help_field(
+        "fwsvd: weight the input side by the calibration inputs' covariance (SVD-LLM's truncation-aware whitening) "
+        "on top of Fisher per output feature: on, off, or 'auto' (on unless --fisher-reduction in/both; measured best on encoders and decoders)",
+        default="auto",
+    )
+    allocation: str = help_field(
+        "how ranks are chosen: 'uniform' (every targeted layer keeps --keep of its parameters), 'global' "
+        "(one budget for all layers, spent where the method's loss estimate says components matter most; "
+        "every layer keeps at least --rank-floor of its uniform rank), or 'auto' (global for fwsvd, measured best; "
+        "uniform for the other methods)",
+        default=DEFAULT_ALLOCATION,
+    )
+    rank_floor: float = help_field("global allocation: the smallest rank a layer may get, as a fraction of its uniform rank", default=DEFAULT_RANK_FLOOR)
+    dense_above: float = help_field(
+        "global allocation: a layer whose rank would pass this fraction of its break-even rank out*in/(out+in) stays dense "
+        "and the others share its budget; near break-even two thin products save few parameters and run slower than one "
+        "dense product (benchmarks/kernels.py measures where on a CPU); 1 keeps dense only layers that would save nothing",
+        default=1.0,
+    )
+    rank_multiple: int = help_field(
+        "round every rank to a multiple of this (matrix kernels run fastest on widths that fill their vector registers and "
+        "blocks; benchmarks/kernels.py measures which) without holding more parameters in total than unrounded ranks; "
+        "with any allocation; 1: off",
+        default=1,
+    )
+    # Off by default, by measurement: on SmolLM2-135M (keep 0.8, 16 x 512 calibration tokens) an
+    # in-sample refit lowered every layer's calibration error yet raised test perplexity from 40.79
+    # (sequential, no refit) to 62.64; judged on held-out batches (what it does now) 41.97.
+    refit: bool = help_field(
+        "sequential mode: refit each layer's left factor in closed form to the dense model's outputs on the inputs the "
+        "compressed earlier blocks produce, taken only as far as it lowers the layer's error on held-out calibration "
+        "batches (off by default: it did not lower the decoder benchmark's perplexity)",
+        default=False,
+    )
+    asvd_alpha: float = help_field("asvd: exponent of the mean absolute activation scaling", default=0.5)
+    damping: float = help_field("svd-llm and whitened fwsvd: damping added to the covariance, as a fraction of its mean diagonal", default=0.01)
+    dtype: str | None = help_field(
+        f"dtype every floating-point weight of the compressed model is stored in: {', '.join(STORAGE_DTYPES)} (default: the "
+        "model's own). bfloat16/float16 halve the saved folder; fwsvd.load and the fwsvd commands compute in float32 again, "
+        "from_pretrained(dtype='auto') in the stored dtype",
+        default=None,
+    )
+
+    def __post_init__(self) -> None:
+        self.include = tuple(self.include or ())
+        self.exclude = tuple(self.exclude or ())
+        if self.method not in METHODS:
+            raise FwsvdError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
+        if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)) or not math.isfinite(self.keep) or not 0 < self.keep <= 1:
+            raise FwsvdError(f"--keep {self.keep!r} must be a fraction in (0, 1]: the share of the targeted parameters that stays")
+        if self.allocation not in ALLOCATIONS:
+            raise FwsvdError(f"--allocation {self.allocation!r} must be one of {', '.join(ALLOCATIONS)}")
+        if isinstance(self.rank_floor, bool) or not isinstance(self.rank_floor, (int, float)) or not 0 <= self.rank_floor <= 1:
+            raise FwsvdError(f"--rank-floor {self.rank_floor!r} must be a fraction in [0, 1] of each layer's uniform rank")
+        if isinstance(self.dense_above, bool) or not isinstance(self.dense_above, (int, float)) or not 0 < self.dense_above <= 1:
+            raise FwsvdError(f"--dense-above {self.dense_above!r} must be a fraction in (0, 1] of each layer's break-even rank (1: off)")
+        if isinstance(self.rank_multiple, bool) or not isinstance(self.rank_multiple, int) or not 1 <= self.rank_multiple <= 4096:
+            raise FwsvdError(f"--rank-multiple {self.rank_multiple!r} must be a whole number from 1 (off) to 4096, e.g. 8 or 16")
+        if self.dense_above < 1 and self.resolved_allocation() != "global":
+            raise FwsvdError(
+                f"--dense-above {self.dense_above:g} applies to global allocation, but {self.method} allocates "
+                f"{self.resolved_allocation()}: pass --allocation global, or drop --dense-above"
+            )
+        if self.dtype is not None and self.dtype not in STORAGE_DTYPES:
+            raise FwsvdError(f"--dtype {self.dtype!r} must be one of {', '.join(STORAGE_DTYPES)}")
+        self.build_method("sequence-classification")  # validates the method's options early
+
+    def resolved_allocation(self) -> str:
+        """``uniform`` or ``global``: ``auto`` resolved by the method."""
+        if self.allocation != "auto":
+            return self.allocation
+        return METHODS[self.method].default_allocation
+
+    def needs(self, task: str) -> frozenset[str]:
+        """The statistics kinds to calibrate for this config on ``task`` (pass them to :func:`calibrate`)."""
+        return self.build_method(task).needs_for(task)
+
+    def build_method(self, task: str) -> Method:
+        """The configured method, with ``auto`` options resolved for ``task``."""
+        return get_method(self.method, reduction=self.fisher_reduction, whiten=self.fisher_whiten, alpha=self.asvd_alpha, damping=self.damping).configure(task)
+
+
+@dataclass
+class CalibrationConfig:
+    """Which calibration data to use and how to batch it."""
+
+    data: str | None = help_field("calibration data: .tsv/.csv/.jsonl with labels, .txt for causal LMs, or a datasets hub name", default=None)
+    samples: int | None = help_field("calibration rows (classification, default 512) or token blocks (causal LM, default 32)", default=None)
+    batch_size: int | None = help_field(
+        "calibration batch size: memory and speed only, the statistics do not depend on it "
+        "(default 16 rows; 4 blocks for causal LMs, whose Fisher backward through the vocabulary is large)",
+        default=None,
+    )
+    max_length: int | None = help_field("tokens per example (default 128) or per causal-LM block (default 512)", default=None)
+    seed: int = help_field("seed for drawing the calibration samples", default=0)
+    text_column: str | None = help_field("name of the text column (detected when omitted)", default=None)
+    pair_column: str | None = help_field("name of the second text column of a pair task (detected when omitted)", default=None)
+    label_column: str | None = help_field("name of the label column (detected when omitted)", default=None)
+    low_memory: bool = help_field(
+        "calibrate one transformer block at a time (the same statistics; the block-boundary states wait on disk), "
+        "so memory holds one block's activations instead of the whole model's, and a causal LM's logits a few tokens at a time; "
+        "batches default to 1 example",
+        default=False,
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("samples", "batch_size", "max_length"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise FwsvdError(f"--{name.replace('_', '-')} {value!r} must be a positive integer")
+
+    def resolved(self, task: str) -> CalibrationConfig:
+        causal = task == "causal-lm"
+        return CalibrationConfig(
+            data=self.data,
+            samples=self.samples or (32 if causal else 512),
+            # With low_memory, blocks run one example at a time unless asked otherwise: a block's
+            # working set grows with the batch, and there is no whole-model pass to amortize.
+            batch_size=self.batch_size or (1 if self.low_memory else 4 if causal else 16),
+            max_length=self.max_length or (512 if causal else 128),
+            seed=self.seed,
+            text_column=self.text_column,
+            pair_column=self.pair_column,
+            label_column=self.label_column,
+            low_memory=self.low_memory,
+        )
+
+
+def iter_config_fields(cls: type) -> Iterator[tuple[str, Any, str]]:
+    """``(name, default, help)`` of a config dataclass, for the command line."""
+    for f in fields(cls):
+        yield f.name, f.default, f.metadata.get("help", "")

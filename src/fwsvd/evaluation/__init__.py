@@ -1,0 +1,1 @@
+"""Evaluation: task metrics, perplexity and zero-shot accuracy."""

@@ -1,0 +1,1 @@
+"""Training: recovery fine-tuning and the losses it and calibration share."""
