@@ -192,3 +192,58 @@ def iter_config_fields(cls: type) -> Iterator[tuple[str, Any, str]]:
     """``(name, default, help)`` of a config dataclass, for the command line."""
     for f in fields(cls):
         yield f.name, f.default, f.metadata.get("help", "")
+
+
+#: The weight grids of ``--quantize`` (see :mod:`fwsvd.quantization`).
+QUANTIZE_SCHEMES = ("int8", "int4", "int3")
+#: Without ``--correction-rank`` or ``--budget-bytes``, the low-rank correction may add this share of
+#: the quantized layers' bytes (the issue's target: a correction of at most a tenth of the int4 bytes).
+DEFAULT_CORRECTION_SHARE = 0.1
+#: Inputs per scale by scheme when ``--group-size`` is not given (int8: one scale per output row).
+DEFAULT_GROUP_SIZE = {"int8": None, "int4": 32, "int3": 32}
+
+
+@dataclass
+class QuantizeConfig:
+    """How ``--quantize`` stores the targeted layers: a weight grid plus a low-rank correction of its error."""
+
+    scheme: str = help_field(f"weight grid of every targeted linear: {', '.join(QUANTIZE_SCHEMES)} (round to nearest, symmetric)", default="int4")
+    group_size: int | None = help_field(
+        "inputs per float16 scale (default 32 for int4/int3, one scale per output row for int8); the last group of a row may be shorter",
+        default=None,
+    )
+    correction_rank: int | None = help_field("the same correction rank in every layer (0: none) instead of a byte budget", default=None)
+    budget_bytes: float | None = help_field(
+        "the whole model's weight bytes as a fraction of the dense model's (float32 safetensors payload); what the "
+        "quantized layers and the untouched tensors leave goes to the correction, ranked across layers by the method's loss estimate",
+        default=None,
+    )
+    correction_share: float = help_field(
+        "without --correction-rank/--budget-bytes: the correction's bytes as a fraction of the quantized layers' bytes", default=DEFAULT_CORRECTION_SHARE,
+    )
+
+    def __post_init__(self) -> None:
+        if self.scheme not in QUANTIZE_SCHEMES:
+            raise FwsvdError(f"--quantize {self.scheme!r} must be one of {', '.join(QUANTIZE_SCHEMES)}")
+        if self.group_size is not None and (isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1):
+            raise FwsvdError(f"--group-size {self.group_size!r} must be a whole number of inputs >= 1, e.g. 32, 64 or 128")
+        if self.correction_rank is not None and self.budget_bytes is not None:
+            raise FwsvdError("--correction-rank and --budget-bytes both size the correction: pass one of them")
+        if self.correction_rank is not None and (isinstance(self.correction_rank, bool) or not isinstance(self.correction_rank, int) or self.correction_rank < 0):
+            raise FwsvdError(f"--correction-rank {self.correction_rank!r} must be a whole number >= 0 (0: no correction)")
+        if self.budget_bytes is not None and not (isinstance(self.budget_bytes, (int, float)) and not isinstance(self.budget_bytes, bool)
+                                                  and math.isfinite(self.budget_bytes) and 0 < self.budget_bytes <= 1):
+            raise FwsvdError(f"--budget-bytes {self.budget_bytes!r} must be a fraction in (0, 1] of the dense model's bytes")
+        if not (isinstance(self.correction_share, (int, float)) and math.isfinite(self.correction_share) and 0 <= self.correction_share <= 10):
+            raise FwsvdError(f"correction share {self.correction_share!r} must be a number in [0, 10]")
+
+    @property
+    def bits(self) -> int:
+        from .quantization import scheme_bits
+
+        return scheme_bits(self.scheme)
+
+    def resolved_group_size(self, in_features: int) -> int:
+        """Inputs per scale for a layer of ``in_features`` inputs."""
+        group = self.group_size if self.group_size is not None else DEFAULT_GROUP_SIZE[self.scheme]
+        return in_features if group is None else group

@@ -15,6 +15,7 @@ import torch
 
 __all__ = [
     "Decomposition",
+    "allocate_budget",
     "allocate_ranks",
     "balance_factors",
     "dense_parameters",
@@ -730,3 +731,55 @@ def output_error(
     mixed = ((w @ cross.double()) * ab).sum(1)
     approx = ((ab @ covariance.double()) * ab).sum(1)
     return float((r2 * (dense - 2 * mixed + approx)).sum())
+
+
+def allocate_budget(losses: Sequence[torch.Tensor], costs: Sequence[float], budget: float) -> list[int]:
+    """Ranks per matrix that spend at most ``budget`` and keep the most estimated loss.
+
+    Component ``k`` of matrix ``i`` costs ``costs[i]`` (e.g. the bytes of one more column of ``A``
+    and row of ``B``) and is worth ``losses[i][k]``; components are taken greedily by worth per cost.
+    A matrix's worth is non-increasing in ``k``, so each keeps a prefix and the greedy choice is a
+    merge of the matrices' sorted lists. Unlike :func:`allocate_ranks` nothing turns dense: this
+    budgets *additions* (a low-rank correction on top of a quantized weight), not replacements.
+
+    Args:
+        losses: per matrix, non-negative estimates in decreasing order.
+        costs: per matrix, the positive cost of one component.
+        budget: the total cost allowed (``>= 0``).
+
+    Returns:
+        The rank of each matrix (0: no component).
+
+    Raises:
+        ValueError: on mismatched lengths, a non-positive cost, a negative or non-finite budget or loss.
+    """
+    if len(losses) != len(costs):
+        raise ValueError(f"{len(losses)} loss vectors for {len(costs)} costs")
+    if not (math.isfinite(budget) and budget >= 0):
+        raise ValueError(f"budget {budget} must be a finite non-negative number")
+    if any(not (math.isfinite(c) and c > 0) for c in costs):
+        raise ValueError("every component cost must be a positive finite number")
+    if not losses:
+        return []
+    worth = torch.cat([l.detach().double().reshape(-1) / c for l, c in zip(losses, costs)])
+    if not bool(torch.isfinite(worth).all()) or bool((worth < 0).any()):
+        raise ValueError("losses must be finite and non-negative")
+    owner = torch.cat([torch.full((l.numel(),), i, dtype=torch.long) for i, l in enumerate(losses)])
+    price = torch.tensor(costs, dtype=torch.float64)[owner]
+    # Stable sort by worth per cost, descending: within a matrix worth is non-increasing, so each
+    # matrix's components come out in their own order (a prefix is always what is taken).
+    order = torch.sort(-worth, stable=True).indices.tolist()
+    owners, prices = owner.tolist(), price.tolist()
+    ranks = [0] * len(losses)
+    closed: set[int] = set()
+    left = budget * (1 + 1e-12)
+    for index in order:
+        i = owners[index]
+        if i in closed:
+            continue
+        if prices[index] > left:
+            closed.add(i)  # a matrix keeps a prefix: none of its later components either
+            continue
+        left -= prices[index]
+        ranks[i] += 1
+    return ranks

@@ -21,6 +21,7 @@ __all__ = [
     "check_finite_weights",
     "LinearInfo",
     "LowRankLinear",
+    "QuantizedLinear",
     "SharedInput",
     "find_blocks",
     "find_targets",
@@ -28,6 +29,7 @@ __all__ = [
     "linear_bias",
     "linear_weight",
     "low_rank_skeleton",
+    "quantized_skeleton",
     "stack_shared_inputs",
     "swap_module",
 ]
@@ -106,6 +108,105 @@ class LowRankLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={self.bias is not None}"
+
+
+class QuantizedLinear(nn.Module):
+    """``y = x (Q(W) + A B)^T + bias``: a quantized weight plus a low-rank correction of its error.
+
+    The weight is kept as its integer grid, packed (:func:`fwsvd.quantization.pack`: int8, two int4
+    or eight int3 values in three bytes) in the ``qweight`` buffer, with float16 ``scales`` per group
+    of ``group_size`` inputs; ``weight_in`` (``B``, ``[rank, in]``) and ``weight_out`` (``A``,
+    ``[out, rank]``) fit the rounding error ``W - Q(W)`` where the method's weighting says it
+    matters (rank 0: no correction). The de-quantised weight is computed once and cached (not saved).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        bits: int,
+        group_size: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        from .quantization import packed_bytes
+
+        if not 0 <= rank <= min(in_features, out_features):
+            raise ValueError(f"rank {rank} is outside [0, {min(in_features, out_features)}]")
+        if group_size < 1:
+            raise ValueError(f"group size {group_size} must be at least 1")
+        kw = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features, self.rank, self.bits, self.group_size = in_features, out_features, rank, bits, group_size
+        groups = -(-in_features // group_size)
+        self.register_buffer("qweight", torch.zeros(packed_bytes(out_features * in_features, bits), dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.ones(out_features, groups, dtype=torch.float16, device=device))
+        self.weight_in = nn.Parameter(torch.zeros(rank, in_features, **kw))
+        self.weight_out = nn.Parameter(torch.zeros(out_features, rank, **kw))
+        self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
+        self._cache: tuple[tuple[int, int, int, int], torch.Tensor] | None = None
+
+    @classmethod
+    def from_weight(
+        cls, q: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int,
+        a: torch.Tensor | None, b: torch.Tensor | None, bias: torch.Tensor | None, dtype: torch.dtype = torch.float32,
+    ) -> QuantizedLinear:
+        """Build from integer values ``q`` ``[out, in]``, their ``scales``, correction factors (or ``None``) and a bias."""
+        from .quantization import pack
+
+        out_f, in_f = q.shape
+        rank = 0 if a is None else a.shape[1]
+        layer = cls(in_f, out_f, rank, bits, group_size, bias=bias is not None, device=q.device, dtype=dtype)
+        with torch.no_grad():
+            layer.qweight.copy_(pack(q, bits))
+            layer.scales.copy_(scales)
+            if rank:
+                layer.weight_out.copy_(a)
+                layer.weight_in.copy_(b)
+            if bias is not None:
+                layer.bias.copy_(bias)
+        return layer
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The de-quantised ``Q(W)`` ``[out, in]`` in the layer's dtype (cached until a buffer changes)."""
+        from .quantization import dequantize, unpack
+
+        key = (self.qweight.data_ptr(), self.qweight._version, self.scales.data_ptr(), self.scales._version)
+        dtype = self.weight_in.dtype
+        if self._cache is None or self._cache[0] != key or self._cache[1].dtype != dtype or self._cache[1].device != self.qweight.device:
+            q = unpack(self.qweight, self.bits, (self.out_features, self.in_features))
+            self._cache = (key, dequantize(q, self.scales, self.group_size, dtype))
+        return self._cache[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.quantized_weight().to(x.dtype), self.bias)
+        if self.rank:
+            y = y + F.linear(F.linear(x, self.weight_in.to(x.dtype)), self.weight_out.to(x.dtype))
+        return y
+
+    def dense_weight(self) -> torch.Tensor:
+        """``Q(W) + A B`` (for checks and export, not for inference)."""
+        return self.quantized_weight() + self.weight_out @ self.weight_in
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense equivalent :meth:`dense_weight`, for code written against ``nn.Linear`` (see :class:`LowRankLinear`)."""
+        return self.dense_weight()
+
+    def storage_bytes(self) -> dict[str, int]:
+        """Bytes this layer stores: the packed grid, the scales, the correction factors (float16), the bias."""
+        return {
+            "weight": self.qweight.numel(),
+            "scales": self.scales.numel() * 2,
+            "correction": (self.weight_in.numel() + self.weight_out.numel()) * 2,
+            "bias": 0 if self.bias is None else self.bias.numel() * self.bias.element_size(),
+        }
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, rank={self.rank}, bias={self.bias is not None}")
 
 
 class SharedInput:
@@ -384,3 +485,29 @@ def check_finite_weights(model: nn.Module, source: str | None = None) -> None:
 def count_parameters(model: nn.Module) -> int:
     """Parameters of a model, each shared (tied) tensor counted once."""
     return sum(p.numel() for p in model.parameters())
+
+
+def quantized_skeleton(model: nn.Module, ranks: dict[str, int], bits: int, group_size: int | None) -> None:
+    """Swap each named linear layer for an empty :class:`QuantizedLinear` of the recorded grid and correction rank.
+
+    ``group_size`` ``None`` means one scale per output row. Keeps each layer's device and dtype
+    (``meta`` during ``from_pretrained``); used before a saved quantized model's weights are read.
+
+    Raises:
+        ModelError: when a recorded module is missing, not a linear layer, or its rank does not fit.
+    """
+    for name, rank in ranks.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError as err:
+            raise ModelError(f"quantized module {name!r} is not in this model: the config does not match the weights") from err
+        if isinstance(module, QuantizedLinear):
+            continue
+        if not isinstance(module, LINEAR_TYPES):
+            raise ModelError(f"quantized module {name!r} is a {type(module).__name__}, not a linear layer")
+        info = _info(name, module)
+        if rank > min(info.in_features, info.out_features):
+            raise ModelError(f"the correction rank of {name} is {rank}, above min({info.out_features}, {info.in_features}): the config does not match the weights")
+        w = linear_weight(module)
+        group = info.in_features if group_size is None else group_size
+        swap_module(model, name, QuantizedLinear(info.in_features, info.out_features, int(rank), bits, group, bias=info.bias, device=w.device, dtype=w.dtype))

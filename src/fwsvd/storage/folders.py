@@ -13,7 +13,7 @@ from ..errors import FwsvdError
 from .atomic import atomic_dir
 from .record import FwsvdQuantizationConfig, compression_record
 from .loading import dtype_name, load_model
-from ..nn import FACTORS, LowRankLinear
+from ..nn import FACTORS, LowRankLinear, QuantizedLinear
 from ..config import STORAGE_DTYPES
 from ..nn import count_parameters
 
@@ -113,12 +113,35 @@ def save(model: nn.Module, out: str | Path, tokenizer: Any = None, *, overwrite:
     from .int8 import storage_state_dict
 
     state = storage_state_dict(model)  # int8 factors and their scales, when the record says so and they are on their grid
+    state = _quantized_state(model, state)
     _sync_stored_dtype(model)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, **({"state_dict": state} if state is not None else {}))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(out)
+
+
+def _quantized_state(model: nn.Module, state: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+    """The state dict with every :class:`~fwsvd.nn.QuantizedLinear`'s correction factors in float16, as
+    the record says they are stored (their values are float16 already; ``None``: no such layer)."""
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, QuantizedLinear)]
+    if not layers:
+        return state
+    state = dict(state if state is not None else model.state_dict())
+    for name, _ in layers:
+        for factor in FACTORS:
+            key = f"{name}.{factor}" if name else factor
+            state[key] = state[key].to(torch.float16)
+    return state
+
+
+def quantized_bytes_table(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Per quantized layer: grid, correction rank and the bytes it stores (weight, scales, correction, bias)."""
+    return {
+        name: {"bits": m.bits, "group_size": m.group_size, "rank": m.rank, **m.storage_bytes()}
+        for name, m in model.named_modules() if isinstance(m, QuantizedLinear)
+    }
 
 
 def load(path: str | Path, task: str | None = None, **kwargs: Any) -> nn.Module:
@@ -162,6 +185,16 @@ def inspect(model: nn.Module) -> dict[str, Any]:
         "rank_table": rank_table(ranks, record.get("dense_layers", [])),
         "calibration": record.get("calibration", {}),
         "correction": record.get("correction"),
+        "quantized_weights": _quantized_summary(record.get("quantized_weights"), quantized_bytes_table(model)),
+    }
+
+
+def _quantized_summary(grid: Mapping[str, Any] | None, table: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    if grid is None:
+        return None
+    return {
+        "scheme": grid["scheme"], "group_size": grid["group_size"], "dense_bytes": grid["dense_bytes"], "model_bytes": grid["model_bytes"],
+        "model_fraction": grid["model_bytes"] / grid["dense_bytes"], "layers": table,
     }
 
 

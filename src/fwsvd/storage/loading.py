@@ -228,7 +228,8 @@ def weight_shapes(folder: str | os.PathLike, *, allow_pickle: bool = False) -> d
 def _check_factors(shapes: dict[str, tuple[int, ...]], record: dict[str, Any] | None, model: str) -> None:
     """The low-rank factors in the weights must be exactly those of the record, at its ranks."""
     factors = {k.rsplit(".", 1)[0] for k in shapes if k.endswith(tuple(f".{f}" for f in FACTORS))}
-    ranks = (record or {}).get("ranks", {})
+    # Quantized layers carry their correction factors too (rank 0: empty ones).
+    ranks = {**(record or {}).get("ranks", {}), **((record or {}).get("quantized_weights") or {}).get("ranks", {})}
     if factors and not ranks:
         example = sorted(factors)[0]
         raise ModelError(
@@ -263,6 +264,8 @@ def _check_factor_dtypes(folder: Path, record: dict[str, Any] | None, model: str
     from safetensors import safe_open
 
     ranks = (record or {}).get("ranks", {})
+    quantized = ((record or {}).get("quantized_weights") or {}).get("ranks", {})
+    _check_quantized_dtypes(folder, quantized, model)
     if not ranks:
         return
     from .int8 import SCALE_SUFFIX
@@ -297,6 +300,26 @@ def _check_factor_dtypes(folder: Path, record: dict[str, Any] | None, model: str
             )
         elif key + SCALE_SUFFIX in found:
             raise ModelError(f"the weights of {model} hold {key}{SCALE_SUFFIX}, scales of int8 factors that config.json does not record: restore the config.json saved with them")
+
+
+def _check_quantized_dtypes(folder: Path, ranks: dict[str, int], model: str) -> None:
+    """Quantized layers store a uint8 grid, float16 scales and float16 correction factors."""
+    from safetensors import safe_open
+
+    if not ranks:
+        return
+    wanted = {f"{name}.{part}": dtype for name in ranks for part, dtype in
+              (("qweight", "U8"), ("scales", "F16"), ("weight_in", "F16"), ("weight_out", "F16"))}
+    for file in safetensors_files(folder):
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                if key in wanted:
+                    dtype = handle.get_slice(key).get_dtype()
+                    if dtype != wanted[key]:
+                        raise ModelError(
+                            f"tensor {key} of {model} is stored as {dtype}, but a quantized layer stores it as {wanted[key]}: "
+                            "restore the weights saved with this config.json"
+                        )
 
 
 def _check_loading_info(info: dict[str, Any], model: str) -> None:

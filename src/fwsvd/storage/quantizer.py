@@ -12,7 +12,8 @@ from transformers.quantizers.auto import (
 )
 from transformers.quantizers.base import HfQuantizer
 
-from ..nn import low_rank_skeleton
+from ..nn import low_rank_skeleton, quantized_skeleton
+from ..quantization import scheme_bits
 from .record import FwsvdQuantizationConfig, QUANT_METHOD, check_ranks
 
 
@@ -26,6 +27,10 @@ class FwsvdQuantizer(HfQuantizer):
         # recorded ranks so the saved factors load into them by name.
         check_ranks(model, self.quantization_config.ranks)
         low_rank_skeleton(model, self.quantization_config.ranks)
+        grid = getattr(self.quantization_config, "quantized_weights", None)
+        if grid is not None:
+            # Quantized layers: packed grid, float16 scales and correction factors load by name.
+            quantized_skeleton(model, grid["ranks"], scheme_bits(grid["scheme"]), grid["group_size"])
         if getattr(self.quantization_config, "quantized_factors", None) == "int8":
             from .int8 import prepare_skeleton
 

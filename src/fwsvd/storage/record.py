@@ -57,6 +57,7 @@ RECORD_KEYS: dict[str, str] = {
     "factor_dtype": "one of 'float32', 'bfloat16', 'float16'",  # older folders: only the factors were cast
     "stored_dtype": "one of 'float32', 'bfloat16', 'float16'",
     "quantized_factors": "the string 'int8'",
+    "quantized_weights": "an object with scheme, group_size, factor_dtype, ranks, dense_bytes and model_bytes",
 }
 _WHERE = "quantization_config in config.json"
 _FIX = "restore the config.json saved with the weights"
@@ -130,6 +131,8 @@ def validate_record(record: Any) -> dict[str, Any]:
             raise ModelError(f"{_WHERE}: {err}: {_FIX}") from None
     if "allocation" in record:
         _check_allocation(record["allocation"])
+    if "quantized_weights" in record:
+        _check_quantized(record["quantized_weights"])
     ranks = record.get("ranks", {})
     if not isinstance(ranks, Mapping):
         raise _bad("ranks", ranks)
@@ -162,6 +165,32 @@ def _check_allocation(allocation: Mapping[str, Any]) -> None:
         if not ok(value):
             shown = repr(value)
             raise ModelError(f"{_WHERE}: allocation {key} is {shown if len(shown) <= 40 else shown[:37] + '...'}, not {what}: {_FIX}")
+
+
+def _check_quantized(grid: Any) -> None:
+    """The ``quantized_weights`` record (see :mod:`fwsvd.compression.quantized`), key by key."""
+    from ..quantization import SCHEMES
+
+    checks: dict[str, tuple[str, Any]] = {
+        "scheme": (f"one of {', '.join(SCHEMES)}", lambda v: v in SCHEMES),
+        "group_size": ("a whole number >= 1 or null", lambda v: v is None or (_is_int(v) and v >= 1)),
+        "factor_dtype": ("'float16'", lambda v: v == "float16"),
+        "ranks": ("an object mapping module names to whole numbers >= 0",
+                  lambda v: isinstance(v, Mapping) and all(isinstance(k, str) and k and _is_int(r) and r >= 0 for k, r in v.items())),
+        "dense_bytes": ("a positive integer", lambda v: _is_int(v) and v > 0),
+        "model_bytes": ("a positive integer", lambda v: _is_int(v) and v > 0),
+    }
+    if not isinstance(grid, Mapping):
+        raise _bad("quantized_weights", grid)
+    for key in grid:
+        if key not in checks:
+            raise ModelError(f"{_WHERE}: quantized_weights has unknown key {str(key)[:40]!r} (known: {', '.join(checks)}): {_FIX}")
+    for key, (what, ok) in checks.items():
+        if key not in grid:
+            raise ModelError(f"{_WHERE}: quantized_weights lacks {key}: {_FIX}")
+        if not ok(grid[key]):
+            shown = repr(grid[key])
+            raise ModelError(f"{_WHERE}: quantized_weights {key} is {shown if len(shown) <= 40 else shown[:37] + '...'}, not {what}: {_FIX}")
 
 
 def _version() -> str:
