@@ -26,7 +26,7 @@ from .api import (
 from .errors import DataError, FwsvdError, ModelError
 from .methods import METHODS, Method, get_method
 from .storage.quantizer import register as _register
-from .version import __version__
+from .version import __version__  # noqa: F401  (fwsvd.__version__)
 
 _register()
 

@@ -11,6 +11,8 @@ from torch import nn
 
 from .errors import FwsvdError
 
+__all__ = ["BlockCall", "StopForward", "block_targets", "capture_block_calls", "check_single_stack", "split_hidden"]
+
 
 class StopForward(Exception):
     """Raised by the capture hook to end a forward pass once the block inputs are recorded."""

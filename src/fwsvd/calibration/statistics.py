@@ -507,53 +507,8 @@ def collect_statistics(
         task = task_of(model)
 
     sums = RunningSums() if start is None else start
-    counts = sums.counts()
     start_time = time.perf_counter()
-    # No parameter gradient at all with Fisher: the Fisher hooks form per-example weight gradients
-    # from activations and output gradients, which flow without any weight requiring grad.
-    with calibration_mode(model, freeze=want_fisher):
-        # Activation hooks first: they must see each module's original input tensor (the Fisher
-        # pre-hook may hand on a copy), so that modules reading one input share one covariance.
-        with ActivationHooks(model, names, kinds & {"act", "cov"}) as hooks, FisherHooks(
-            model, names if want_fisher else [], keep_full_fisher
-        ) as fisher:
-            hooks.restore(sums)
-            fisher.restore(sums)
-
-            def running() -> RunningSums:
-                tensors = {n: {**hooks.sums(n), **{k: acc[n] for k, acc in (("fisher_out", fisher.out), ("fisher_in", fisher.inp), ("fisher_full", fisher.full)) if n in acc}} for n in names}
-                return RunningSums({n: t for n, t in tensors.items() if t}, dict(hooks.shared), **counts)
-
-            bar = tqdm(batches, total=total, initial=counts["batches"], desc="calibrating", unit="batch", disable=not progress, leave=False)
-            for batch in bar:
-                mask = batch.get("attention_mask")
-                hooks.new_batch(mask)
-                rows = int(batch["input_ids"].shape[0])
-                if want_fisher:
-                    if "labels" not in batch:
-                        raise FwsvdError("Fisher calibration needs labelled data: the batch has no 'labels'")
-                    fisher.batch_size, fisher.tokens = (int(n) for n in batch["input_ids"].shape[:2])
-                    inputs = {k: v for k, v in batch.items() if k != "labels"}
-                    with torch.enable_grad():
-                        logits = model(**inputs).logits
-                        losses = example_losses(task, logits, batch["labels"], getattr(model, "config", None))
-                        del logits
-                        if not torch.isfinite(losses).all():
-                            raise FwsvdError(f"calibration loss is {losses.tolist()}: check the labels and the model weights for NaN/inf")
-                        # The sum's gradient for each example is that of its own loss.
-                        losses.sum().backward()
-                    counts["loss_sum"] += float(losses.detach().sum())
-                    bar.set_postfix(loss=f"{counts['loss_sum'] / (counts['samples'] + rows):.4f}")
-                else:
-                    with torch.no_grad():
-                        model(**{k: v for k, v in batch.items() if k != "labels"})
-                counts["batches"] += 1
-                counts["samples"] += rows
-                counts["tokens"] += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
-                if checkpoint is not None:
-                    checkpoint(running())
-            sums = running()
-
+    sums = _run_batches(model, names, batches, kinds, sums, task=task, keep_full_fisher=keep_full_fisher, total=total, progress=progress, checkpoint=checkpoint)
     if reduce is not None:
         sums = reduce(sums)
     if sums.batches == 0:
@@ -561,22 +516,7 @@ def collect_statistics(
 
     stats = Statistics()
     for n in names:
-        acc = sums.tensors.get(n, {})
-        entry: dict[str, torch.Tensor] = {}
-        if want_fisher:
-            out_features, in_features = linear_weight(modules[n]).shape
-            entry["fisher_out"] = acc.get("fisher_out", torch.zeros(out_features))
-            entry["fisher_in"] = acc.get("fisher_in", torch.zeros(in_features))
-            if keep_full_fisher:
-                entry["fisher_full"] = acc.get("fisher_full", torch.zeros(out_features, in_features))
-        if "act_abs_sum" in acc:
-            entry["act_abs_mean"] = acc["act_abs_sum"] / max(int(acc["act_tokens"]), 1)
-        if "cov" in acc:
-            entry["cov"] = acc["cov"]
-        for key, t in entry.items():
-            if not torch.isfinite(t).all():
-                raise FwsvdError(f"statistic {key} of {n} is not finite: the model or data produce NaN/inf")
-        stats.tensors[n] = entry
+        stats.tensors[n] = _final_entry(n, modules[n], sums.tensors.get(n, {}), want_fisher, keep_full_fisher)
     stats.shared = dict(sums.shared)
     stats.summary = {
         **dict(summary or {}),
@@ -592,6 +532,101 @@ def collect_statistics(
         stats.summary["fisher_granularity"] = FISHER_GRANULARITY
     logger.info("calibrated %s on %d samples (%d tokens) in %.1f s", sorted(kinds), sums.samples, sums.tokens, stats.summary["seconds"])
     return stats
+
+
+def _run_batches(
+    model: nn.Module,
+    names: list[str],
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    kinds: frozenset[str],
+    sums: RunningSums,
+    *,
+    task: str | None,
+    keep_full_fisher: bool,
+    total: int | None,
+    progress: bool,
+    checkpoint: Callable[[RunningSums], None] | None,
+) -> RunningSums:
+    """Run every batch through the hooked model, starting from ``sums``: the sums after the last one."""
+    want_fisher = "fisher" in kinds
+    counts = sums.counts()
+    # No parameter gradient at all with Fisher: the Fisher hooks form per-example weight gradients
+    # from activations and output gradients, which flow without any weight requiring grad.
+    with calibration_mode(model, freeze=want_fisher):
+        # Activation hooks first: they must see each module's original input tensor (the Fisher
+        # pre-hook may hand on a copy), so that modules reading one input share one covariance.
+        with ActivationHooks(model, names, kinds & {"act", "cov"}) as hooks, FisherHooks(
+            model, names if want_fisher else [], keep_full_fisher
+        ) as fisher:
+            hooks.restore(sums)
+            fisher.restore(sums)
+            bar = tqdm(batches, total=total, initial=counts["batches"], desc="calibrating", unit="batch", disable=not progress, leave=False)
+            for batch in bar:
+                _run_batch(model, batch, hooks, fisher if want_fisher else None, task, counts, bar)
+                if checkpoint is not None:
+                    checkpoint(_running_sums(names, hooks, fisher, counts))
+            return _running_sums(names, hooks, fisher, counts)
+
+
+def _run_batch(
+    model: nn.Module,
+    batch: Mapping[str, torch.Tensor],
+    hooks: ActivationHooks,
+    fisher: FisherHooks | None,
+    task: str | None,
+    counts: dict[str, Any],
+    bar: Any,
+) -> None:
+    """One batch through the model (with the backward pass of its losses when ``fisher``), counted in ``counts``."""
+    mask = batch.get("attention_mask")
+    hooks.new_batch(mask)
+    rows = int(batch["input_ids"].shape[0])
+    if fisher is not None:
+        if "labels" not in batch:
+            raise FwsvdError("Fisher calibration needs labelled data: the batch has no 'labels'")
+        fisher.batch_size, fisher.tokens = (int(n) for n in batch["input_ids"].shape[:2])
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        with torch.enable_grad():
+            logits = model(**inputs).logits
+            losses = example_losses(task, logits, batch["labels"], getattr(model, "config", None))
+            del logits
+            if not torch.isfinite(losses).all():
+                raise FwsvdError(f"calibration loss is {losses.tolist()}: check the labels and the model weights for NaN/inf")
+            # The sum's gradient for each example is that of its own loss.
+            losses.sum().backward()
+        counts["loss_sum"] += float(losses.detach().sum())
+        bar.set_postfix(loss=f"{counts['loss_sum'] / (counts['samples'] + rows):.4f}")
+    else:
+        with torch.no_grad():
+            model(**{k: v for k, v in batch.items() if k != "labels"})
+    counts["batches"] += 1
+    counts["samples"] += rows
+    counts["tokens"] += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+
+
+def _running_sums(names: list[str], hooks: ActivationHooks, fisher: FisherHooks, counts: dict[str, Any]) -> RunningSums:
+    """What the hooks have added up so far, with the counts, as :class:`RunningSums`."""
+    tensors = {n: {**hooks.sums(n), **{k: acc[n] for k, acc in (("fisher_out", fisher.out), ("fisher_in", fisher.inp), ("fisher_full", fisher.full)) if n in acc}} for n in names}
+    return RunningSums({n: t for n, t in tensors.items() if t}, dict(hooks.shared), **counts)
+
+
+def _final_entry(name: str, module: nn.Module, acc: dict[str, torch.Tensor], want_fisher: bool, keep_full_fisher: bool) -> dict[str, torch.Tensor]:
+    """One module's statistics from its sums (zero Fisher where the loss never reached it), checked finite."""
+    entry: dict[str, torch.Tensor] = {}
+    if want_fisher:
+        out_features, in_features = linear_weight(module).shape
+        entry["fisher_out"] = acc.get("fisher_out", torch.zeros(out_features))
+        entry["fisher_in"] = acc.get("fisher_in", torch.zeros(in_features))
+        if keep_full_fisher:
+            entry["fisher_full"] = acc.get("fisher_full", torch.zeros(out_features, in_features))
+    if "act_abs_sum" in acc:
+        entry["act_abs_mean"] = acc["act_abs_sum"] / max(int(acc["act_tokens"]), 1)
+    if "cov" in acc:
+        entry["cov"] = acc["cov"]
+    for key, t in entry.items():
+        if not torch.isfinite(t).all():
+            raise FwsvdError(f"statistic {key} of {name} is not finite: the model or data produce NaN/inf")
+    return entry
 
 
 def task_of(model: nn.Module) -> str:

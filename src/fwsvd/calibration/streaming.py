@@ -34,6 +34,7 @@ import inspect
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -45,7 +46,7 @@ from tqdm.auto import tqdm
 from ..errors import FwsvdError
 from ..training.losses import IGNORE_INDEX, example_losses, next_token_labels
 from ..nn import find_blocks
-from ..blocks import StopForward, block_targets, capture_block_calls, check_single_stack, split_hidden
+from ..blocks import BlockCall, StopForward, block_targets, capture_block_calls, check_single_stack, split_hidden
 from .statistics import FISHER_GRANULARITY, STAT_KINDS, ActivationHooks, FisherHooks, Statistics, calibration_mode, task_of
 
 logger = logging.getLogger(__name__)
@@ -335,6 +336,45 @@ def stream_statistics(
             model with several stacks of blocks, or a non-finite loss or statistic.
     """
     kinds = frozenset(kinds)
+    task = _checked_inputs(model, batches, kinds, task)
+    want_fisher = "fisher" in kinds
+    block_names = find_blocks(model)
+    what = "streamed calibration (--low-memory)"
+    check_single_stack(model, block_names, what)
+    run = _Pass(
+        model=model,
+        block_names=block_names,
+        by_block=block_targets(block_names, list(target_names), what=what),
+        blocks=[model.get_submodule(name) for name in block_names],
+        batches=batches,
+        weights=weights or _Resident(),
+        states=_States(Path(scratch) if scratch is not None else None),
+        progress=progress,
+    )
+
+    start = time.perf_counter()
+    stats = Statistics()
+    loss_sum = 0.0
+    with calibration_mode(model, freeze=True):
+        like = _capture(run)
+        _forward(run, stats, kinds & {"act", "cov"}, on_block, keep_states=want_fisher)
+        if want_fisher:
+            loss_sum = _losses(run, _Head(model, task, run.blocks, like))
+            _backward(run, stats, keep_full_fisher)
+            run.states.drop(0, len(batches))
+
+    for target in target_names:
+        stats.tensors.setdefault(target, {})
+    stats.summary = _stream_summary(batches, kinds, summary, start, loss_sum if want_fisher else None)
+    logger.info(
+        "calibrated %s block by block on %d samples (%d tokens) in %.1f s",
+        sorted(kinds), stats.summary["samples"], stats.summary["tokens"], stats.summary["seconds"],
+    )
+    return stats
+
+
+def _checked_inputs(model: nn.Module, batches: list[dict[str, torch.Tensor]], kinds: frozenset[str], task: str | None) -> str | None:
+    """Refuse unknown kinds, no batch, or unlabelled batches for Fisher; the task that defines the loss."""
     unknown = kinds - STAT_KINDS
     if unknown:
         raise ValueError(f"unknown statistics {sorted(unknown)}; known: {sorted(STAT_KINDS)}")
@@ -345,113 +385,156 @@ def stream_statistics(
         raise FwsvdError("Fisher calibration needs labelled data: the batch has no 'labels'")
     if want_fisher and task is None:
         task = task_of(model)
-    block_names = find_blocks(model)
-    what = "streamed calibration (--low-memory)"
-    check_single_stack(model, block_names, what)
-    by_block = block_targets(block_names, list(target_names), what=what)
-    blocks = [model.get_submodule(name) for name in block_names]
-    weights = weights or _Resident()
-    states = _States(Path(scratch) if scratch is not None else None)
-    act_kinds = kinds & {"act", "cov"}
+    return task
 
-    start = time.perf_counter()
-    stats = Statistics()
-    n = len(batches)
+
+@dataclass
+class _Pass:
+    """What the block-major passes of one streamed calibration share."""
+
+    model: nn.Module
+    block_names: list[str]
+    by_block: dict[str, list[str]]
+    blocks: list[nn.Module]
+    batches: list[dict[str, torch.Tensor]]
+    weights: BlockWeights
+    states: _States
+    progress: bool
+    calls: list[list[BlockCall]] = field(default_factory=list)
+    masks: list[torch.Tensor | None] = field(default_factory=list)
+
+
+def _capture(run: _Pass) -> Any:
+    """Record every block's calls and the states entering the first block (level 0); one real block output."""
+    with torch.no_grad():
+        like = _block_output(run.model, run.blocks, run.block_names[0], run.batches[0], run.weights)
+        # What every block is called with, the blocks skipped (their arguments do not depend on
+        # what the blocks before them return): no block's weights are needed for it.
+        with _skipped_blocks(run.blocks, like):
+            captured = capture_block_calls(run.model, run.blocks, run.batches)
+    for b, hidden in enumerate(captured.hidden):
+        run.states.put(0, b, hidden)
+    captured.hidden = []
+    run.calls, run.masks = captured.calls, captured.masks
+    return like
+
+
+def _forward(
+    run: _Pass,
+    stats: Statistics,
+    act_kinds: frozenset[str],
+    on_block: Callable[[str, Statistics], Statistics | None] | None,
+    keep_states: bool,
+) -> None:
+    """Forward, one block at a time over every micro-batch: the act/cov of its layers into ``stats``.
+
+    With ``keep_states`` (for the backward pass) every level of states stays; otherwise each is
+    dropped once the block above has read it.
+    """
+    n = len(run.batches)
+    bar = tqdm(list(zip(run.block_names, run.blocks)), desc="calibrating (forward)", unit="block", disable=not run.progress, leave=False)
+    for index, (name, block) in enumerate(bar):
+        run.weights.load(name)
+        try:
+            with torch.no_grad(), ActivationHooks(run.model, run.by_block[name], act_kinds) as hooks:
+                for b, (call, mask) in enumerate(zip(run.calls[index], run.masks)):
+                    hooks.new_batch(mask)
+                    out = call.raw(block, run.states.get(index, b))
+                    run.states.put(index + 1, b, out[0] if isinstance(out, (tuple, list)) else out)
+                    del out
+        finally:
+            run.weights.unload(name)
+            release_freed_memory()
+        if act_kinds:
+            _hand_over(name, run.by_block[name], hooks, stats, on_block)
+        if not keep_states and index > 0:
+            run.states.drop(index, n)
+    if not keep_states:
+        run.states.drop(len(run.blocks), n)
+        run.states.drop(0, n)
+
+
+def _hand_over(
+    name: str,
+    targets: list[str],
+    hooks: ActivationHooks,
+    stats: Statistics,
+    on_block: Callable[[str, Statistics], Statistics | None] | None,
+) -> None:
+    """One block's act/cov statistics, checked finite, through ``on_block`` into ``stats``."""
+    block_stats = Statistics(shared=dict(hooks.shared))
+    for target in targets:
+        block_stats.tensors[target] = _finite(target, hooks.entries(target))
+    kept = on_block(name, block_stats) if on_block is not None else block_stats
+    if kept is not None:
+        for target, entry in kept.tensors.items():
+            stats.tensors.setdefault(target, {}).update(entry)
+    stats.shared.update(block_stats.shared)
+
+
+def _losses(run: _Pass, head: _Head) -> float:
+    """The loss of each example, and the gradient at the last block's output (replacing its states); the losses' sum."""
     loss_sum = 0.0
-    with calibration_mode(model, freeze=True):
-        with torch.no_grad():
-            like = _block_output(model, blocks, block_names[0], batches[0], weights)
-            # What every block is called with, the blocks skipped (their arguments do not depend on
-            # what the blocks before them return): no block's weights are needed for it.
-            with _skipped_blocks(blocks, like):
-                captured = capture_block_calls(model, blocks, batches)
-        for b, hidden in enumerate(captured.hidden):
-            states.put(0, b, hidden)
-        captured.hidden = []
-        masks = captured.masks
+    top = len(run.blocks)
+    for b, batch in enumerate(tqdm(run.batches, desc="calibrating (loss)", unit="batch", disable=not run.progress, leave=False)):
+        losses, grad = head(batch, run.states.get(top, b))
+        loss_sum += float(losses.sum())
+        run.states.put(top, b, grad)  # the level's states are no longer needed: gradients take their place
+        del losses, grad
+        release_freed_memory()
+    return loss_sum
 
-        # Forward, one block at a time over every micro-batch: the act/cov of its layers.
-        bar = tqdm(list(zip(block_names, blocks)), desc="calibrating (forward)", unit="block", disable=not progress, leave=False)
-        for index, (name, block) in enumerate(bar):
-            weights.load(name)
-            try:
-                with torch.no_grad(), ActivationHooks(model, by_block[name], act_kinds) as hooks:
-                    for b, (call, mask) in enumerate(zip(captured.calls[index], masks)):
-                        hooks.new_batch(mask)
-                        out = call.raw(block, states.get(index, b))
-                        states.put(index + 1, b, out[0] if isinstance(out, (tuple, list)) else out)
-                        del out
-            finally:
-                weights.unload(name)
-                release_freed_memory()
-            if act_kinds:
-                block_stats = Statistics(shared=dict(hooks.shared))
-                for target in by_block[name]:
-                    block_stats.tensors[target] = _finite(target, hooks.entries(target))
-                kept = on_block(name, block_stats) if on_block is not None else block_stats
-                if kept is not None:
-                    for target, entry in kept.tensors.items():
-                        stats.tensors.setdefault(target, {}).update(entry)
-                stats.shared.update(block_stats.shared)
-            if not want_fisher and index > 0:
-                states.drop(index, n)
-        if not want_fisher:
-            states.drop(len(blocks), n)
-            states.drop(0, n)
 
-        if want_fisher:
-            # The loss of each example, and the gradient at the last block's output.
-            head = _Head(model, task, blocks, like)
-            top = len(blocks)
-            for b, batch in enumerate(tqdm(batches, desc="calibrating (loss)", unit="batch", disable=not progress, leave=False)):
-                losses, grad = head(batch, states.get(top, b))
-                loss_sum += float(losses.sum())
-                states.put(top, b, grad)  # the level's states are no longer needed: gradients take their place
-                del losses, grad
-                release_freed_memory()
-            # Backward, one block at a time from the top: each block's Fisher, and the gradient below it.
-            bar = tqdm(list(zip(block_names, blocks))[::-1], desc="calibrating (backward)", unit="block", disable=not progress, leave=False)
-            for offset, (name, block) in enumerate(bar):
-                index = len(blocks) - 1 - offset
-                weights.load(name)
-                try:
-                    with FisherHooks(model, by_block[name], keep_full_fisher) as fisher:
-                        for b, (call, batch) in enumerate(zip(captured.calls[index], batches)):
-                            fisher.batch_size, fisher.tokens = (int(s) for s in batch["input_ids"].shape[:2])
-                            grad_out = states.get(index + 1, b)
-                            with torch.enable_grad():
-                                x = states.get(index, b).requires_grad_(True)
-                                out = call.run(block, x)
-                                out.backward(grad_out)
-                            states.put(index, b, _grad_or_zeros(x))
-                            del out, x, grad_out
-                finally:
-                    weights.unload(name)
-                    release_freed_memory()
-                states.drop(index + 1, n)
-                for target in by_block[name]:
-                    like_weight = _weight_shape(model.get_submodule(target))
-                    stats.tensors.setdefault(target, {}).update(_finite(target, fisher.entries(target, like_weight)))
-            states.drop(0, n)
+def _backward(run: _Pass, stats: Statistics, keep_full_fisher: bool) -> None:
+    """Backward, one block at a time from the top: each block's Fisher into ``stats``, and the gradient below it."""
+    n = len(run.batches)
+    bar = tqdm(list(zip(run.block_names, run.blocks))[::-1], desc="calibrating (backward)", unit="block", disable=not run.progress, leave=False)
+    for offset, (name, block) in enumerate(bar):
+        index = len(run.blocks) - 1 - offset
+        run.weights.load(name)
+        try:
+            with FisherHooks(run.model, run.by_block[name], keep_full_fisher) as fisher:
+                for b, (call, batch) in enumerate(zip(run.calls[index], run.batches)):
+                    fisher.batch_size, fisher.tokens = (int(s) for s in batch["input_ids"].shape[:2])
+                    grad_out = run.states.get(index + 1, b)
+                    with torch.enable_grad():
+                        x = run.states.get(index, b).requires_grad_(True)
+                        out = call.run(block, x)
+                        out.backward(grad_out)
+                    run.states.put(index, b, _grad_or_zeros(x))
+                    del out, x, grad_out
+        finally:
+            run.weights.unload(name)
+            release_freed_memory()
+        run.states.drop(index + 1, n)
+        for target in run.by_block[name]:
+            like_weight = _weight_shape(run.model.get_submodule(target))
+            stats.tensors.setdefault(target, {}).update(_finite(target, fisher.entries(target, like_weight)))
 
+
+def _stream_summary(
+    batches: list[dict[str, torch.Tensor]],
+    kinds: frozenset[str],
+    summary: Mapping[str, Any] | None,
+    start: float,
+    loss_sum: float | None,
+) -> dict[str, Any]:
+    """:attr:`Statistics.summary` of a streamed calibration (``loss_sum``: the Fisher pass's, else ``None``)."""
     n_rows = sum(int(b["input_ids"].shape[0]) for b in batches)
     n_tokens = sum(int(b["attention_mask"].sum()) if b.get("attention_mask") is not None else int(b["input_ids"].numel()) for b in batches)
-    for target in target_names:
-        stats.tensors.setdefault(target, {})
-    stats.summary = {
+    out = {
         **dict(summary or {}),
         "kinds": sorted(kinds),
-        "batches": n,
+        "batches": len(batches),
         "samples": n_rows,
         "tokens": n_tokens,
         "seconds": round(time.perf_counter() - start, 3),
         "streamed": True,
     }
-    if want_fisher:
-        stats.summary["mean_loss"] = loss_sum / n_rows
-        stats.summary["fisher_granularity"] = FISHER_GRANULARITY
-    logger.info("calibrated %s block by block on %d samples (%d tokens) in %.1f s", sorted(kinds), n_rows, n_tokens, stats.summary["seconds"])
-    return stats
+    if loss_sum is not None:
+        out["mean_loss"] = loss_sum / n_rows
+        out["fisher_granularity"] = FISHER_GRANULARITY
+    return out
 
 
 def stream_statistics_in_scratch(*args: Any, **kwargs: Any) -> Statistics:

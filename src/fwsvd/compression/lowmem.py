@@ -268,103 +268,163 @@ def compress_low_memory(
     # A killed run's scratch folder (the blocks' statistics, GBs for a large model) is removed by
     # the next run: scratch_dir names it by process and holds a lock on it while the run lives.
     with scratch_dir("fwsvd-low-memory-") as scratch:
-        statistics: Statistics | None = None
-        if needs:
-            (scratch / "states").mkdir()
-            batches, summary = calibration_batches(loaded, calibration, labels="fisher" in needs)
-            summary["task"] = task
-        # The tokenizer (~50 MiB for a 50k vocabulary) is needed again only for the output folder:
-        # it waits on disk meanwhile. Tokenizing the whole text leaves ~100 MiB of freed Python
-        # objects behind; both go back to the system.
-        tokenizer_dir = _park_tokenizer(loaded, scratch)
-        release_freed_memory()
-        if needs:
-            def spill(block: str, stats: Statistics) -> None:
-                flat = {f"{n}::{k}": t.contiguous() for n, entry in stats.tensors.items() for k, t in entry.items()}
-                if flat:
-                    save_file(flat, str(scratch / f"stats-{block}.safetensors"))
-
-            statistics = stream_statistics(
-                skeleton, [t.name for t in targets], batches, needs, task=task, weights=weights,
-                scratch=scratch / "states", on_block=spill, progress=progress, summary=summary,
-            )
+        spilled = _SpilledStatistics(scratch, by_block)
+        tokenizer_dir = _calibrate(loaded, calibration, needs, [t.name for t in targets], weights, spilled, progress)
         # The embeddings and head (a tied head is the largest single tensor of a small model) are
         # not needed to factorize the blocks: read again for the last shard.
         weights.unload_outside(block_names)
         release_freed_memory()
 
-        def block_statistics(block: str) -> Statistics | None:
-            if statistics is None:
-                return None
-            stats = Statistics(shared=statistics.shared, summary=statistics.summary)
-            for name in by_block[block]:
-                stats.tensors[name] = dict(statistics.tensors.get(name, {}))
-            file = scratch / f"stats-{block}.safetensors"
-            if file.is_file():
-                for key, tensor in load_file(str(file)).items():
-                    name, _, stat = key.rpartition("::")
-                    stats.tensors.setdefault(name, {})[stat] = tensor
-            return stats
-
         start = time.perf_counter()
         ranks: dict[str, int | None] | None = None
         if config.resolved_allocation() == "global":
-            ranks = _global_ranks(skeleton, block_names, by_block, info, method, config, weights, block_statistics, progress)
+            ranks = _global_ranks(skeleton, block_names, by_block, info, method, config, weights, spilled, progress)
         ranks = rounded_ranks(targets, config, ranks)
 
-        rows: list[LayerReport] = []
         with atomic_dir(out, overwrite=overwrite) as tmp:
-            shards = [*block_names, None]
-            weight_map: dict[str, str] = {}
-            total = 0
-            bar = tqdm(shards, desc=f"{method.name} keep={config.keep:g} (low memory)", unit="block", disable=not progress, leave=False)
-            for number, block in enumerate(bar, start=1):
-                file = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-                if block is None:
-                    weights.load_outside(block_names)
-                    tensors = _outside_state(skeleton, block_names)
-                else:
-                    weights.load(block)
-                    try:
-                        infos = [info[n] for n in by_block[block]]
-                        rows.extend(
-                            factorize_targets(skeleton, infos, method, config.keep, block_statistics(block), ranks=ranks, progress=False)
-                        )
-                        tensors = {k: v.detach().contiguous() for k, v in skeleton.get_submodule(block).state_dict(prefix=block + ".").items()}
-                    except BaseException:
-                        weights.unload(block)
-                        raise
-                if config.dtype is not None:
-                    # --dtype: every floating-point tensor is stored in it (record_compression casts the
-                    # skeleton to match, so config.json's dtype and the record say so).
-                    tensors = {k: v.to(getattr(torch, config.dtype)) if v.is_floating_point() else v for k, v in tensors.items()}
-                save_file(tensors, str(tmp / file), metadata={"format": "pt"})
-                total += sum(t.numel() * t.element_size() for t in tensors.values())
-                weight_map.update({k: file for k in tensors})
-                del tensors
-                if block is not None:
-                    # Whatever the block holds now (its factors) goes back to the meta device.
-                    weights.unload(block)
-                release_freed_memory()
+            rows, weight_map, total = _write_shards(tmp, skeleton, block_names, by_block, info, method, config, weights, spilled, ranks, progress)
             seconds = time.perf_counter() - start
             position = {t.name: i for i, t in enumerate(targets)}
             rows.sort(key=lambda r: position[r.name])
+            statistics = spilled.statistics
             report = record_compression(
                 skeleton, config, method, rows, parameters_before=before,
                 calibration=dict(statistics.summary) if statistics is not None else {}, seconds=seconds,
             )
-            index = {"metadata": {"total_size": total, "total_parameters": report.parameters_after}, "weight_map": dict(sorted(weight_map.items()))}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-            # What save_pretrained records beside the weights.
-            skeleton.config.dtype = str(skeleton.dtype).split(".")[1]
-            skeleton.config.architectures = [type(skeleton).__name__]
-            skeleton.config.save_pretrained(tmp)
-            if skeleton.can_generate() and getattr(skeleton, "generation_config", None) is not None:
-                skeleton.generation_config.save_pretrained(tmp)
-            if tokenizer_dir is not None:
-                for file in sorted(tokenizer_dir.iterdir()):
-                    shutil.copyfile(file, tmp / file.name)
+            _write_folder_files(tmp, skeleton, report, weight_map, total, tokenizer_dir)
     return report, task
+
+
+class _SpilledStatistics:
+    """The streamed statistics with each block's ``act``/``cov`` in a scratch file (only the Fisher
+    vectors, two per layer, stay in memory); called with a block's name, that block's statistics."""
+
+    def __init__(self, scratch: Path, by_block: dict[str, list[str]]) -> None:
+        self.scratch = scratch
+        self.by_block = by_block
+        self.statistics: Statistics | None = None
+
+    def spill(self, block: str, stats: Statistics) -> None:
+        """Write one block's statistics to the scratch folder (``on_block`` of the streamed calibration)."""
+        flat = {f"{n}::{k}": t.contiguous() for n, entry in stats.tensors.items() for k, t in entry.items()}
+        if flat:
+            save_file(flat, str(self.scratch / f"stats-{block}.safetensors"))
+
+    def __call__(self, block: str) -> Statistics | None:
+        if self.statistics is None:
+            return None
+        stats = Statistics(shared=self.statistics.shared, summary=self.statistics.summary)
+        for name in self.by_block[block]:
+            stats.tensors[name] = dict(self.statistics.tensors.get(name, {}))
+        file = self.scratch / f"stats-{block}.safetensors"
+        if file.is_file():
+            for key, tensor in load_file(str(file)).items():
+                name, _, stat = key.rpartition("::")
+                stats.tensors.setdefault(name, {})[stat] = tensor
+        return stats
+
+
+def _calibrate(
+    loaded: LoadedModel,
+    calibration: CalibrationConfig,
+    needs: frozenset[str],
+    target_names: list[str],
+    weights: CheckpointWeights,
+    spilled: _SpilledStatistics,
+    progress: bool,
+) -> Path | None:
+    """Stream the statistics the method ``needs`` into ``spilled``, the tokenizer parked on disk meanwhile; its folder."""
+    scratch = spilled.scratch
+    if needs:
+        (scratch / "states").mkdir()
+        batches, summary = calibration_batches(loaded, calibration, labels="fisher" in needs)
+        summary["task"] = loaded.task
+    # The tokenizer (~50 MiB for a 50k vocabulary) is needed again only for the output folder:
+    # it waits on disk meanwhile. Tokenizing the whole text leaves ~100 MiB of freed Python
+    # objects behind; both go back to the system.
+    tokenizer_dir = _park_tokenizer(loaded, scratch)
+    release_freed_memory()
+    if needs:
+        spilled.statistics = stream_statistics(
+            loaded.model, target_names, batches, needs, task=loaded.task, weights=weights,
+            scratch=scratch / "states", on_block=spilled.spill, progress=progress, summary=summary,
+        )
+    return tokenizer_dir
+
+
+def _write_shards(
+    tmp: Path,
+    skeleton: nn.Module,
+    block_names: list[str],
+    by_block: dict[str, list[str]],
+    info: dict[str, LinearInfo],
+    method: Any,
+    config: CompressConfig,
+    weights: CheckpointWeights,
+    block_statistics: _SpilledStatistics,
+    ranks: dict[str, int | None] | None,
+    progress: bool,
+) -> tuple[list[LayerReport], dict[str, str], int]:
+    """Factorize each block and write it as one shard into ``tmp``, then the rest as the last shard.
+
+    Returns the layers' reports (in block order), the shard of each tensor and the bytes written.
+    """
+    rows: list[LayerReport] = []
+    shards = [*block_names, None]
+    weight_map: dict[str, str] = {}
+    total = 0
+    bar = tqdm(shards, desc=f"{method.name} keep={config.keep:g} (low memory)", unit="block", disable=not progress, leave=False)
+    for number, block in enumerate(bar, start=1):
+        file = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        if block is None:
+            weights.load_outside(block_names)
+            tensors = _outside_state(skeleton, block_names)
+        else:
+            weights.load(block)
+            try:
+                infos = [info[n] for n in by_block[block]]
+                rows.extend(
+                    factorize_targets(skeleton, infos, method, config.keep, block_statistics(block), ranks=ranks, progress=False)
+                )
+                tensors = {k: v.detach().contiguous() for k, v in skeleton.get_submodule(block).state_dict(prefix=block + ".").items()}
+            except BaseException:
+                weights.unload(block)
+                raise
+        if config.dtype is not None:
+            # --dtype: every floating-point tensor is stored in it (record_compression casts the
+            # skeleton to match, so config.json's dtype and the record say so).
+            tensors = {k: v.to(getattr(torch, config.dtype)) if v.is_floating_point() else v for k, v in tensors.items()}
+        save_file(tensors, str(tmp / file), metadata={"format": "pt"})
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map.update({k: file for k in tensors})
+        del tensors
+        if block is not None:
+            # Whatever the block holds now (its factors) goes back to the meta device.
+            weights.unload(block)
+        release_freed_memory()
+    return rows, weight_map, total
+
+
+def _write_folder_files(
+    tmp: Path,
+    skeleton: nn.Module,
+    report: CompressionReport,
+    weight_map: dict[str, str],
+    total: int,
+    tokenizer_dir: Path | None,
+) -> None:
+    """The shards' index, the config (with the compression record), the generation config and the tokenizer."""
+    index = {"metadata": {"total_size": total, "total_parameters": report.parameters_after}, "weight_map": dict(sorted(weight_map.items()))}
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    # What save_pretrained records beside the weights.
+    skeleton.config.dtype = str(skeleton.dtype).split(".")[1]
+    skeleton.config.architectures = [type(skeleton).__name__]
+    skeleton.config.save_pretrained(tmp)
+    if skeleton.can_generate() and getattr(skeleton, "generation_config", None) is not None:
+        skeleton.generation_config.save_pretrained(tmp)
+    if tokenizer_dir is not None:
+        for file in sorted(tokenizer_dir.iterdir()):
+            shutil.copyfile(file, tmp / file.name)
 
 
 def _park_tokenizer(loaded: LoadedModel, scratch: Path) -> Path | None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -47,7 +48,7 @@ from .factorize import check_finite, compress, factorize_targets, record_compres
 from ..nn import count_parameters
 from ..errors import DataError, FwsvdError
 from ..storage.loading import LoadedModel
-from ..nn import find_blocks, find_targets
+from ..nn import LinearInfo, find_blocks, find_targets
 from ..core import balance_factors, output_error, refit_left_factor, refit_step
 from ..methods import Method
 from ..calibration.statistics import ActivationHooks, PairedInputHooks, Statistics
@@ -55,7 +56,7 @@ from ..blocks import BlockCall, block_targets, capture_block_calls, check_single
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["REFIT_DAMPING", "REFIT_HOLD_OUT", "BlockCall", "StopForward", "block_targets", "capture_block_calls", "check_single_stack", "compress_sequential", "held_out_batches", "split_hidden"]
+__all__ = ["REFIT_DAMPING", "REFIT_HOLD_OUT", "compress_sequential", "held_out_batches"]
 
 #: Damping of the refit's normal equations, as a fraction of their mean diagonal: enough to keep
 #: a rank-deficient calibration set solvable, small against any real signal.
@@ -227,7 +228,53 @@ def compress_sequential(
     info = {t.name: t for t in targets}
     by_block = {block: [info[name] for name in names] for block, names in block_targets(block_names, list(info), what="sequential mode").items()}
 
-    # Whole-model statistics first: Fisher, and what global allocation prices components with.
+    global_kinds, statistics, ranks, seconds_global = _whole_model_statistics(loaded, config, calibration, method, needs, targets, statistics, progress)
+    if config.refit:
+        block_kinds |= {"cov"}  # the refit solves against the current inputs' covariance
+    # Unlabelled from here on: blocks only need their inputs.
+    batches, summary = calibration_batches(loaded, calibration, labels=False)
+    if not batches:
+        raise DataError("no calibration batches: the calibration data is empty; pass a file with at least one example")
+    summary["task"] = task
+
+    before = count_parameters(model)
+    refit = _Refit(method, REFIT_DAMPING) if config.refit else None
+    seconds = _Seconds(calibration=seconds_global)
+    run = _BlockRun(model, method, config.keep, block_kinds, statistics, ranks, refit, seconds)
+    rows, n_tokens, held = _compress_blocks(run, block_names, by_block, batches, progress)
+    position = {t.name: i for i, t in enumerate(targets)}
+    rows.sort(key=lambda r: position[r.name])
+
+    _complete_summary(summary, block_kinds | global_kinds, batches, n_tokens, seconds, statistics, refit, held)
+    logger.info("sequential %s: %d blocks calibrated in %.1f s, factorized in %.1f s", method.name, len(block_names), seconds.calibration, seconds.factorize)
+    return record_compression(model, config, method, rows, parameters_before=before, calibration=summary, seconds=seconds.factorize)
+
+
+@dataclass
+class _Seconds:
+    """Time spent so far: calibrating (whole-model statistics, block statistics, running blocks) and factorizing."""
+
+    calibration: float = 0.0
+    factorize: float = 0.0
+
+
+def _whole_model_statistics(
+    loaded: LoadedModel,
+    config: CompressConfig,
+    calibration: CalibrationConfig,
+    method: Method,
+    needs: frozenset[str],
+    targets: list[LinearInfo],
+    statistics: Statistics | None,
+    progress: bool,
+) -> tuple[frozenset[str], Statistics | None, dict[str, int | None] | None, float]:
+    """Whole-model statistics first: Fisher, and what global allocation prices components with.
+
+    Returns the kinds that came from the whole model, the statistics (calibrated here when
+    ``statistics`` is ``None`` and any are needed), every target's rank (``None``: uniform) and
+    the seconds spent.
+    """
+    model = loaded.model
     allocation = config.resolved_allocation()
     global_kinds = frozenset(needs & {"fisher"}) | (frozenset(needs) if allocation == "global" else frozenset())
     seconds_global = 0.0
@@ -246,24 +293,40 @@ def compress_sequential(
         t0 = time.perf_counter()
         ranks, _ = allocate(model, targets, method, config.keep, statistics, floor=config.rank_floor, dense_above=config.dense_above, progress=progress)
         seconds_global += time.perf_counter() - t0
-    ranks = rounded_ranks(targets, config, ranks)
+    return global_kinds, statistics, rounded_ranks(targets, config, ranks), seconds_global
 
-    if config.refit:
-        block_kinds |= {"cov"}  # the refit solves against the current inputs' covariance
-    # Unlabelled from here on: blocks only need their inputs.
-    batches, summary = calibration_batches(loaded, calibration, labels=False)
-    if not batches:
-        raise DataError("no calibration batches: the calibration data is empty; pass a file with at least one example")
-    summary["task"] = task
 
-    before = count_parameters(model)
+@dataclass
+class _BlockRun:
+    """What compressing each block needs besides the block and its inputs."""
+
+    model: nn.Module
+    method: Method
+    keep: float
+    kinds: frozenset[str]
+    statistics: Statistics | None  # whole-model statistics, whose Fisher vectors each block reuses
+    ranks: dict[str, int | None] | None
+    refit: _Refit | None
+    seconds: _Seconds
+
+
+def _compress_blocks(
+    run: _BlockRun,
+    block_names: list[str],
+    by_block: dict[str, list[LinearInfo]],
+    batches: list[dict[str, torch.Tensor]],
+    progress: bool,
+) -> tuple[list[LayerReport], int, frozenset[int]]:
+    """Capture the blocks' calls, then compress each block and run it to produce the next block's inputs.
+
+    Returns the layers' reports (in block order), the calibration tokens, and the held-out batches.
+    The model's training mode is put back as it was found, whatever happens.
+    """
+    model = run.model
     blocks = [model.get_submodule(name) for name in block_names]
     was_training = model.training
     model.eval()
-    seconds_calibration = seconds_global
-    seconds_factorize = 0.0
     rows: list[LayerReport] = []
-    refit = _Refit(method, REFIT_DAMPING) if config.refit else None
     try:
         with torch.no_grad():
             t0 = time.perf_counter()
@@ -273,31 +336,15 @@ def compress_sequential(
             # Only the current block's inputs stay alive: each block's outputs replace them. With
             # correction, the dense model's hidden states travel alongside.
             hidden, captured.hidden = captured.hidden, []
-            dense_hidden = list(hidden) if refit is not None else None
-            held = held_out_batches(len(hidden)) if refit is not None else frozenset()
-            seconds_calibration += time.perf_counter() - t0
-            bar = tqdm(list(zip(block_names, blocks)), desc=f"{method.name} keep={config.keep:g} (sequential)", unit="block", disable=not progress, leave=False)
+            dense_hidden = list(hidden) if run.refit is not None else None
+            held = held_out_batches(len(hidden)) if run.refit is not None else frozenset()
+            run.seconds.calibration += time.perf_counter() - t0
+            bar = tqdm(list(zip(block_names, blocks)), desc=f"{run.method.name} keep={run.keep:g} (sequential)", unit="block", disable=not progress, leave=False)
             for index, (name, block) in enumerate(bar):
                 calls = captured.calls[index]
-                infos = by_block[name]
                 next_dense = None
-                if infos:
-                    # The whole block's statistics at once, from its current inputs. Refitting the
-                    # output projections to the block's own compressed q/k/v (and down to gate/up)
-                    # was measured too, and was slightly worse on SmolLM2 (keep 0.8: 62.9 against
-                    # 59.4; keep 0.6: 124.7 against 121.9) at twice the passes.
-                    t0 = time.perf_counter()
-                    stats, next_dense = _block_statistics(model, block, [t.name for t in infos], block_kinds, hidden, calls, masks, dense_hidden, held)
-                    if statistics is not None:
-                        for t in infos:
-                            for key in ("fisher_out", "fisher_in"):
-                                if key in statistics.tensors.get(t.name, {}):
-                                    stats.tensors[t.name][key] = statistics.tensors[t.name][key]
-                    seconds_calibration += time.perf_counter() - t0
-                    t0 = time.perf_counter()
-                    rows.extend(factorize_targets(model, infos, method, config.keep, stats, ranks=ranks, correct=refit, progress=False))
-                    seconds_factorize += time.perf_counter() - t0
-                    del stats
+                if by_block[name]:
+                    next_dense = _compress_block(run, block, by_block[name], hidden, calls, masks, dense_hidden, held, rows)
                 if index < len(blocks) - 1:
                     t0 = time.perf_counter()
                     if dense_hidden is not None:
@@ -305,19 +352,64 @@ def compress_sequential(
                         dense_hidden = next_dense if next_dense is not None else [call.run(block, h) for h, call in zip(dense_hidden, calls)]
                     # The next block sees what the compressed block produces.
                     hidden = [call.run(block, h) for h, call in zip(hidden, calls)]
-                    seconds_calibration += time.perf_counter() - t0
+                    run.seconds.calibration += time.perf_counter() - t0
     finally:
         model.train(was_training)
-    position = {t.name: i for i, t in enumerate(targets)}
-    rows.sort(key=lambda r: position[r.name])
+    return rows, n_tokens, held
 
+
+def _compress_block(
+    run: _BlockRun,
+    block: nn.Module,
+    infos: list[LinearInfo],
+    hidden: list[torch.Tensor],
+    calls: list[BlockCall],
+    masks: list[torch.Tensor | None],
+    dense_hidden: list[torch.Tensor] | None,
+    held: frozenset[int],
+    rows: list[LayerReport],
+) -> list[torch.Tensor] | None:
+    """Factorize one block's targets (their reports appended to ``rows``) from its current inputs.
+
+    Returns the dense model's hidden states after the block (with correction; else ``None``).
+    """
+    # The whole block's statistics at once, from its current inputs. Refitting the
+    # output projections to the block's own compressed q/k/v (and down to gate/up)
+    # was measured too, and was slightly worse on SmolLM2 (keep 0.8: 62.9 against
+    # 59.4; keep 0.6: 124.7 against 121.9) at twice the passes.
+    t0 = time.perf_counter()
+    stats, next_dense = _block_statistics(run.model, block, [t.name for t in infos], run.kinds, hidden, calls, masks, dense_hidden, held)
+    if run.statistics is not None:
+        for t in infos:
+            for key in ("fisher_out", "fisher_in"):
+                if key in run.statistics.tensors.get(t.name, {}):
+                    stats.tensors[t.name][key] = run.statistics.tensors[t.name][key]
+    run.seconds.calibration += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    rows.extend(factorize_targets(run.model, infos, run.method, run.keep, stats, ranks=run.ranks, correct=run.refit, progress=False))
+    run.seconds.factorize += time.perf_counter() - t0
+    del stats
+    return next_dense
+
+
+def _complete_summary(
+    summary: dict[str, Any],
+    kinds: frozenset[str],
+    batches: list[dict[str, torch.Tensor]],
+    n_tokens: int,
+    seconds: _Seconds,
+    statistics: Statistics | None,
+    refit: _Refit | None,
+    held: frozenset[int],
+) -> None:
+    """Add what the sequential run calibrated on (and the refit's outcome) to the calibration ``summary``."""
     summary.update(
         {
-            "kinds": sorted(block_kinds | global_kinds),
+            "kinds": sorted(kinds),
             "batches": len(batches),
             "samples": sum(int(b["input_ids"].shape[0]) for b in batches),
             "tokens": n_tokens,
-            "seconds": round(seconds_calibration, 3),
+            "seconds": round(seconds.calibration, 3),
             "sequential": True,
         }
     )
@@ -325,13 +417,3 @@ def compress_sequential(
         summary["fisher_granularity"] = statistics.summary["fisher_granularity"]
     if refit is not None:
         summary["refit"] = refit.summary(len(held))
-    logger.info("sequential %s: %d blocks calibrated in %.1f s, factorized in %.1f s", method.name, len(blocks), seconds_calibration, seconds_factorize)
-    return record_compression(
-        model,
-        config,
-        method,
-        rows,
-        parameters_before=before,
-        calibration=summary,
-        seconds=seconds_factorize,
-    )

@@ -16,6 +16,8 @@ from ..nn import low_rank_skeleton, quantized_skeleton
 from ..quantization import scheme_bits
 from .record import FwsvdQuantizationConfig, QUANT_METHOD, check_ranks
 
+__all__ = ["FwsvdQuantizer", "register"]
+
 
 class FwsvdQuantizer(HfQuantizer):
     """Rebuilds the low-rank structure of a saved fwsvd model during ``from_pretrained``."""

@@ -26,10 +26,8 @@ __all__ = [
     "QUANT_METHOD",
     "RECORD_KEYS",
     "FwsvdQuantizationConfig",
-    "FwsvdQuantizer",
     "check_ranks",
     "compression_record",
-    "register",
     "validate_record",
 ]
 
