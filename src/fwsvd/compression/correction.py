@@ -91,24 +91,7 @@ def gradient_correction(
     if len(blocks) == 0 or len(heldout) == 0:
         raise DataError("the gradient correction needs calibration blocks and held-out blocks")
     start = time.perf_counter()
-    was_training = model.training
-    requires = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in requires:
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-        p.grad = None
-    model.eval()  # no dropout: the step follows the model as it will run
-    try:
-        for block in tqdm(blocks.split(1), desc="correction gradient", unit="block", disable=not progress, leave=False):
-            logits = model(input_ids=block, use_cache=False).logits
-            (example_losses("causal-lm", logits, block).sum() / len(blocks)).backward()
-        direction = [p.grad.sign() for p in params]  # type: ignore[union-attr]
-    finally:
-        for p, flag in requires:
-            p.grad = None
-            p.requires_grad_(flag)
-        model.train(was_training)
+    direction = _sign_gradient(model, params, blocks, progress)
     origin = [p.detach().clone() for p in params]
 
     @torch.no_grad()
@@ -154,6 +137,29 @@ def gradient_correction(
         "parameters": int(sum(p.numel() for p in params)),
         "seconds": round(time.perf_counter() - start, 3),
     }
+
+
+def _sign_gradient(model: nn.Module, params: list[torch.Tensor], blocks: torch.Tensor, progress: bool) -> list[torch.Tensor]:
+    """The sign of the mean next-token loss's gradient for each of ``params`` (the model's other
+    parameters frozen meanwhile, its train mode and requires-grad flags given back)."""
+    was_training = model.training
+    requires = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in requires:
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+        p.grad = None
+    model.eval()  # no dropout: the step follows the model as it will run
+    try:
+        for block in tqdm(blocks.split(1), desc="correction gradient", unit="block", disable=not progress, leave=False):
+            logits = model(input_ids=block, use_cache=False).logits
+            (example_losses("causal-lm", logits, block).sum() / len(blocks)).backward()
+        return [p.grad.sign() for p in params]  # type: ignore[union-attr]
+    finally:
+        for p, flag in requires:
+            p.grad = None
+            p.requires_grad_(flag)
+        model.train(was_training)
 
 
 def _ppl(nll: float) -> float:
