@@ -31,7 +31,7 @@ import os
 import random
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -418,6 +418,46 @@ def _score(result: dict[str, Any]) -> float:
     return value if isinstance(value, (int, float)) and math.isfinite(value) else -math.inf
 
 
+@dataclass
+class _Optimization:
+    """AdamW over the trainable parameters, its warm-up/decay schedule and the gradient clipping."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    params: list[nn.Parameter]
+    max_grad_norm: float
+
+    def step(self) -> None:
+        """One update from the accumulated gradients, which are then cleared."""
+        torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def _optimization(model: nn.Module, cfg: FinetuneConfig, total: int) -> _Optimization:
+    """AdamW at ``cfg.lr`` warming up for ``cfg.warmup`` of ``total`` steps, then decaying linearly to 0."""
+    from transformers import get_linear_schedule_with_warmup
+
+    assert cfg.lr is not None
+    optimizer = _optimizer(model, cfg.lr, cfg.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, round(cfg.warmup * total), total)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return _Optimization(optimizer, scheduler, params, cfg.max_grad_norm)
+
+
+def _low_rank_ranks(model: nn.Module) -> dict[str, int]:
+    return {name: mod.rank for name, mod in model.named_modules() if isinstance(mod, LowRankLinear)}
+
+
+def _check_trained(model: nn.Module, ranks_before: dict[str, int]) -> None:
+    """Put the trained model in eval mode and check that its weights are finite and its ranks unchanged."""
+    model.eval()
+    check_finite_weights(model, "the fine-tuned model")  # never handed back, nor saved, with NaN weights
+    if _low_rank_ranks(model) != ranks_before:  # pragma: no cover - structure never changes here
+        raise ModelError("fine-tuning changed the low-rank structure")
+
+
 def finetune(
     loaded: LoadedModel,
     config: FinetuneConfig,
@@ -457,8 +497,6 @@ def finetune(
         DataError: for unusable training data.
         FwsvdError: for settings that do not apply to the model's task.
     """
-    from transformers import get_linear_schedule_with_warmup
-
     if loaded.task == "causal-lm":
         if eval_config is not None:
             raise FwsvdError(
@@ -472,11 +510,79 @@ def finetune(
         raise ModelError(f"{loaded.source} has no tokenizer: save the tokenizer files into the model folder")
     if teacher is not None:
         raise FwsvdError("distillation from a teacher is implemented for causal LMs only")
+    return _finetune_classifier(loaded, config, eval_config, progress)
+
+
+# The best epoch so far: its score, number, a copy of its state (when a later epoch may still be
+# worse) and its evaluation.
+_BestEpoch = tuple[float, int, "dict[str, torch.Tensor] | None", "dict[str, Any] | None"]
+
+
+@dataclass
+class _Rows:
+    """A classifier's encoded training rows, their targets and lengths, and the padding token's id."""
+
+    items: list[dict[str, list[int]]]
+    targets: list
+    lengths: list[int]
+    regression: bool
+    pad_token_id: int
+
+
+def _finetune_classifier(loaded: LoadedModel, config: FinetuneConfig, eval_config: EvalConfig | None, progress: bool) -> dict[str, Any]:
+    """:func:`finetune` of a sequence classifier (the task and tokenizer are checked)."""
     model = loaded.model
     compressed = is_compressed(model)
     cfg = config.resolved(compressed)
     assert cfg.epochs is not None and cfg.lr is not None and cfg.batch_size is not None
+    rows = _classifier_rows(loaded, cfg)
+    total = math.ceil(len(rows.items) / cfg.batch_size) * cfg.epochs
 
+    ranks_before = _low_rank_ranks(model)
+    # With train="all" every parameter that requires a gradient trains (all of them after loading:
+    # the low-rank factors, embeddings, norms and head); a caller may freeze some beforehand.
+    frozen = _select_trainable(model, cfg.train or "all")
+    opt = _optimization(model, cfg, total)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    history: list[dict[str, Any]] = []
+    best: _BestEpoch = (-math.inf, 0, None, None)
+    was_training = model.training
+    start, cpu_start = time.perf_counter(), time.process_time()
+    logger.info(
+        "fine-tuning %s model on %d rows of %s: %d epoch(s), lr %g, batch %d, max length %d",
+        "compressed" if compressed else "dense", len(rows.items), cfg.data, cfg.epochs, cfg.lr, cfg.batch_size, cfg.max_length,
+    )
+    try:
+        # Dropout draws from torch's global generator: fork it so the run is seeded without
+        # changing the caller's random state.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            for epoch in range(1, cfg.epochs + 1):
+                row = _classifier_epoch(model, rows, opt, generator, cfg, epoch, progress)
+                if eval_config is not None:
+                    best = _evaluate_epoch(loaded, eval_config, row, best, cfg.epochs, progress)
+                else:
+                    logger.info("epoch %d/%d: loss %.4f", epoch, cfg.epochs, row["loss"])
+                history.append(row)
+        if eval_config is not None and best[1] != cfg.epochs and best[2] is not None:
+            model.load_state_dict(best[2])
+            logger.info("kept epoch %d (best %s on %s)", best[1], best[3]["metric"] if best[3] else "", eval_config.data)
+    finally:
+        opt.optimizer.zero_grad(set_to_none=True)
+        model.train(was_training)
+        _restore_trainable(frozen)
+    _check_trained(model, ranks_before)
+    summary = _classifier_summary(cfg, rows, compressed, total, history, best, eval_config, start, cpu_start)
+    _record(model, summary)
+    return summary
+
+
+def _classifier_rows(loaded: LoadedModel, cfg: FinetuneConfig) -> _Rows:
+    """The labelled training rows (``limit`` of them drawn with the seed), encoded, with their targets.
+
+    Raises:
+        DataError: for data without labels or usable rows, or labels that do not fit the head.
+    """
     examples = cfg.read()
     if examples.labels is None:
         raise DataError(f"{cfg.data} has no label column: fine-tuning needs labels (or pass --label-column)")
@@ -486,7 +592,7 @@ def finetune(
         examples = replace(examples, texts=pick(examples.texts), text_pairs=pick(examples.text_pairs), labels=pick(examples.labels))
     if len(examples) == 0:
         raise DataError(f"{cfg.data} has no usable rows: give a file with labelled examples")
-    mc = model.config
+    mc = loaded.model.config
     targets, regression, _ = d.label_mapping(
         examples.labels,
         label2id=getattr(mc, "label2id", None),
@@ -495,85 +601,65 @@ def finetune(
         source=cfg.data,
     )
     items = d.encode_examples(loaded.tokenizer, examples, cfg.max_length)
-    lengths = [len(item["input_ids"]) for item in items]
-    pad_id = loaded.tokenizer.pad_token_id
-    per_epoch = math.ceil(len(items) / cfg.batch_size)
-    total = per_epoch * cfg.epochs
+    return _Rows(items, targets, [len(item["input_ids"]) for item in items], regression, loaded.tokenizer.pad_token_id)
 
-    ranks_before = {n: m.rank for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
-    # With train="all" every parameter that requires a gradient trains (all of them after loading:
-    # the low-rank factors, embeddings, norms and head); a caller may freeze some beforehand.
-    frozen = _select_trainable(model, cfg.train or "all")
-    optimizer = _optimizer(model, cfg.lr, cfg.weight_decay)
-    scheduler = get_linear_schedule_with_warmup(optimizer, round(cfg.warmup * total), total)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    generator = torch.Generator().manual_seed(cfg.seed)
-    device = params[0].device  # batches follow the model (CPU unless the caller moved it)
-    history: list[dict[str, Any]] = []
-    best: tuple[float, int, dict[str, torch.Tensor] | None, dict[str, Any] | None] = (-math.inf, 0, None, None)
-    was_training = model.training
-    start, cpu_start = time.perf_counter(), time.process_time()
-    logger.info(
-        "fine-tuning %s model on %d rows of %s: %d epoch(s), lr %g, batch %d, max length %d",
-        "compressed" if compressed else "dense", len(items), cfg.data, cfg.epochs, cfg.lr, cfg.batch_size, cfg.max_length,
+
+def _classifier_epoch(
+    model: nn.Module, rows: _Rows, opt: _Optimization, generator: torch.Generator, cfg: FinetuneConfig, epoch: int, progress: bool
+) -> dict[str, Any]:
+    """Train one epoch; returns its history row (``epoch``, mean training ``loss``, ``seconds``).
+
+    Raises:
+        ModelError: when the training loss becomes non-finite.
+    """
+    assert cfg.batch_size is not None and cfg.lr is not None
+    t0 = time.perf_counter()
+    model.train()
+    device = opt.params[0].device  # batches follow the model (CPU unless the caller moved it)
+    loss_sum, seen = 0.0, 0
+    bar = tqdm(
+        _epoch_batches(rows.lengths, cfg.batch_size, generator, cfg.group_by_length),
+        desc=f"fine-tune epoch {epoch}/{cfg.epochs}", unit="batch", disable=not progress, leave=False,
     )
-    try:
-        # Dropout draws from torch's global generator: fork it so the run is seeded without
-        # changing the caller's random state.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            for epoch in range(1, cfg.epochs + 1):
-                t0 = time.perf_counter()
-                model.train()
-                loss_sum, seen = 0.0, 0
-                bar = tqdm(
-                    _epoch_batches(lengths, cfg.batch_size, generator, cfg.group_by_length),
-                    desc=f"fine-tune epoch {epoch}/{cfg.epochs}", unit="batch", disable=not progress, leave=False,
-                )
-                for index in bar:
-                    batch = {k: v.to(device) for k, v in _collate(items, targets, index, pad_id).items()}
-                    loss = model(**batch).loss
-                    if not torch.isfinite(loss):
-                        raise ModelError(f"the training loss became {loss.item()}: lower --lr (now {cfg.lr:g})")
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    loss_sum += loss.item() * len(index)
-                    seen += len(index)
-                    bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
-                bar.close()
-                row: dict[str, Any] = {"epoch": epoch, "loss": loss_sum / max(seen, 1), "seconds": round(time.perf_counter() - t0, 3)}
-                if eval_config is not None:
-                    result = evaluate(loaded, eval_config, progress=progress)
-                    row["eval"] = result
-                    score = _score(result)
-                    if score > best[0] or best[2] is None:
-                        # Keep a copy only when a later epoch may still be worse.
-                        state = {k: v.detach().clone() for k, v in model.state_dict().items()} if epoch < cfg.epochs else None
-                        best = (score, epoch, state, result)
-                    logger.info("epoch %d/%d: loss %.4f, %s %.4f on %s", epoch, cfg.epochs, row["loss"], result["metric"], result[result["metric"]], eval_config.data)
-                else:
-                    logger.info("epoch %d/%d: loss %.4f", epoch, cfg.epochs, row["loss"])
-                history.append(row)
-        if eval_config is not None and best[1] != cfg.epochs and best[2] is not None:
-            model.load_state_dict(best[2])
-            logger.info("kept epoch %d (best %s on %s)", best[1], best[3]["metric"] if best[3] else "", eval_config.data)
-    finally:
-        optimizer.zero_grad(set_to_none=True)
-        model.train(was_training)
-        _restore_trainable(frozen)
-    model.eval()
-    check_finite_weights(model, "the fine-tuned model")  # never handed back, nor saved, with NaN weights
-    ranks_after = {n: m.rank for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
-    if ranks_after != ranks_before:  # pragma: no cover - structure never changes here
-        raise ModelError("fine-tuning changed the low-rank structure")
+    for index in bar:
+        batch = {k: v.to(device) for k, v in _collate(rows.items, rows.targets, index, rows.pad_token_id).items()}
+        loss = model(**batch).loss
+        if not torch.isfinite(loss):
+            raise ModelError(f"the training loss became {loss.item()}: lower --lr (now {cfg.lr:g})")
+        loss.backward()
+        opt.step()
+        loss_sum += loss.item() * len(index)
+        seen += len(index)
+        bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
+    bar.close()
+    return {"epoch": epoch, "loss": loss_sum / max(seen, 1), "seconds": round(time.perf_counter() - t0, 3)}
 
+
+def _evaluate_epoch(
+    loaded: LoadedModel, eval_config: EvalConfig, row: dict[str, Any], best: _BestEpoch, epochs: int, progress: bool
+) -> _BestEpoch:
+    """Evaluate the epoch of ``row`` (its result goes into ``row["eval"]``); returns the best epoch so far."""
+    epoch = row["epoch"]
+    result = evaluate(loaded, eval_config, progress=progress)
+    row["eval"] = result
+    score = _score(result)
+    if score > best[0] or best[2] is None:
+        # Keep a copy only when a later epoch may still be worse.
+        state = {k: v.detach().clone() for k, v in loaded.model.state_dict().items()} if epoch < epochs else None
+        best = (score, epoch, state, result)
+    logger.info("epoch %d/%d: loss %.4f, %s %.4f on %s", epoch, epochs, row["loss"], result["metric"], result[result["metric"]], eval_config.data)
+    return best
+
+
+def _classifier_summary(
+    cfg: FinetuneConfig, rows: _Rows, compressed: bool, total: int, history: list[dict[str, Any]], best: _BestEpoch,
+    eval_config: EvalConfig | None, start: float, cpu_start: float,
+) -> dict[str, Any]:
+    """The summary :func:`finetune` returns for a classifier (the times run from ``start`` / ``cpu_start``)."""
     best_epoch = best[1] if eval_config is not None else cfg.epochs
-    summary: dict[str, Any] = {
+    return {
         "data": cfg.data,
-        "rows": len(items),
+        "rows": len(rows.items),
         "epochs": cfg.epochs,
         "lr": cfg.lr,
         "batch_size": cfg.batch_size,
@@ -584,7 +670,7 @@ def finetune(
         "weight_decay": cfg.weight_decay,
         "max_grad_norm": cfg.max_grad_norm,
         "compressed": compressed,
-        "regression": regression,
+        "regression": rows.regression,
         "train": cfg.train,
         "steps": total,
         "seconds": round(time.perf_counter() - start, 3),
@@ -595,8 +681,6 @@ def finetune(
         "metric": best[3]["metric"] if best[3] else None,
         "eval": best[3],
     }
-    _record(model, summary)
-    return summary
 
 
 # ---------------------------------------------------------------------------------------------
@@ -673,23 +757,67 @@ def finetune_causal(
         DataError: for a text that gives fewer than two blocks.
         FwsvdError: for ``distill`` without a teacher.
     """
-    from transformers import get_linear_schedule_with_warmup
-
     if loaded.task != "causal-lm":
         raise ModelError(f"{loaded.source} is a {loaded.task} model, not a causal LM")
     if loaded.tokenizer is None:
         raise ModelError(f"{loaded.source} has no tokenizer: save the tokenizer files into the model folder")
     model = loaded.model
     compressed = is_compressed(model)
-    cfg = config.resolved(compressed, "causal-lm")
+    cfg, teacher = _causal_settings(config, compressed, teacher)
     assert cfg.lr is not None and cfg.batch_size is not None and cfg.max_length is not None and cfg.train is not None
+    heldout, train, generator = _split_blocks(loaded.tokenizer, cfg)
+    total, every = _causal_steps(cfg, len(train))
+
+    ranks_before = _low_rank_ranks(model)
+    was_training = model.training
+    frozen = _select_trainable(model, cfg.train)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    opt: _Optimization | None = None
+    try:
+        opt = _optimization(model, cfg, total)
+        trainable = sum(p.numel() for p in opt.params)
+        device = opt.params[0].device  # blocks follow the model (CPU unless the caller moved it)
+        heldout, train = heldout.to(device), train.to(device)
+        logger.info(
+            "recovery of a %s causal LM on %s: %d blocks of %d tokens (%d held out), %d steps of %d blocks, lr %g, "
+            "training %s (%s parameters)%s",
+            "compressed" if compressed else "dense", cfg.data, len(train), cfg.max_length, len(heldout), total, cfg.batch_size, cfg.lr,
+            cfg.train, f"{trainable:,}", ", distilled from the dense model" if teacher is not None else "",
+        )
+        run = _recover(model, train, heldout, teacher, opt, generator, cfg, total, every, progress)
+        _restore_best_state(run, opt.params)
+    finally:
+        if opt is not None:
+            opt.optimizer.zero_grad(set_to_none=True)
+        model.train(was_training)
+        _restore_trainable(frozen)
+    _check_trained(model, ranks_before)
+    summary = _causal_summary(cfg, run, train, heldout, trainable, compressed, total, every, start, cpu_start)
+    _record(model, summary)
+    return summary
+
+
+def _causal_settings(config: FinetuneConfig, compressed: bool, teacher: nn.Module | None) -> tuple[FinetuneConfig, nn.Module | None]:
+    """The config with the causal-LM defaults filled in and ``distill`` decided, and the teacher if it is used.
+
+    Raises:
+        FwsvdError: for ``distill`` without a teacher.
+    """
+    cfg = config.resolved(compressed, "causal-lm")
     if cfg.distill and teacher is None:
         raise FwsvdError("distillation needs the dense model as the teacher (fwsvd compress keeps it in memory for --finetune-distill)")
     distill = (DEFAULT_DISTILL and teacher is not None) if cfg.distill is None else cfg.distill
-    cfg = replace(cfg, distill=distill)
-    teacher = teacher if distill else None
+    return replace(cfg, distill=distill), teacher if distill else None
 
-    blocks = d.causal_blocks_from_file(loaded.tokenizer, cfg.data, cfg.max_length, samples=cfg.limit, seed=cfg.seed)
+
+def _split_blocks(tokenizer: Any, cfg: FinetuneConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
+    """The held-out and training blocks of the text, and the seeded generator that split them (it then orders the batches).
+
+    Raises:
+        DataError: for a text that gives fewer than two blocks.
+    """
+    assert cfg.max_length is not None
+    blocks = d.causal_blocks_from_file(tokenizer, cfg.data, cfg.max_length, samples=cfg.limit, seed=cfg.seed)
     n = int(blocks.shape[0])
     if n < 2:
         raise DataError(
@@ -699,125 +827,147 @@ def finetune_causal(
     generator = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(n, generator=generator)
     n_hold = min(max(1, round(cfg.holdout * n)), MAX_HOLDOUT_BLOCKS, n - 1)
-    heldout, train = blocks[order[:n_hold].sort().values], blocks[order[n_hold:].sort().values]
+    return blocks[order[:n_hold].sort().values], blocks[order[n_hold:].sort().values], generator
+
+
+def _causal_steps(cfg: FinetuneConfig, n_train: int) -> tuple[int, int]:
+    """Training steps of the run, and steps between held-out evaluations."""
+    assert cfg.batch_size is not None and cfg.max_length is not None
     if cfg.tokens is not None:
         total = max(1, math.ceil(cfg.tokens / (cfg.batch_size * cfg.max_length)))
-        every = cfg.eval_steps or math.ceil(total / _EVALUATIONS)
-    else:
-        assert cfg.epochs is not None
-        per_epoch = math.ceil(len(train) / cfg.batch_size)
-        total = per_epoch * cfg.epochs
-        every = cfg.eval_steps or per_epoch
+        return total, cfg.eval_steps or math.ceil(total / _EVALUATIONS)
+    assert cfg.epochs is not None
+    per_epoch = math.ceil(n_train / cfg.batch_size)
+    return per_epoch * cfg.epochs, cfg.eval_steps or per_epoch
 
-    ranks_before = {name: mod.rank for name, mod in model.named_modules() if isinstance(mod, LowRankLinear)}
-    was_training = model.training
-    frozen = _select_trainable(model, cfg.train)
-    history: list[dict[str, Any]] = []
+
+@dataclass
+class _CausalRun:
+    """Where a causal-LM recovery run stands: the held-out history, the best state, the running training loss."""
+
+    initial_nll: float
+    best_nll: float
+    best_state: list[torch.Tensor] | None  # None: the best state is the model's own (the last step's)
+    best_step: int = 0
+    step: int = 0
+    seen: int = 0  # tokens trained on
     stopped: str | None = None
-    start, cpu_start = time.perf_counter(), time.process_time()
-    optimizer: torch.optim.Optimizer | None = None
-    try:
-        optimizer = _optimizer(model, cfg.lr, cfg.weight_decay)
-        scheduler = get_linear_schedule_with_warmup(optimizer, round(cfg.warmup * total), total)
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        trainable = sum(p.numel() for p in params)
-        device = params[0].device  # blocks follow the model (CPU unless the caller moved it)
-        heldout, train = heldout.to(device), train.to(device)
-        logger.info(
-            "recovery of a %s causal LM on %s: %d blocks of %d tokens (%d held out), %d steps of %d blocks, lr %g, "
-            "training %s (%s parameters)%s",
-            "compressed" if compressed else "dense", cfg.data, len(train), cfg.max_length, n_hold, total, cfg.batch_size, cfg.lr,
-            cfg.train, f"{trainable:,}", ", distilled from the dense model" if teacher is not None else "",
-        )
+    history: list[dict[str, Any]] = field(default_factory=list)
+    # Sums of the training loss and KL over the steps since the last evaluation.
+    loss_sum: float = 0.0
+    kl_sum: float = 0.0
+    count: int = 0
 
-        def heldout_nll() -> float:
-            model.eval()
-            try:
-                return block_nll(model, heldout, cfg.batch_size)
-            finally:
-                model.train()
 
-        initial_nll = best_nll = heldout_nll()
-        best_step = 0
-        # The starting state is a candidate too: a run that only makes things worse is undone.
-        best_state: list[torch.Tensor] | None = [p.detach().clone() for p in params]
-        history.append({"step": 0, "tokens": 0, "loss": None, "kl": None, "perplexity": _perplexity(initial_nll)})
-        logger.info("held-out perplexity before training: %.3f", metrics.perplexity(initial_nll, 1))
-        batches = _block_batches(len(train), cfg.batch_size, generator)
-        seen, step = 0, 0
-        loss_sum, kl_sum, count = 0.0, 0.0, 0
-        bar = tqdm(total=total, desc="recovery", unit="step", disable=not progress, leave=False)
-        model.train()
-        # Dropout (where a model has any) draws from torch's global generator: fork it so the run
-        # is seeded without changing the caller's random state.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            for step in range(1, total + 1):
-                ids = train[next(batches)]
-                nll, kl = 0.0, None if teacher is None else 0.0
-                # One block at a time, gradients accumulated: every block has the same number of
-                # predicted tokens, so this is the batch's mean loss, while the activations and the
-                # vocabulary-wide logits (and the teacher's) are held for one block only.
-                for block in ids.split(_MICRO_BATCH):
-                    loss, part_nll, block_kl = _causal_loss(model, block, teacher, DISTILL_WEIGHT)
-                    if not torch.isfinite(loss):
-                        break
-                    (loss * (len(block) / len(ids))).backward()
-                    nll += part_nll * len(block) / len(ids)
-                    if kl is not None and block_kl is not None:
-                        kl += block_kl * len(block) / len(ids)
-                if not torch.isfinite(loss):
-                    stopped = f"the training loss became {loss.item()} at step {step}: lower the learning rate (now {cfg.lr:g})"
-                    logger.warning("%s; keeping the best state so far", stopped)
-                    break
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                seen += ids.numel()
-                loss_sum, kl_sum, count = loss_sum + nll, kl_sum + (kl or 0.0), count + 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum / count:.4f}", **({"kl": f"{kl_sum / count:.4f}"} if kl is not None else {}))
-                if step % every and step != total:
-                    continue
-                nll_now = heldout_nll()
-                row = {
-                    "step": step, "tokens": seen, "loss": loss_sum / count, "kl": kl_sum / count if teacher is not None else None,
-                    "perplexity": _perplexity(nll_now),
-                }
-                history.append(row)
-                loss_sum, kl_sum, count = 0.0, 0.0, 0
-                logger.info("step %d/%d: training loss %.4f, held-out perplexity %.3f", step, total, row["loss"], metrics.perplexity(nll_now, 1))
-                # A state is kept only when its loss and every weight are finite.
-                if math.isfinite(nll_now) and nll_now < best_nll and all(bool(torch.isfinite(p).all()) for p in params):
-                    best_nll, best_step = nll_now, step
-                    # No copy of the last state: nothing comes after it.
-                    best_state = None if step == total else [p.detach().clone() for p in params]
-        bar.close()
-        if best_state is not None and (stopped is not None or best_step != step):
-            with torch.no_grad():
-                for p, saved in zip(params, best_state):
-                    p.copy_(saved)
-            logger.info("kept the state of step %d (held-out perplexity %.3f)", best_step, metrics.perplexity(best_nll, 1))
-    finally:
-        if optimizer is not None:
-            optimizer.zero_grad(set_to_none=True)
-        model.train(was_training)
-        _restore_trainable(frozen)
+def _recover(
+    model: nn.Module, train: torch.Tensor, heldout: torch.Tensor, teacher: nn.Module | None, opt: _Optimization,
+    generator: torch.Generator, cfg: FinetuneConfig, total: int, every: int, progress: bool,
+) -> _CausalRun:
+    """Train ``total`` steps on ``train``, evaluating on ``heldout`` at step 0, every ``every`` steps and at the end."""
+    assert cfg.batch_size is not None
+    initial_nll = _heldout_nll(model, heldout, cfg.batch_size)
+    # The starting state is a candidate too: a run that only makes things worse is undone.
+    run = _CausalRun(initial_nll, initial_nll, [p.detach().clone() for p in opt.params])
+    run.history.append({"step": 0, "tokens": 0, "loss": None, "kl": None, "perplexity": _perplexity(initial_nll)})
+    logger.info("held-out perplexity before training: %.3f", metrics.perplexity(initial_nll, 1))
+    batches = _block_batches(len(train), cfg.batch_size, generator)
+    bar = tqdm(total=total, desc="recovery", unit="step", disable=not progress, leave=False)
+    model.train()
+    # Dropout (where a model has any) draws from torch's global generator: fork it so the run
+    # is seeded without changing the caller's random state.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        for step in range(1, total + 1):
+            run.step = step
+            ids = train[next(batches)]
+            loss, nll, kl = _accumulate_gradients(model, ids, teacher)
+            if not torch.isfinite(loss):
+                run.stopped = f"the training loss became {loss.item()} at step {step}: lower the learning rate (now {cfg.lr:g})"
+                logger.warning("%s; keeping the best state so far", run.stopped)
+                break
+            opt.step()
+            run.seen += ids.numel()
+            run.loss_sum, run.kl_sum, run.count = run.loss_sum + nll, run.kl_sum + (kl or 0.0), run.count + 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{run.loss_sum / run.count:.4f}", **({"kl": f"{run.kl_sum / run.count:.4f}"} if kl is not None else {}))
+            if step % every and step != total:
+                continue
+            _heldout_checkpoint(model, heldout, run, opt.params, cfg.batch_size, total, teacher is not None)
+    bar.close()
+    return run
+
+
+def _accumulate_gradients(model: nn.Module, ids: torch.Tensor, teacher: nn.Module | None) -> tuple[torch.Tensor, float, float | None]:
+    """Backpropagate a batch's loss; returns the last block's loss and the batch's next-token loss and KL.
+
+    A non-finite loss stops the accumulation (the loss returned is that one).
+    """
+    nll, kl = 0.0, None if teacher is None else 0.0
+    # One block at a time, gradients accumulated: every block has the same number of
+    # predicted tokens, so this is the batch's mean loss, while the activations and the
+    # vocabulary-wide logits (and the teacher's) are held for one block only.
+    for block in ids.split(_MICRO_BATCH):
+        loss, part_nll, block_kl = _causal_loss(model, block, teacher, DISTILL_WEIGHT)
+        if not torch.isfinite(loss):
+            break
+        (loss * (len(block) / len(ids))).backward()
+        nll += part_nll * len(block) / len(ids)
+        if kl is not None and block_kl is not None:
+            kl += block_kl * len(block) / len(ids)
+    return loss, nll, kl
+
+
+def _heldout_nll(model: nn.Module, heldout: torch.Tensor, batch_size: int) -> float:
+    """The mean next-token loss on the held-out blocks, in eval mode; the model is left in train mode."""
     model.eval()
-    check_finite_weights(model, "the fine-tuned model")
-    ranks_after = {name: mod.rank for name, mod in model.named_modules() if isinstance(mod, LowRankLinear)}
-    if ranks_after != ranks_before:  # pragma: no cover - structure never changes here
-        raise ModelError("fine-tuning changed the low-rank structure")
+    try:
+        return block_nll(model, heldout, batch_size)
+    finally:
+        model.train()
 
-    summary: dict[str, Any] = {
+
+def _heldout_checkpoint(
+    model: nn.Module, heldout: torch.Tensor, run: _CausalRun, params: list[nn.Parameter], batch_size: int, total: int, distilled: bool
+) -> None:
+    """Evaluate on the held-out blocks at ``run.step``: add a history row and keep the state if it is the best."""
+    step = run.step
+    nll_now = _heldout_nll(model, heldout, batch_size)
+    row = {
+        "step": step, "tokens": run.seen, "loss": run.loss_sum / run.count, "kl": run.kl_sum / run.count if distilled else None,
+        "perplexity": _perplexity(nll_now),
+    }
+    run.history.append(row)
+    run.loss_sum, run.kl_sum, run.count = 0.0, 0.0, 0
+    logger.info("step %d/%d: training loss %.4f, held-out perplexity %.3f", step, total, row["loss"], metrics.perplexity(nll_now, 1))
+    # A state is kept only when its loss and every weight are finite.
+    if math.isfinite(nll_now) and nll_now < run.best_nll and all(bool(torch.isfinite(p).all()) for p in params):
+        run.best_nll, run.best_step = nll_now, step
+        # No copy of the last state: nothing comes after it.
+        run.best_state = None if step == total else [p.detach().clone() for p in params]
+
+
+def _restore_best_state(run: _CausalRun, params: list[nn.Parameter]) -> None:
+    """Put the best state back into ``params`` unless the model is in it (the run ended on its best step)."""
+    if run.best_state is not None and (run.stopped is not None or run.best_step != run.step):
+        with torch.no_grad():
+            for p, saved in zip(params, run.best_state):
+                p.copy_(saved)
+        logger.info("kept the state of step %d (held-out perplexity %.3f)", run.best_step, metrics.perplexity(run.best_nll, 1))
+
+
+def _causal_summary(
+    cfg: FinetuneConfig, run: _CausalRun, train: torch.Tensor, heldout: torch.Tensor, trainable: int, compressed: bool,
+    total: int, every: int, start: float, cpu_start: float,
+) -> dict[str, Any]:
+    """The summary :func:`finetune_causal` returns (the times run from ``start`` / ``cpu_start``)."""
+    return {
         "task": "causal-lm",
         "data": cfg.data,
         "blocks": len(train),
-        "heldout_blocks": n_hold,
+        "heldout_blocks": len(heldout),
         "epochs": cfg.epochs,
         "token_budget": cfg.tokens,
-        "tokens": seen,
+        "tokens": run.seen,
         "lr": cfg.lr,
         "batch_size": cfg.batch_size,
         "max_length": cfg.max_length,
@@ -835,15 +985,13 @@ def finetune_causal(
         "eval_steps": every,
         "seconds": round(time.perf_counter() - start, 3),
         "cpu_seconds": round(time.process_time() - cpu_start, 3),
-        "history": history,
-        "best_step": best_step,
-        "initial_perplexity": _perplexity(initial_nll),
+        "history": run.history,
+        "best_step": run.best_step,
+        "initial_perplexity": _perplexity(run.initial_nll),
         "metric": "perplexity",
-        "eval": {"perplexity": metrics.perplexity(best_nll, 1), "nll": best_nll, "n": n_hold, "tokens": int(heldout[:, 1:].numel())},
-        "stopped": stopped,
+        "eval": {"perplexity": metrics.perplexity(run.best_nll, 1), "nll": run.best_nll, "n": len(heldout), "tokens": int(heldout[:, 1:].numel())},
+        "stopped": run.stopped,
     }
-    _record(model, summary)
-    return summary
 
 
 def _record(model: nn.Module, summary: dict[str, Any]) -> None:
