@@ -60,7 +60,7 @@ def single(tmp_path_factory, llama_dir, corpus_txt) -> Path:
 def test_torchrun_two_processes_give_the_single_process_result(tmp_path, single, llama_dir, corpus_txt, capsys):
     capsys.readouterr()
     out, stats = tmp_path / "out", tmp_path / "stats.safetensors"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(Path(cli.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(Path(cli.__file__).parents[2]), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          "-m", "fwsvd", *_args(llama_dir, out, corpus_txt, "--save-stats", str(stats))],
