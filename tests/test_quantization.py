@@ -248,3 +248,41 @@ def test_a_float32_grid_is_refused(tmp_path, quantized_folder):
     save_file(weights, bad / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ModelError, match="F16"):
         fwsvd.load(bad)
+
+
+# --- the command line --------------------------------------------------------------------------------
+
+
+def test_compress_quantize_on_the_command_line(capsys, tmp_path, llama_folder, corpus_txt):
+    from fwsvd.cli import main
+
+    out = tmp_path / "q"
+    assert main(["compress", str(llama_folder), "--out", str(out), "--quantize", "int4", "--group-size", "16", "--data", str(corpus_txt),
+                 "--samples", "8", "--max-length", "16", "--batch-size", "4", "--json", "--quiet"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["scheme"] == "int4" and result["method"] == "fwsvd" and 0 < result["correction_bytes"] <= 0.1 * result["quantized_bytes"]
+    assert main(["inspect", str(out), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "quantized weights int4" in text and "correction rank" in text
+    assert main(["eval", str(out), "--data", str(corpus_txt), "--max-length", "16", "--json", "--quiet"]) == 0
+    assert math.isfinite(json.loads(capsys.readouterr().out)["perplexity"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--quantize", "int4", "--keep", "0.5"], "--keep"),
+        (["--quantize", "int4", "--low-memory"], "--low-memory"),
+        (["--quantize", "int4", "--correction-rank", "2", "--correction-share", "0.2"], "one of them"),
+        (["--keep", "0.5", "--group-size", "32"], "--group-size"),
+        ([], "--keep is required"),
+        (["--quantize", "int4", "--budget-bytes", "2"], "--budget-bytes"),
+    ],
+)
+def test_quantize_options_that_do_not_apply_are_one_line(capsys, tmp_path, llama_folder, argv, needle):
+    from fwsvd.cli import main
+
+    assert main(["compress", str(llama_folder), "--out", str(tmp_path / "q"), "--method", "svd", *argv, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fwsvd: error:") and needle in err[0], err
+    assert not (tmp_path / "q").exists()

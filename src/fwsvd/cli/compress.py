@@ -22,7 +22,7 @@ def add_parser(sub: Any) -> None:
     c.add_argument("model", metavar="MODEL", help="model folder (config.json + safetensors, or one .gguf) or hub id")
     c.add_argument("--out", required=True, help="output folder (written atomically)")
     c.add_argument("--method", choices=list(METHODS), default="fwsvd", help=field_help(CompressConfig, "method"))
-    c.add_argument("--keep", type=float, required=True, help=field_help(CompressConfig, "keep"))
+    c.add_argument("--keep", type=float, default=None, help=field_help(CompressConfig, "keep") + " (required unless --quantize)")
     c.add_argument("--data", default=None, help="calibration data: .tsv/.csv/.jsonl with labels, .txt for causal LMs, or a datasets hub name (default: --finetune-data when given)")
     add_data_options(c, calibration=True)
     c.add_argument("--include", action="append", default=[], metavar="PATTERN", help=field_help(CompressConfig, "include"))
@@ -70,8 +70,55 @@ def add_parser(sub: Any) -> None:
     )
     c.add_argument("--refit", action=argparse.BooleanOptionalAction, default=False, help="with --sequential: " + field_help(CompressConfig, "refit"))
     c.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    _add_quantize_options(c)
     _add_recovery_options(c)
     add_output_options(c)
+
+
+#: The options of --quantize, and those that apply only to factorization (refused with --quantize).
+QUANTIZE_OPTIONS = ("group_size", "correction_rank", "budget_bytes", "correction_share")
+FACTORIZE_ONLY = {
+    "keep": None, "allocation": "auto", "rank_floor": None, "dense_above": 1.0, "rank_multiple": 1, "sequential": False, "refit": False,
+    "low_memory": False, "correct": False, "quantize_factors": None, "dtype": None, "finetune_data": None,
+}
+
+
+def _add_quantize_options(c: argparse.ArgumentParser) -> None:
+    """--quantize and its options: every targeted linear on a weight grid plus a low-rank correction of its error."""
+    from ..config import QUANTIZE_SCHEMES, QuantizeConfig
+
+    g = c.add_argument_group(
+        "quantized weights",
+        "instead of factorizing: round every targeted linear to a grid and add a low-rank correction of the rounding error, "
+        "fitted by --method's weighting (fwsvd: Fisher per output over whitened inputs) with ranks shared across layers under one byte budget",
+    )
+    g.add_argument("--quantize", choices=list(QUANTIZE_SCHEMES), default=None, help=field_help(QuantizeConfig, "scheme"))
+    g.add_argument("--group-size", type=positive_int, default=None, metavar="N", help=field_help(QuantizeConfig, "group_size"))
+    g.add_argument("--correction-rank", type=int, default=None, metavar="R", help=field_help(QuantizeConfig, "correction_rank"))
+    g.add_argument("--budget-bytes", type=float, default=None, metavar="F", help=field_help(QuantizeConfig, "budget_bytes"))
+    g.add_argument("--correction-share", type=float, default=None, metavar="S", help=field_help(QuantizeConfig, "correction_share") + " (default 0.1)")
+
+
+def quantize_config(args: argparse.Namespace) -> Any:
+    """The :class:`~fwsvd.config.QuantizeConfig` of --quantize (``None`` without it); refuses options that do not apply."""
+    from ..config import DEFAULT_CORRECTION_SHARE, QuantizeConfig
+
+    if args.quantize is None:
+        given = [f"--{name.replace('_', '-')}" for name in QUANTIZE_OPTIONS if getattr(args, name) is not None]
+        if given:
+            raise FwsvdError(f"{'/'.join(given)} size the correction of --quantize: add --quantize int4 (or int8/int3), or drop them")
+        if args.keep is None:
+            raise FwsvdError("--keep is required: the fraction of the targeted layers' parameters that stays, e.g. --keep 0.5 (or pass --quantize)")
+        return None
+    clash = [f"--{name.replace('_', '-')}" for name, default in FACTORIZE_ONLY.items() if getattr(args, name) != default]
+    if clash:
+        raise FwsvdError(f"{'/'.join(clash)} apply to factorization, not to --quantize {args.quantize}: drop them, or drop --quantize")
+    if args.correction_share is not None and (args.correction_rank is not None or args.budget_bytes is not None):
+        raise FwsvdError("--correction-share, --correction-rank and --budget-bytes each size the correction: pass one of them")
+    return QuantizeConfig(
+        scheme=args.quantize, group_size=args.group_size, correction_rank=args.correction_rank, budget_bytes=args.budget_bytes,
+        correction_share=DEFAULT_CORRECTION_SHARE if args.correction_share is None else args.correction_share,
+    )
 
 
 def _add_recovery_options(c: argparse.ArgumentParser) -> None:
@@ -103,7 +150,8 @@ def build_configs(args: argparse.Namespace) -> tuple[Any, Any]:
     from ..config import DEFAULT_RANK_FLOOR
 
     config = api.CompressConfig(
-        method=args.method, keep=args.keep, include=tuple(args.include), exclude=tuple(args.exclude),
+        # --quantize keeps every layer, so keep does not apply there (the default only fills the field).
+        method=args.method, keep=0.5 if args.keep is None else args.keep, include=tuple(args.include), exclude=tuple(args.exclude),
         fisher_reduction=args.fisher_reduction, fisher_whiten=args.fisher_whiten, asvd_alpha=args.asvd_alpha, damping=args.damping,
         allocation=args.allocation, rank_floor=DEFAULT_RANK_FLOOR if args.rank_floor is None else args.rank_floor, dense_above=args.dense_above,
         rank_multiple=args.rank_multiple, refit=args.refit,
@@ -172,10 +220,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     quantize and cast, then save (rank 0 only); return the report as a dict."""
     from ..calibration import distributed
 
+    quant = quantize_config(args)
     config, calibration = build_configs(args)
     ctx = distributed.current()
     out = check_options(args, config, calibration, ctx)
     recovery = recovery_config(args)
+    if quant is not None:
+        return _run_quantized(args, config, calibration, quant, out, ctx)
     if args.low_memory:
         from ..compression.lowmem import compress_low_memory, streamable
 
@@ -213,6 +264,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result["out"] = str(out)
     result["task"] = loaded.task
     return result
+
+
+def _run_quantized(args: argparse.Namespace, config: Any, calibration: Any, quant: Any, out: Path, ctx: Any) -> dict[str, Any]:
+    """--quantize: load, calibrate what the correction's method needs, quantize with a correction, save."""
+    from .. import api
+    from ..compression.quantized import compress_quantized
+
+    loaded, statistics, _ = _load(args, None)
+    needs = config.needs(loaded.task)
+    checkpointing = None
+    if args.checkpoint_every != 0 and needs and statistics is None:
+        from ..calibration.resume import Checkpointing, checkpoint_base
+
+        checkpointing = Checkpointing(checkpoint_base(out, args.save_stats), every=args.checkpoint_every)
+    if statistics is None and needs:
+        statistics = api.calibrate(loaded, calibration, needs, include=config.include, exclude=config.exclude, progress=not args.quiet, checkpoint=checkpointing)
+        if args.save_stats and ctx.is_main:
+            from ..storage.atomic import follow_umask
+
+            statistics.save(args.save_stats)
+            follow_umask(args.save_stats)
+    report = compress_quantized(loaded.model, config, quant, statistics, task=loaded.task, progress=not args.quiet)
+    _save(args, loaded, out, checkpointing, ctx)
+    result = report.to_dict()
+    if args.stats:
+        result["statistics_file"] = str(args.stats)
+    return {**result, "out": str(out), "task": loaded.task}
 
 
 def _load(args: argparse.Namespace, recovery: Any) -> tuple[Any, Any, Any]:
@@ -337,8 +415,35 @@ def recovery_config(args: argparse.Namespace) -> Any:
     )
 
 
+def format_quantized(report: dict[str, Any]) -> str:
+    """The human table of a --quantize run: per-layer grid, correction rank and bytes, then the totals."""
+    rows = [
+        [r["name"], f"{r['shape'][0]}x{r['shape'][1]}", r["group_size"], r["rank"], fmt_int(r["dense_bytes"]), fmt_int(r["weight_bytes"]), fmt_int(r["correction_bytes"])]
+        for r in report["layers"]
+    ]
+    out = [table(["layer", "shape", "group", "correction rank", "dense bytes", "grid bytes", "correction bytes"], rows), ""]
+    summary = [
+        ["targeted layers", fmt_int(report["target_dense_bytes"]), fmt_int(report["quantized_bytes"] + report["correction_bytes"]),
+         f"{(report['quantized_bytes'] + report['correction_bytes']) / report['target_dense_bytes']:.4f}"],
+        ["whole model", fmt_int(report["dense_bytes"]), fmt_int(report["model_bytes"]), f"{report['model_fraction']:.4f}"],
+    ]
+    out.append(table(["", "bytes before", "bytes after", "kept"], summary))
+    line = f"{report['scheme']} + {report['method']} correction ({fmt_int(report['correction_bytes'])} bytes, {report['correction_bytes'] / max(report['quantized_bytes'], 1):.3f} of the grid's); {report['seconds']:.2f} s"
+    cal = report.get("calibration") or {}
+    if report.get("statistics_file"):
+        line += f"; statistics read from {report['statistics_file']}"
+    elif cal:
+        line += f"; calibration {cal.get('seconds', 0):.2f} s on {cal.get('samples')} samples ({cal.get('tokens')} tokens)"
+    out.append(line)
+    if report.get("out"):
+        out.append(f"saved to {report['out']}")
+    return "\n".join(out)
+
+
 def format_result(report: dict[str, Any]) -> str:
     """The human table of a compress run: per-layer ranks, the targeted and whole-model figures, one line per stage."""
+    if "scheme" in report:
+        return format_quantized(report)
     rows = [
         [r["name"], f"{r['shape'][0]}x{r['shape'][1]}", r["rank"] if r["rank"] is not None else "dense", fmt_int(r["parameters_before"]), fmt_int(r["parameters_after"]), f"{r['seconds']:.3f}"]
         for r in report["layers"]

@@ -62,6 +62,12 @@ def format_result(result: dict[str, Any]) -> str:
         lines += ["", _rank_table(result["rank_table"])]
     if result["ranks"]:
         lines += ["", table(["layer", "rank"], sorted(result["ranks"].items(), key=lambda kv: kv[0]))]
+    grid = result.get("quantized_weights")
+    if grid:
+        lines.append(f"quantized weights {grid['scheme']}, {grid['model_bytes']:,} bytes of the dense model's {grid['dense_bytes']:,} ({grid['model_fraction']:.4f})")
+        rows = [[name, f"int{e['bits']}", e["group_size"], e["rank"], f"{e['weight']:,}", f"{e['scales']:,}", f"{e['correction']:,}"]
+                for name, e in grid["layers"].items()]
+        lines += ["", table(["layer", "grid", "group", "correction rank", "grid bytes", "scale bytes", "correction bytes"], rows)]
     return "\n".join(lines)
 
 
