@@ -3,20 +3,22 @@
 The package is split by concern; imports point one way, from the top of this list down:
 
 * :mod:`fwsvd.data.encoding` -- tokenizing and batching (:func:`encode_examples`,
-  :func:`encode_token_examples`, :func:`causal_blocks`, :func:`draw`, :func:`batches`).
+  :func:`encode_token_examples`, :func:`causal_blocks`, :func:`causal_blocks_from_file`,
+  :func:`draw`, :func:`batches`).
 * :mod:`fwsvd.data.tasks` -- the example containers and their layouts (:class:`Examples`,
   :class:`TokenExamples`, :func:`read_labelled`, :func:`read_token_labelled`).
 * :mod:`fwsvd.data.labels` -- parsing raw labels and turning them into targets
   (:func:`label_mapping`).
 * :mod:`fwsvd.data.readers` -- reading ``.tsv``/``.csv``/``.jsonl``/``.json`` files and hub
-  datasets into tables, detecting columns, reading plain text (:func:`read_text`).
+  datasets into tables, detecting columns, reading plain text (:func:`read_text`, or piece by
+  piece with :func:`text_chunks`).
 
 No model code lives here: tokenizers are passed in by the caller.
 """
 
-from .encoding import batches, causal_blocks, draw, encode_examples, encode_token_examples
+from .encoding import batches, causal_blocks, causal_blocks_from_file, draw, encode_examples, encode_token_examples
 from .labels import label_mapping
-from .readers import read_text
+from .readers import read_text, text_chunks
 from .tasks import Examples, TokenExamples, read_labelled, read_token_labelled
 
 __all__ = [
@@ -24,6 +26,7 @@ __all__ = [
     "TokenExamples",
     "batches",
     "causal_blocks",
+    "causal_blocks_from_file",
     "draw",
     "encode_examples",
     "label_mapping",
@@ -31,4 +34,5 @@ __all__ = [
     "read_labelled",
     "read_text",
     "read_token_labelled",
+    "text_chunks",
 ]

@@ -18,6 +18,7 @@ A source is read into a :class:`Table` (column names and lazily read rows);
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 import logging
@@ -39,6 +40,7 @@ __all__ = [
     "read_json",
     "read_table",
     "read_text",
+    "text_chunks",
 ]
 
 # Column-name candidates, in order of preference. Matching is case-insensitive.
@@ -177,22 +179,58 @@ def _not_utf8(file: Path, source: str, err: UnicodeDecodeError) -> DataError:
     """A one-line error naming the line and column of the first byte that is not UTF-8.
 
     The decoder reads the file in chunks, so the error's own offsets (and the csv reader's line
-    count) do not say where the byte is; the file is decoded again as a whole to find it.
+    count) do not say where the byte is; the file is scanned again, in blocks, to find it (a
+    byte-order mark decodes as UTF-8 too, so it does not move the position).
     """
     try:
-        raw = file.read_bytes()
+        position = _first_undecodable(file)
+        if position is None:
+            position = err.start
+        line, column, byte = _locate_byte(file, position)
     except OSError:
         return DataError(f"{source} is not UTF-8 text ({err.reason}): re-save it as UTF-8")
-    start = 3 if raw.startswith(b"\xef\xbb\xbf") else 0
-    try:
-        raw[start:].decode("utf-8")
-        position = err.start
-    except UnicodeDecodeError as whole:
-        position = start + whole.start
-    line = raw.count(b"\n", 0, position) + 1
-    column = position - (raw.rfind(b"\n", 0, position) + 1) + 1
-    byte = raw[position : position + 1].hex() or "end of file"
     return DataError(f"{source} is not UTF-8 text: byte 0x{byte} on line {line}, column {column} cannot be decoded; re-save the file as UTF-8")
+
+
+# Bytes read at a time when a file is scanned for the position of a bad byte.
+_SCAN_BYTES = 1 << 20
+
+
+def _first_undecodable(file: Path) -> int | None:
+    """Byte offset of the first byte of ``file`` that does not decode as UTF-8, or None."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    read = 0
+    with open(file, "rb") as handle:
+        while True:
+            block = handle.read(_SCAN_BYTES)
+            pending = len(decoder.getstate()[0])  # undecoded tail of the previous block
+            try:
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as err:
+                # The error's offsets count from the pending tail, which precedes this block.
+                return read - pending + err.start
+            if not block:
+                return None
+            read += len(block)
+
+
+def _locate_byte(file: Path, position: int) -> tuple[int, int, str]:
+    """Line and column (1-based) of byte ``position`` of ``file``, and the byte in hex ("end of file" past the end)."""
+    line, line_start, read, byte = 1, 0, 0, ""
+    with open(file, "rb") as handle:
+        while read <= position:
+            block = handle.read(_SCAN_BYTES)
+            if not block:
+                break
+            head = block[: position - read]
+            line += head.count(b"\n")
+            last = head.rfind(b"\n")
+            if last >= 0:
+                line_start = read + last + 1
+            if position - read < len(block):
+                byte = block[position - read : position - read + 1].hex()
+            read += len(block)
+    return line, position - line_start + 1, byte or "end of file"
 
 
 def _read_delimited(file: Path, source: str, delimiter: str) -> Table:
@@ -425,29 +463,112 @@ def _choose_text_columns(
     return text_idx, pair_idx
 
 
-def read_text(path: str | os.PathLike) -> str:
-    """Read a plain UTF-8 text file (e.g. WikiText) for causal language models.
-
-    Args:
-        path: The ``.txt`` file.
-
-    Returns:
-        The whole text, unchanged.
-
-    Raises:
-        DataError: If the file is missing, not UTF-8, or empty (or whitespace only).
-    """
+def _plain_text_file(path: str | os.PathLike) -> tuple[Path, str]:
     source = os.fspath(path)
     file = Path(source).expanduser()
     if not file.is_file():
         what = "is a directory" if file.is_dir() else "not found"
         raise DataError(f"text file {source} {what}: pass a plain .txt file")
+    return file, source
+
+
+def _open_plain_text(file: Path, source: str):
+    try:
+        # Universal newlines and no BOM stripping, exactly as Path.read_text(encoding="utf-8").
+        return open(file, encoding="utf-8")
+    except OSError as err:
+        raise DataError(f"cannot read {source} ({err.strerror}): check the path and permissions") from err
+
+
+def _binary(file: Path, source: str) -> DataError:
+    """The error for a text with a NUL character: names the byte offset of the first NUL byte."""
+    offset, read = None, 0
+    try:
+        with open(file, "rb") as handle:
+            while block := handle.read(_SCAN_BYTES):
+                if (found := block.find(b"\0")) >= 0:
+                    offset = read + found
+                    break
+                read += len(block)
+    except OSError:
+        pass
+    where = f" at byte offset {offset:,}" if offset is not None else ""
+    return DataError(f"{source} is binary, not text (a NUL byte{where}): pass a plain UTF-8 .txt file")
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """Read a plain UTF-8 text file (e.g. WikiText) for causal language models.
+
+    The whole file is held in memory; :func:`text_chunks` reads it piece by piece.
+
+    Args:
+        path: The ``.txt`` file.
+
+    Returns:
+        The whole text, with universal newlines (``\\r\\n`` and ``\\r`` read as ``\\n``).
+
+    Raises:
+        DataError: If the file is missing, not UTF-8, binary (has a NUL byte), or empty (or
+            whitespace only).
+    """
+    file, source = _plain_text_file(path)
     try:
         text = file.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise _not_utf8(file, source, err) from err
     except OSError as err:
         raise DataError(f"cannot read {source} ({err.strerror}): check the path and permissions") from err
+    if "\0" in text:
+        raise _binary(file, source)
     if not text.strip():
         raise DataError(f"{source} is empty: pass a text file with some content")
     return text
+
+
+def text_chunks(path: str | os.PathLike, chunk_chars: int) -> Iterator[str]:
+    """Read a plain UTF-8 text file piece by piece: joined, the pieces are :func:`read_text`'s text.
+
+    The file is checked before the first piece is returned: it must exist and have a character
+    other than whitespace (found by reading only up to that character). Later problems (a byte that
+    is not UTF-8, a NUL byte) raise when the reading reaches them, so a caller that stops early may
+    never see them.
+
+    Args:
+        path: The ``.txt`` file.
+        chunk_chars: Characters per piece (the last piece may be shorter).
+
+    Returns:
+        An iterator of strings of ``chunk_chars`` characters; memory is one piece at a time.
+
+    Raises:
+        DataError: If the file is missing, not UTF-8, binary (has a NUL byte), or empty (or
+            whitespace only).
+    """
+    file, source = _plain_text_file(path)
+    with _open_plain_text(file, source) as handle:
+        while True:
+            chunk = _read_chunk(handle, file, source, chunk_chars)
+            if not chunk:
+                raise DataError(f"{source} is empty: pass a text file with some content")
+            if "\0" in chunk:
+                raise _binary(file, source)
+            if chunk.strip():
+                break
+    return _chunks(file, source, chunk_chars)
+
+
+def _read_chunk(handle: Any, file: Path, source: str, chunk_chars: int) -> str:
+    try:
+        return handle.read(chunk_chars)
+    except UnicodeDecodeError as err:
+        raise _not_utf8(file, source, err) from err
+    except OSError as err:
+        raise DataError(f"cannot read {source} ({err.strerror}): check the path and permissions") from err
+
+
+def _chunks(file: Path, source: str, chunk_chars: int) -> Iterator[str]:
+    with _open_plain_text(file, source) as handle:
+        while chunk := _read_chunk(handle, file, source, chunk_chars):
+            if "\0" in chunk:
+                raise _binary(file, source)
+            yield chunk
