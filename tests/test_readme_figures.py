@@ -80,3 +80,18 @@ def test_relative_links_in_readme_and_docs_exist():
                 broken.append(f"{page.relative_to(ROOT)}: {target}")
     assert not broken, "broken relative links:\n" + "\n".join(broken)
     assert checked >= len(markdown_pages()), f"only {checked} relative links found: is the link pattern still right?"
+
+
+def test_readme_quantization_row_is_the_results_file():
+    """The README's --quantize headline row is benchmarks/results/quantized-smollm2.json, to the digits shown."""
+    record = json.loads((ROOT / "benchmarks" / "results" / "quantized-smollm2.json").read_text(encoding="utf-8"))
+    rows = {r["label"]: r for r in record["models"][0]["rows"]}
+    labels = ["int4 RTN", "int4 + svd (10 %)", "int4 + svd-llm (10 %)", "int4 + fwsvd (10 %)"]
+    expected = [f"{rows[l]['perplexity']:.2f} ({rows[l]['vs_dense']:.3f} ×)" for l in labels]
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    line = next(l for l in readme.splitlines() if l.startswith("| 37") or l.startswith(f"| {expected[0]}"))
+    cells = [c.strip().strip("*") for c in line.strip("|").split("|")]
+    assert cells == expected, (cells, expected)
+    docs = (ROOT / "docs" / "quantization.md").read_text(encoding="utf-8")
+    table = (ROOT / "benchmarks" / "results" / "quantized-smollm2.md").read_text(encoding="utf-8")
+    assert table[table.index("| row"):].strip() in docs
