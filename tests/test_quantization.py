@@ -286,3 +286,20 @@ def test_quantize_options_that_do_not_apply_are_one_line(capsys, tmp_path, llama
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("fwsvd: error:") and needle in err[0], err
     assert not (tmp_path / "q").exists()
+
+
+def test_recovery_fine_tuning_trains_the_correction_not_the_grid(tmp_path, llama_folder, bigram_txt):
+    from fwsvd.training.finetune import FinetuneConfig, finetune
+
+    lm = fwsvd.load_model(llama_folder)
+    compress_quantized(lm.model, CompressConfig(method="svd"), QuantizeConfig(scheme="int4", group_size=16, correction_rank=2), task=lm.task, progress=False)
+    folder = fwsvd.save(lm.model, tmp_path / "q", lm.tokenizer)
+    loaded = fwsvd.load_model(folder)
+    layer = loaded.model.get_submodule("model.layers.0.mlp.up_proj")
+    grid, factor = layer.qweight.clone(), layer.weight_in.detach().clone()
+    summary = finetune(loaded, FinetuneConfig(data=str(bigram_txt), tokens=16 * 4 * 4, lr=3e-3, batch_size=4, max_length=16), progress=False)
+    assert summary["train"] == "low-rank"
+    assert torch.equal(layer.qweight, grid) and not torch.equal(layer.weight_in, factor)
+    out = fwsvd.save(loaded.model, tmp_path / "ft", loaded.tokenizer)
+    back = fwsvd.load(out)
+    assert isinstance(back.get_submodule("model.layers.0.mlp.up_proj"), QuantizedLinear)

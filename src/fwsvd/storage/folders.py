@@ -110,30 +110,17 @@ def save(model: nn.Module, out: str | Path, tokenizer: Any = None, *, overwrite:
     Raises:
         FwsvdError: when ``out`` exists, is not empty and ``overwrite`` is false.
     """
-    from .int8 import storage_state_dict
+    from .int8 import stored_state_dict
 
-    state = storage_state_dict(model)  # int8 factors and their scales, when the record says so and they are on their grid
-    state = _quantized_state(model, state)
+    # int8 factors and their scales (when the record says so and they are on their grid), quantized
+    # layers' correction factors in float16; None: the model's own state dict.
+    state = stored_state_dict(model)
     _sync_stored_dtype(model)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, **({"state_dict": state} if state is not None else {}))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(out)
-
-
-def _quantized_state(model: nn.Module, state: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
-    """The state dict with every :class:`~fwsvd.nn.QuantizedLinear`'s correction factors in float16, as
-    the record says they are stored (their values are float16 already; ``None``: no such layer)."""
-    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, QuantizedLinear)]
-    if not layers:
-        return state
-    state = dict(state if state is not None else model.state_dict())
-    for name, _ in layers:
-        for factor in FACTORS:
-            key = f"{name}.{factor}" if name else factor
-            state[key] = state[key].to(torch.float16)
-    return state
 
 
 def quantized_bytes_table(model: nn.Module) -> dict[str, dict[str, Any]]:

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..errors import FwsvdError, ModelError
 from .record import FwsvdQuantizationConfig
-from ..nn import FACTORS, LowRankLinear
+from ..nn import FACTORS, LowRankLinear, QuantizedLinear
 
 #: What ``--quantize-factors`` accepts.
 QUANTIZED_FORMATS = ("int8",)
@@ -33,6 +33,7 @@ SCALE_SUFFIX = "_scale"
 _LEVELS = 127  # symmetric: -127 .. 127, so negating a row never overflows
 
 __all__ = [
+    "stored_state_dict",
     "QUANTIZED_FORMATS",
     "dequantize_loaded",
     "dequantize_rows",
@@ -154,3 +155,20 @@ def dequantize_loaded(model: nn.Module, dtype: torch.dtype | None = None) -> Non
             if scale.shape != (q.shape[0],) or not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
                 raise ModelError(f"{where}{SCALE_SUFFIX} must hold {q.shape[0]} positive finite scales: the folder's weights are damaged")
             setattr(module, name, nn.Parameter(dequantize_rows(q.data, scale, dtype), requires_grad=True))
+
+
+def stored_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The state dict a folder stores: :func:`storage_state_dict`'s int8 factors, and every
+    :class:`~fwsvd.nn.QuantizedLinear`'s correction factors in float16, as the record says they are
+    stored. ``None``: the model's own state dict (nothing to change). Used by :func:`fwsvd.save` and by
+    ``save_pretrained`` of a model loaded with ``from_pretrained`` (through the quantizer)."""
+    state = storage_state_dict(model)
+    layers = [name for name, m in model.named_modules() if isinstance(m, QuantizedLinear)]
+    if not layers:
+        return state
+    state = dict(state if state is not None else model.state_dict())
+    for name in layers:
+        for factor in FACTORS:
+            key = f"{name}.{factor}" if name else factor
+            state[key] = state[key].to(torch.float16)
+    return state

@@ -48,9 +48,9 @@ class FwsvdQuantizer(HfQuantizer):
     def get_state_dict_and_metadata(self, model: Any) -> tuple[Any, dict[str, Any]]:
         # save_pretrained of a loaded model asks its quantizer what to write: int8 factors again
         # when the record says so and they are still on their grid (None: the model's own state dict).
-        from .int8 import storage_state_dict
+        from .int8 import stored_state_dict
 
-        return storage_state_dict(model), {}
+        return stored_state_dict(model), {}
 
     @property
     def is_trainable(self) -> bool:

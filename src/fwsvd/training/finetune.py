@@ -47,7 +47,7 @@ from ..evaluation.evaluate import EvalConfig, evaluate
 from ..storage.record import compression_record
 from .losses import block_nll
 from ..storage.loading import LoadedModel, first_line, load_config, load_weights, check_no_custom_code, detect_task, load_model, model_source, weight_shapes
-from ..nn import LowRankLinear, check_finite_weights, find_blocks
+from ..nn import LowRankLinear, QuantizedLinear, check_finite_weights, find_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -393,7 +393,8 @@ def _select_trainable(model: nn.Module, train: str) -> list[tuple[nn.Parameter, 
     if train == "all":
         return []
     if train == "low-rank":
-        chosen = {id(p) for m in model.modules() if isinstance(m, LowRankLinear) for p in m.parameters()}
+        # Quantized layers train their correction factors (and bias); their grid is a buffer and stays.
+        chosen = {id(p) for m in model.modules() if isinstance(m, (LowRankLinear, QuantizedLinear)) for p in m.parameters()}
     else:
         blocks = find_blocks(model)
         chosen = {id(p) for name in blocks for p in model.get_submodule(name).parameters()}
