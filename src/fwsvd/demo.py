@@ -361,13 +361,17 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise FwsvdError(f"output folder {out} exists and is not an earlier demo output: pass --overwrite to replace it or choose another --out")
 
 
-def run_demo(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the demo as configured by the parsed command line; returns the results (also written)."""
-    from . import api
-    from .training.finetune import FinetuneConfig, finetune
-    from .storage.loading import load_model
+def _import_libraries() -> None:
+    """Import torch, transformers and fwsvd's model code now, before the demo's clocks start."""
+    from . import api  # noqa: F401
+    from .storage import loading  # noqa: F401
+    from .training import finetune  # noqa: F401
 
-    started = time.perf_counter()
+
+def _settings_from_args(args: argparse.Namespace) -> DemoSettings:
+    """The demo's settings: the default (or ``--quick``) ones with the command line's changes."""
+    from . import api
+
     settings = DemoSettings.quick() if args.quick else DemoSettings()
     if args.keep:
         settings.keeps = tuple(args.keep)
@@ -377,43 +381,75 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         settings.recovery = False
     for keep in settings.keeps:
         api.CompressConfig(method="svd", keep=keep)  # validates the ratio
-    out = Path(args.out)
-    _check_out(out, args.overwrite)
-    cache = Path(args.cache)
-    progress = not args.quiet
-    model_dir = Path(args.model) if args.model else _default_model()
+    return settings
 
-    stages: dict[str, float] = {}
-    clock = time.perf_counter()
 
-    def stage(name: str) -> None:
-        nonlocal clock
+class _Stages:
+    """Seconds per stage of the demo, each measured from the end of the one before."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._clock = time.perf_counter()
+
+    def done(self, name: str) -> None:
         now = time.perf_counter()
-        stages[name] = round(now - clock, 1)
-        clock = now
+        self.seconds[name] = round(now - self._clock, 1)
+        self._clock = now
 
-    train, test, data_info = _prepare_data(args, settings, cache)
-    stage("data")
+
+def _dense_classifier(args: argparse.Namespace, model_dir: Path, train: Path, settings: DemoSettings, cache: Path, progress: bool) -> tuple[Path, dict[str, Any], Any]:
+    """The dense classifier's folder, how it was made, and the classifier loaded."""
+    from .storage.loading import load_model
+
     if args.no_classifier_training:
         classifier_dir, classifier_info = model_dir, {"seconds": 0.0, "trained": False}
     else:
         classifier_dir, classifier_info = _classifier(model_dir, train, settings, cache, progress)
-    dense = load_model(classifier_dir, "sequence-classification", need_tokenizer=True)
-    stage("classifier")
+    return classifier_dir, classifier_info, load_model(classifier_dir, "sequence-classification", need_tokenizer=True)
 
-    rows: list[_Row] = []
+
+def _dense_row(dense: Any, test: Path, settings: DemoSettings, classifier_info: dict[str, Any], progress: bool) -> tuple[_Row, str]:
+    """The dense classifier's table row, and the name of the metric every row reports."""
+    from . import api
+
     dense_params = api.count_parameters(dense.model)
     result = _eval(dense, test, settings, progress)
     metric = result["metric"]
-    rows.append(_Row("dense", None, 0, 0, dense_params, dense_params, result[metric], classifier_info["seconds"], result["seconds"], extra={"eval": result}))
+    row = _Row("dense", None, 0, 0, dense_params, dense_params, result[metric], classifier_info["seconds"], result["seconds"], extra={"eval": result})
     logger.info("dense: %s %.4f", metric, result[metric])
-    stage("dense_eval")
+    return row, metric
 
-    statistics = None
-    if "fwsvd" in settings.methods:
-        calibration = api.CalibrationConfig(data=str(train), samples=settings.fisher_samples, max_length=settings.max_length, seed=settings.seed)
-        statistics = api.calibrate(dense, calibration, api.CompressConfig(method="fwsvd").needs(dense.task), progress=progress)
-    stage("calibration")
+
+def _calibrate(dense: Any, train: Path, settings: DemoSettings, progress: bool) -> Any:
+    """The one Fisher pass that every fwsvd row reuses; None when no method needs it."""
+    from . import api
+
+    if "fwsvd" not in settings.methods:
+        return None
+    calibration = api.CalibrationConfig(data=str(train), samples=settings.fisher_samples, max_length=settings.max_length, seed=settings.seed)
+    return api.calibrate(dense, calibration, api.CompressConfig(method="fwsvd").needs(dense.task), progress=progress)
+
+
+def _recover(loaded: Any, train: Path, settings: DemoSettings, progress: bool) -> dict[str, Any]:
+    """One short recovery fine-tuning epoch of a compressed model, in place; its summary."""
+    from .training.finetune import FinetuneConfig, finetune
+
+    recovery = FinetuneConfig(
+        data=str(train), epochs=1, lr=settings.recovery_lr, batch_size=settings.recovery_batch_size,
+        max_length=settings.max_length, seed=settings.seed, limit=settings.recovery_limit,
+    )
+    return finetune(loaded, recovery, progress=progress)
+
+
+def _compressed_rows(dense: Any, statistics: Any, train: Path, test: Path, settings: DemoSettings, metric: str, progress: bool) -> tuple[list[_Row], tuple[float, Any, _Row] | None]:
+    """Compress, optionally recover and evaluate each (keep, method); the rows and the best model.
+
+    The best is ``(accuracy, model, row)`` of the most accurate row at the smallest keep (the
+    first in table order on a tie), or None.
+    """
+    from . import api
+
+    rows: list[_Row] = []
     best: tuple[float, Any, _Row] | None = None
     smallest = min(settings.keeps)
     for keep in settings.keeps:
@@ -426,11 +462,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
             for finetuned in (False, True) if settings.recovery else (False,):
                 extra: dict[str, Any] = {}
                 if finetuned:
-                    recovery = FinetuneConfig(
-                        data=str(train), epochs=1, lr=settings.recovery_lr, batch_size=settings.recovery_batch_size,
-                        max_length=settings.max_length, seed=settings.seed, limit=settings.recovery_limit,
-                    )
-                    summary = finetune(loaded, recovery, progress=progress)
+                    summary = _recover(loaded, train, settings, progress)
                     built += summary["seconds"]
                     extra["finetune"] = {k: summary[k] for k in ("rows", "epochs", "lr", "batch_size", "steps", "seconds")}
                 result = _eval(loaded, test, settings, progress)
@@ -442,9 +474,12 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
                 logger.info("%s keep %g: %s %.4f", row.label, keep, metric, row.accuracy)
                 if keep == smallest and (best is None or row.accuracy > best[0]):
                     best = (row.accuracy, copy.deepcopy(model), row)
-    stage("compress_finetune_eval")
+    return rows, best
 
-    record = {
+
+def _record(args: argparse.Namespace, settings: DemoSettings, model_dir: Path, data_info: dict[str, Any], classifier_dir: Path, classifier_info: dict[str, Any], metric: str, statistics: Any, rows: list[_Row]) -> dict[str, Any]:
+    """The results as written to ``results.json`` (``best`` and the timings are filled in later)."""
+    return {
         "format": _MARK,
         "command": " ".join(["python", "-m", "fwsvd.demo", *(sys.argv[1:] if args.argv is None else args.argv)]),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -457,17 +492,51 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         "calibration": dict(statistics.summary) if statistics is not None else None,
         "rows": [_row_dict(r) for r in rows],
         "best": None,
-        "best_rule": f"the most accurate model at the smallest keep ({smallest:g}); ties go to the first in table order",
+        "best_rule": f"the most accurate model at the smallest keep ({min(settings.keeps):g}); ties go to the first in table order",
     }
+
+
+def _write_outputs(out: Path, record: dict[str, Any], best: tuple[float, Any, _Row] | None, rows: list[_Row], tokenizer: Any, stages: _Stages, started: float) -> None:
+    """Write the best model, the plot and ``results.json`` into ``out`` at once (atomically)."""
+    from . import api
+
     with atomic_dir(out, overwrite=True) as tmp:
         if best is not None:
-            api.save(best[1], tmp / _MODEL, dense.tokenizer)
+            api.save(best[1], tmp / _MODEL, tokenizer)
             record["best"] = {**_row_dict(best[2]), "folder": str(out / _MODEL)}
-        _plot(rows, metric, tmp / _PLOT, data_info)
-        stage("write")
-        record["stages_seconds"] = stages
+        _plot(rows, record["metric"], tmp / _PLOT, record["data"])
+        stages.done("write")
+        record["stages_seconds"] = stages.seconds
         record["seconds_total"] = round(time.perf_counter() - started, 1)
         (tmp / _RESULTS).write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+def run_demo(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the demo as configured by the parsed command line; returns the results (also written)."""
+    _import_libraries()
+    started = time.perf_counter()
+    settings = _settings_from_args(args)
+    out = Path(args.out)
+    _check_out(out, args.overwrite)
+    cache = Path(args.cache)
+    progress = not args.quiet
+    model_dir = Path(args.model) if args.model else _default_model()
+
+    stages = _Stages()
+    train, test, data_info = _prepare_data(args, settings, cache)
+    stages.done("data")
+    classifier_dir, classifier_info, dense = _dense_classifier(args, model_dir, train, settings, cache, progress)
+    stages.done("classifier")
+    dense_row, metric = _dense_row(dense, test, settings, classifier_info, progress)
+    stages.done("dense_eval")
+    statistics = _calibrate(dense, train, settings, progress)
+    stages.done("calibration")
+    compressed, best = _compressed_rows(dense, statistics, train, test, settings, metric, progress)
+    rows = [dense_row, *compressed]
+    stages.done("compress_finetune_eval")
+
+    record = _record(args, settings, model_dir, data_info, classifier_dir, classifier_info, metric, statistics, rows)
+    _write_outputs(out, record, best, rows, dense.tokenizer, stages, started)
     return record
 
 

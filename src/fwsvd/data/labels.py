@@ -74,6 +74,19 @@ def label_mapping(
         DataError: If there are no labels, a label is missing, not a number where one is needed,
             NaN/infinite, not an integer class id, or outside the model's classes.
     """
+    _check_label_inputs(labels, num_labels, source)
+    values, numeric = _parsed_labels(labels, source)
+    if regression is None:
+        regression = _detect_regression(values, numeric, num_labels)
+    if regression:
+        return _regression_targets(values, numeric, source), True, None
+    ids, used = _class_ids(values, numeric, label2id, num_labels, source)
+    _check_class_ids(ids, num_labels, source)
+    return ids, False, used
+
+
+def _check_label_inputs(labels: list | None, num_labels: int | None, source: str) -> None:
+    """Refuse an empty label list and a model with no outputs."""
     if not labels:
         raise DataError(
             f"{source} has no labels: evaluation and Fisher calibration need a label column "
@@ -82,6 +95,9 @@ def label_mapping(
     if num_labels is not None and num_labels < 1:
         raise DataError(f"num_labels must be at least 1, got {num_labels}: check the model config")
 
+
+def _parsed_labels(labels: list, source: str) -> tuple[list[int | float | str], bool]:
+    """Every label parsed (none missing), and whether all are numbers (never a mix of kinds)."""
     values: list[int | float | str] = []
     for position, raw in enumerate(labels):
         value = parse_label(raw)
@@ -96,28 +112,41 @@ def label_mapping(
             f"labels in {source} mix numbers ({example!r}) and words ({word!r}): "
             "use one kind of label throughout"
         )
+    return values, numeric
 
-    if regression is None:
-        regression = num_labels == 1 or (
-            num_labels is None and numeric and any(not float(value).is_integer() for value in values)
+
+def _detect_regression(values: list[int | float | str], numeric: bool, num_labels: int | None) -> bool:
+    """A regression for one model output, or, with no model, for numbers not all integers."""
+    return num_labels == 1 or (
+        num_labels is None and numeric and any(not float(value).is_integer() for value in values)
+    )
+
+
+def _regression_targets(values: list[int | float | str], numeric: bool, source: str) -> list[float]:
+    """Regression targets: every label a finite number."""
+    if not numeric:
+        word = next(value for value in values if isinstance(value, str))
+        raise DataError(
+            f"label {word!r} in {source} is not a number, but the task is a regression: "
+            "check the label column or use a classification model"
         )
-
-    if regression:
-        if not numeric:
-            word = next(value for value in values if isinstance(value, str))
+    targets = [float(value) for value in values]
+    for value in targets:
+        if not math.isfinite(value):
             raise DataError(
-                f"label {word!r} in {source} is not a number, but the task is a regression: "
-                "check the label column or use a classification model"
+                f"regression label {value} in {source} is not a finite number: fix or drop those rows"
             )
-        targets = [float(value) for value in values]
-        for value in targets:
-            if not math.isfinite(value):
-                raise DataError(
-                    f"regression label {value} in {source} is not a finite number: fix or drop those rows"
-                )
-        return targets, True, None
+    return targets
 
-    used: dict[str, int] | None = None
+
+def _class_ids(
+    values: list[int | float | str],
+    numeric: bool,
+    label2id: Mapping[str, int] | None,
+    num_labels: int | None,
+    source: str,
+) -> tuple[list[int], dict[str, int] | None]:
+    """Class ids: integral numbers as they are, strings through a mapping (also returned)."""
     if numeric:
         for value in values:
             if not float(value).is_integer():
@@ -125,12 +154,14 @@ def label_mapping(
                     f"label {value!r} in {source} is not a class id: check the label column, "
                     "or use a regression model (num_labels=1) for continuous scores"
                 )
-        ids = [int(value) for value in values]
-    else:
-        strings = [str(value) for value in values]
-        used = _string_label_map(strings, label2id, num_labels, source)
-        ids = [used[value] for value in strings]
+        return [int(value) for value in values], None
+    strings = [str(value) for value in values]
+    used = _string_label_map(strings, label2id, num_labels, source)
+    return [used[value] for value in strings], used
 
+
+def _check_class_ids(ids: list[int], num_labels: int | None, source: str) -> None:
+    """Refuse class ids outside the model's classes, or negative ones."""
     for value in ids:
         if num_labels is not None and not 0 <= value < num_labels:
             raise DataError(
@@ -143,7 +174,6 @@ def label_mapping(
                 f"label {value} in {source} is negative, not a class id: drop unlabelled rows "
                 "or check the label column"
             )
-    return ids, False, used
 
 
 def _string_label_map(
