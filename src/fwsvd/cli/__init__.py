@@ -23,7 +23,7 @@ from typing import Any
 
 from ..errors import FwsvdError
 from ..version import __version__
-from . import compress, evaluate, finetune, inspect
+from . import compress, evaluate, finetune, inspect, resize
 from .common import EXIT_USAGE, Parser, positive_int
 
 __all__ = ["COMMANDS", "EXIT_USAGE", "build_parser", "main", "positive_int"]
@@ -34,6 +34,7 @@ COMMANDS = {
     "eval": (evaluate.run, evaluate.format_result),
     "inspect": (inspect.run, inspect.format_result),
     "finetune": (finetune.run, finetune.format_result),
+    "resize": (resize.run, resize.format_result),
 }
 
 
@@ -42,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="fwsvd", description="Low-rank compression of Hugging Face transformers (FWSVD, ASVD, SVD-LLM).")
     parser.add_argument("--version", action="version", version=f"fwsvd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for module in (compress, evaluate, inspect, finetune):
+    for module in (compress, evaluate, inspect, finetune, resize):
         module.add_parser(sub)
     return parser
 

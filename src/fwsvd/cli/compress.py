@@ -97,6 +97,12 @@ def _add_quantize_options(c: argparse.ArgumentParser) -> None:
     g.add_argument("--correction-rank", type=int, default=None, metavar="R", help=field_help(QuantizeConfig, "correction_rank"))
     g.add_argument("--budget-bytes", type=float, default=None, metavar="F", help=field_help(QuantizeConfig, "budget_bytes"))
     g.add_argument("--correction-share", type=float, default=None, metavar="S", help=field_help(QuantizeConfig, "correction_share") + " (default 0.1)")
+    c.add_argument(
+        "--any-size", action="store_true",
+        help="instead of one --keep: store every targeted layer's whole decomposition (float16 factors, in the method's order) with "
+        "the price of every component, so that `fwsvd resize DIR --keep K` (or fwsvd.load(DIR, keep=K)) makes any size in seconds, "
+        "as a direct compression at K would",
+    )
 
 
 def quantize_config(args: argparse.Namespace) -> Any:
@@ -107,10 +113,18 @@ def quantize_config(args: argparse.Namespace) -> Any:
         given = [f"--{name.replace('_', '-')}" for name in QUANTIZE_OPTIONS if getattr(args, name) is not None]
         if given:
             raise FwsvdError(f"{'/'.join(given)} size the correction of --quantize: add --quantize int4 (or int8/int3), or drop them")
+        if args.any_size:
+            clash = [f"--{name.replace('_', '-')}" for name, default in FACTORIZE_ONLY.items()
+                     if name not in ("allocation", "rank_floor", "dense_above") and getattr(args, name) != default]
+            if clash:
+                raise FwsvdError(f"{'/'.join(clash)} apply to one size, not to --any-size: drop them (resize the folder to a --keep later)")
+            return None
         if args.keep is None:
             raise FwsvdError("--keep is required: the fraction of the targeted layers' parameters that stays, e.g. --keep 0.5 (or pass --quantize)")
         return None
     clash = [f"--{name.replace('_', '-')}" for name, default in FACTORIZE_ONLY.items() if getattr(args, name) != default]
+    if args.any_size:
+        clash.append("--any-size")
     if clash:
         raise FwsvdError(f"{'/'.join(clash)} apply to factorization, not to --quantize {args.quantize}: drop them, or drop --quantize")
     if args.correction_share is not None and (args.correction_rank is not None or args.budget_bytes is not None):
@@ -227,6 +241,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     recovery = recovery_config(args)
     if quant is not None:
         return _run_quantized(args, config, calibration, quant, out, ctx)
+    if args.any_size:
+        return _run_any_size(args, config, calibration, out, ctx)
     if args.low_memory:
         from ..compression.lowmem import compress_low_memory, streamable
 
@@ -291,6 +307,25 @@ def _run_quantized(args: argparse.Namespace, config: Any, calibration: Any, quan
     if args.stats:
         result["statistics_file"] = str(args.stats)
     return {**result, "out": str(out), "task": loaded.task}
+
+
+def _run_any_size(args: argparse.Namespace, config: Any, calibration: Any, out: Path, ctx: Any) -> dict[str, Any]:
+    """--any-size: load, calibrate what the method needs, keep every layer's whole decomposition, save."""
+    from .. import api
+    from ..compression.any_size import compress_any_size
+
+    loaded, statistics, _ = _load(args, None)
+    needs = config.needs(loaded.task)
+    if statistics is None and needs:
+        statistics = api.calibrate(loaded, calibration, needs, include=config.include, exclude=config.exclude, progress=not args.quiet)
+        if args.save_stats and ctx.is_main:
+            from ..storage.atomic import follow_umask
+
+            statistics.save(args.save_stats)
+            follow_umask(args.save_stats)
+    summary = compress_any_size(loaded.model, config, statistics, task=loaded.task, progress=not args.quiet)
+    _save(args, loaded, out, None, ctx)
+    return {**summary, "any_size": True, "out": str(out), "task": loaded.task}
 
 
 def _load(args: argparse.Namespace, recovery: Any) -> tuple[Any, Any, Any]:
@@ -444,6 +479,9 @@ def format_result(report: dict[str, Any]) -> str:
     """The human table of a compress run: per-layer ranks, the targeted and whole-model figures, one line per stage."""
     if "scheme" in report:
         return format_quantized(report)
+    if report.get("any_size"):
+        return (f"{report['method']}: every decomposition of {report['layers']} layers kept in {report['seconds_factorize']:.2f} s; "
+                f"resize with: fwsvd resize {report['out']} --keep K --out DIR")
     rows = [
         [r["name"], f"{r['shape'][0]}x{r['shape'][1]}", r["rank"] if r["rank"] is not None else "dense", fmt_int(r["parameters_before"]), fmt_int(r["parameters_after"]), f"{r['seconds']:.3f}"]
         for r in report["layers"]

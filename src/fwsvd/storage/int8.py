@@ -159,11 +159,15 @@ def dequantize_loaded(model: nn.Module, dtype: torch.dtype | None = None) -> Non
 
 def stored_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
     """The state dict a folder stores: :func:`storage_state_dict`'s int8 factors, and every
-    :class:`~fwsvd.nn.QuantizedLinear`'s correction factors in float16, as the record says they are
+    :class:`~fwsvd.nn.QuantizedLinear`'s correction factors (an any-size folder's low-rank factors) in float16, as the record says they are
     stored. ``None``: the model's own state dict (nothing to change). Used by :func:`fwsvd.save` and by
     ``save_pretrained`` of a model loaded with ``from_pretrained`` (through the quantizer)."""
     state = storage_state_dict(model)
     layers = [name for name, m in model.named_modules() if isinstance(m, QuantizedLinear)]
+    record = _record(model)
+    if record is not None and getattr(record, "any_size", None) is not None:
+        # An any-size folder stores its full decompositions in float16 (fwsvd.compression.any_size).
+        layers += [name for name, m in model.named_modules() if isinstance(m, LowRankLinear)]
     if not layers:
         return state
     state = dict(state if state is not None else model.state_dict())

@@ -56,6 +56,7 @@ RECORD_KEYS: dict[str, str] = {
     "stored_dtype": "one of 'float32', 'bfloat16', 'float16'",
     "quantized_factors": "the string 'int8'",
     "quantized_weights": "an object with scheme, group_size, factor_dtype, ranks, dense_bytes and model_bytes",
+    "any_size": "an object with losses, allocation, factor_dtype and dense_parameters",
 }
 _WHERE = "quantization_config in config.json"
 _FIX = "restore the config.json saved with the weights"
@@ -131,6 +132,8 @@ def validate_record(record: Any) -> dict[str, Any]:
         _check_allocation(record["allocation"])
     if "quantized_weights" in record:
         _check_quantized(record["quantized_weights"])
+    if "any_size" in record:
+        _check_any_size(record["any_size"], record.get("ranks", {}))
     ranks = record.get("ranks", {})
     if not isinstance(ranks, Mapping):
         raise _bad("ranks", ranks)
@@ -189,6 +192,40 @@ def _check_quantized(grid: Any) -> None:
         if not ok(grid[key]):
             shown = repr(grid[key])
             raise ModelError(f"{_WHERE}: quantized_weights {key} is {shown if len(shown) <= 40 else shown[:37] + '...'}, not {what}: {_FIX}")
+
+
+def _check_any_size(grid: Any, ranks: Any) -> None:
+    """The ``any_size`` record (see :mod:`fwsvd.compression.any_size`): one finite non-negative price per
+    component of every recorded layer, and the allocation rules."""
+    def bad(key: str, value: Any, what: str) -> ModelError:
+        shown = repr(value)
+        return ModelError(f"{_WHERE}: any_size {key} is {shown if len(shown) <= 40 else shown[:37] + '...'}, not {what}: {_FIX}")
+
+    if not isinstance(grid, Mapping):
+        raise _bad("any_size", grid)
+    known = {"losses", "allocation", "factor_dtype", "dense_parameters"}
+    for key in grid:
+        if key not in known:
+            raise ModelError(f"{_WHERE}: any_size has unknown key {str(key)[:40]!r} (known: {', '.join(sorted(known))}): {_FIX}")
+    for key in known:
+        if key not in grid:
+            raise ModelError(f"{_WHERE}: any_size lacks {key}: {_FIX}")
+    if grid["factor_dtype"] != "float16":
+        raise bad("factor_dtype", grid["factor_dtype"], "'float16'")
+    if not (_is_int(grid["dense_parameters"]) and grid["dense_parameters"] > 0):
+        raise bad("dense_parameters", grid["dense_parameters"], "a positive integer")
+    losses = grid["losses"]
+    if not isinstance(losses, Mapping) or not isinstance(ranks, Mapping) or set(losses) != set(ranks):
+        raise bad("losses", "…", "one price list per recorded layer")
+    for name, values in losses.items():
+        if not (isinstance(values, list) and len(values) == ranks[name] and all(_is_number(v) and v >= 0 for v in values)):
+            raise bad(f"losses of {str(name)[:60]}", values, f"{ranks[name]} finite non-negative numbers")
+    alloc = grid["allocation"]
+    if not isinstance(alloc, Mapping) or alloc.get("mode") not in ("uniform", "global"):
+        raise bad("allocation", alloc, "an object with mode 'uniform' or 'global'")
+    _check_allocation(alloc)
+    if alloc["mode"] == "global" and not ("rank_floor" in alloc and "dense_above" in alloc):
+        raise bad("allocation", alloc, "global with rank_floor and dense_above")
 
 
 def _version() -> str:
