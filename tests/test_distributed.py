@@ -95,6 +95,10 @@ def _free_port() -> int:
 
 def _child(rank: int, world: int, port: int, argv: list[str], log: str, patch: Callable[[int], None] | None) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))
+    # A forked child must not enter the parent's OpenMP thread team (GNU OpenMP does not survive a
+    # fork: with OMP_NUM_THREADS=2 a child hung in its first parallel region): one thread each, as
+    # torchrun's processes sharing one small machine would run anyway.
+    torch.set_num_threads(1)
     stream = open(log, "w", buffering=1, encoding="utf-8")  # noqa: SIM115
     os.dup2(stream.fileno(), 1)
     os.dup2(stream.fileno(), 2)

@@ -117,7 +117,7 @@ def quantize_config(args: argparse.Namespace) -> Any:
             clash = [f"--{name.replace('_', '-')}" for name, default in FACTORIZE_ONLY.items()
                      if name not in ("allocation", "rank_floor", "dense_above") and getattr(args, name) != default]
             if clash:
-                raise FwsvdError(f"{'/'.join(clash)} apply to one size, not to --any-size: drop them (resize the folder to a --keep later)")
+                raise FwsvdError(f"{'/'.join(clash)} {'applies' if len(clash) == 1 else 'apply'} to one size, not to --any-size: drop {'it' if len(clash) == 1 else 'them'} (resize the folder to a --keep later)")
             return None
         if args.keep is None:
             raise FwsvdError("--keep is required: the fraction of the targeted layers' parameters that stays, e.g. --keep 0.5 (or pass --quantize)")
@@ -126,7 +126,7 @@ def quantize_config(args: argparse.Namespace) -> Any:
     if args.any_size:
         clash.append("--any-size")
     if clash:
-        raise FwsvdError(f"{'/'.join(clash)} apply to factorization, not to --quantize {args.quantize}: drop them, or drop --quantize")
+        raise FwsvdError(f"{'/'.join(clash)} {'applies' if len(clash) == 1 else 'apply'} to factorization, not to --quantize {args.quantize}: drop {'it' if len(clash) == 1 else 'them'}, or drop --quantize")
     if args.correction_share is not None and (args.correction_rank is not None or args.budget_bytes is not None):
         raise FwsvdError("--correction-share, --correction-rank and --budget-bytes each size the correction: pass one of them")
     return QuantizeConfig(
@@ -276,7 +276,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if finetuned is not None:
         result["finetune"] = finetuned
     if args.stats:
+        # No calibration ran in this command: its summary is that of the run which saved the file.
         result["statistics_file"] = str(args.stats)
+        result["seconds_calibration"] = 0.0
     result["out"] = str(out)
     result["task"] = loaded.task
     return result
@@ -400,7 +402,14 @@ def _save(args: argparse.Namespace, loaded: Any, out: Path, checkpointing: Any, 
     from ..calibration import distributed
 
     if ctx.is_main:
-        api.save(loaded.model, out, loaded.tokenizer, overwrite=args.overwrite)
+        try:
+            api.save(loaded.model, out, loaded.tokenizer, overwrite=args.overwrite)
+        except FwsvdError as err:
+            # Another run wrote --out meanwhile: the calibration checkpoint stays, so that nothing is recalibrated.
+            if checkpointing is not None and Path(checkpointing.base).is_file():
+                raise FwsvdError(f"{err} (the calibration checkpoint {checkpointing.base} lets the same command resume without "
+                                 "recalibrating; delete it if you will not)") from err
+            raise
         if checkpointing is not None:
             from ..calibration.resume import remove_checkpoints
 

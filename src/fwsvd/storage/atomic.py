@@ -107,7 +107,8 @@ def _refusal(folder: Path, err: OSError) -> str:
         return f"folder {folder} is on a read-only file system"
     if err.errno == errno.ENOSPC:
         return f"the file system of {folder} is full"
-    return f"folder {folder} does not accept new files ({err.strerror or type(err).__name__})"
+    # Not the errno's own words: /proc answers ENOENT ("No such file or directory") for a folder that exists.
+    return f"folder {folder} does not accept new files"
 
 
 def _is_protected(resolved: Path, protect: Iterable[tuple[str, str | os.PathLike | None]]) -> tuple[str, str | os.PathLike] | None:
