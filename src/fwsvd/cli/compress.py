@@ -286,7 +286,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _run_quantized(args: argparse.Namespace, config: Any, calibration: Any, quant: Any, out: Path, ctx: Any) -> dict[str, Any]:
     """--quantize: load, calibrate what the correction's method needs, quantize with a correction, save."""
-    from .. import api
     from ..compression.quantized import compress_quantized
 
     loaded, statistics, _ = _load(args, None)
@@ -296,13 +295,7 @@ def _run_quantized(args: argparse.Namespace, config: Any, calibration: Any, quan
         from ..calibration.resume import Checkpointing, checkpoint_base
 
         checkpointing = Checkpointing(checkpoint_base(out, args.save_stats), every=args.checkpoint_every)
-    if statistics is None and needs:
-        statistics = api.calibrate(loaded, calibration, needs, include=config.include, exclude=config.exclude, progress=not args.quiet, checkpoint=checkpointing)
-        if args.save_stats and ctx.is_main:
-            from ..storage.atomic import follow_umask
-
-            statistics.save(args.save_stats)
-            follow_umask(args.save_stats)
+    statistics = _calibrate(args, loaded, config, calibration, needs, statistics, checkpointing, ctx)
     report = compress_quantized(loaded.model, config, quant, statistics, task=loaded.task, progress=not args.quiet)
     _save(args, loaded, out, checkpointing, ctx)
     result = report.to_dict()
@@ -313,18 +306,11 @@ def _run_quantized(args: argparse.Namespace, config: Any, calibration: Any, quan
 
 def _run_any_size(args: argparse.Namespace, config: Any, calibration: Any, out: Path, ctx: Any) -> dict[str, Any]:
     """--any-size: load, calibrate what the method needs, keep every layer's whole decomposition, save."""
-    from .. import api
     from ..compression.any_size import compress_any_size
 
     loaded, statistics, _ = _load(args, None)
     needs = config.needs(loaded.task)
-    if statistics is None and needs:
-        statistics = api.calibrate(loaded, calibration, needs, include=config.include, exclude=config.exclude, progress=not args.quiet)
-        if args.save_stats and ctx.is_main:
-            from ..storage.atomic import follow_umask
-
-            statistics.save(args.save_stats)
-            follow_umask(args.save_stats)
+    statistics = _calibrate(args, loaded, config, calibration, needs, statistics, None, ctx)
     summary = compress_any_size(loaded.model, config, statistics, task=loaded.task, progress=not args.quiet)
     _save(args, loaded, out, None, ctx)
     return {**summary, "any_size": True, "out": str(out), "task": loaded.task}
@@ -362,16 +348,28 @@ def _factorize(
         from ..compression.sequential import compress_sequential
 
         return compress_sequential(loaded, config, calibration, progress=not args.quiet)
-    if statistics is None and needs:
-        statistics = api.calibrate(
-            loaded, calibration, needs, include=config.include, exclude=config.exclude, progress=not args.quiet, checkpoint=checkpointing,
-        )
-        if args.save_stats and ctx.is_main:
-            from ..storage.atomic import follow_umask
-
-            statistics.save(args.save_stats)
-            follow_umask(args.save_stats)
+    statistics = _calibrate(args, loaded, config, calibration, needs, statistics, checkpointing, ctx)
     return api.compress(loaded.model, config, statistics, task=loaded.task, progress=not args.quiet)
+
+
+def _calibrate(
+    args: argparse.Namespace, loaded: Any, config: Any, calibration: Any, needs: frozenset[str], statistics: Any, checkpointing: Any, ctx: Any,
+) -> Any:
+    """The statistics ``needs``: those of --stats when given, else one calibration (then --save-stats
+    writes them, rank 0 only); ``None`` when the method needs none."""
+    from .. import api
+
+    if statistics is not None or not needs:
+        return statistics
+    statistics = api.calibrate(
+        loaded, calibration, needs, include=config.include, exclude=config.exclude, progress=not args.quiet, checkpoint=checkpointing,
+    )
+    if args.save_stats and ctx.is_main:
+        from ..storage.atomic import follow_umask
+
+        statistics.save(args.save_stats)
+        follow_umask(args.save_stats)
+    return statistics
 
 
 def _correct(args: argparse.Namespace, loaded: Any, calibration: Any) -> dict[str, Any]:
