@@ -36,6 +36,7 @@ __all__ = [
     "model_source",
     "own_storage",
     "safetensors_files",
+    "weight_headers",
     "weight_shapes",
 ]
 
@@ -197,6 +198,18 @@ def weight_shapes(folder: str | os.PathLike, *, allow_pickle: bool = False) -> d
     Returns ``None`` for a folder whose weights are pickles that ``allow_pickle`` lets through.
 
     Raises:
+        ModelError: as :func:`weight_headers`.
+    """
+    headers = weight_headers(folder, allow_pickle=allow_pickle)
+    return None if headers is None else {key: shape for key, (_, shape) in headers.items()}
+
+
+def weight_headers(folder: str | os.PathLike, *, allow_pickle: bool = False) -> dict[str, tuple[str, tuple[int, ...]]] | None:
+    """``{tensor: (safetensors dtype, shape)}`` of a local folder's weights, read from the file headers only.
+
+    Returns ``None`` for a folder whose weights are pickles that ``allow_pickle`` lets through.
+
+    Raises:
         ModelError: for a folder without weights, with pickle weights only (unless allowed), or a
             safetensors file that is not valid.
     """
@@ -214,15 +227,16 @@ def weight_shapes(folder: str | os.PathLike, *, allow_pickle: bool = False) -> d
         if pickles:
             return None
         raise ModelError(f"model folder {folder} has no weights (model.safetensors): copy the complete model folder")
-    shapes: dict[str, tuple[int, ...]] = {}
+    headers: dict[str, tuple[str, tuple[int, ...]]] = {}
     for file in files:
         try:
             with safe_open(str(file), framework="pt") as handle:
                 for key in handle.keys():
-                    shapes[key] = tuple(handle.get_slice(key).get_shape())
+                    piece = handle.get_slice(key)
+                    headers[key] = (piece.get_dtype(), tuple(piece.get_shape()))
         except (SafetensorError, OSError, ValueError) as err:
             raise ModelError(f"weights {file} are not a valid safetensors file ({first_line(err)}): copy the complete weights again") from err
-    return shapes
+    return headers
 
 
 def _check_factors(shapes: dict[str, tuple[int, ...]], record: dict[str, Any] | None, model: str) -> None:
@@ -255,31 +269,22 @@ def _check_factors(shapes: dict[str, tuple[int, ...]], record: dict[str, Any] | 
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
 
-def _check_factor_dtypes(folder: Path, record: dict[str, Any] | None, model: str) -> None:
+def _check_factor_dtypes(headers: dict[str, tuple[str, tuple[int, ...]]], record: dict[str, Any] | None, model: str) -> None:
     """Each low-rank factor is stored as the record says: floating point, or int8 with positive scales beside it.
 
     Read from the safetensors headers, before anything loads: an integer or boolean factor in a folder
     whose record does not say int8 would load as such and fail at the first matrix product.
     """
-    from safetensors import safe_open
-
     ranks = (record or {}).get("ranks", {})
     quantized = ((record or {}).get("quantized_weights") or {}).get("ranks", {})
-    _check_quantized_dtypes(folder, quantized, model)
+    _check_quantized_dtypes(headers, quantized, model)
     if not ranks:
         return
     from .int8 import SCALE_SUFFIX
 
     int8 = (record or {}).get("quantized_factors") == "int8"
     wanted = {f"{name}.{factor}" for name in ranks for factor in FACTORS}
-    found: dict[str, tuple[str, tuple[int, ...]]] = {}
-    for file in safetensors_files(folder):
-        with safe_open(str(file), framework="pt") as handle:
-            for key in handle.keys():
-                base = key.removesuffix(SCALE_SUFFIX)
-                if base in wanted:
-                    piece = handle.get_slice(key)
-                    found[key] = (piece.get_dtype(), tuple(piece.get_shape()))
+    found = {key: header for key, header in headers.items() if key.removesuffix(SCALE_SUFFIX) in wanted}
     for key in sorted(wanted):
         dtype, shape = found[key]  # presence is checked by _check_factors
         if int8:
@@ -302,24 +307,16 @@ def _check_factor_dtypes(folder: Path, record: dict[str, Any] | None, model: str
             raise ModelError(f"the weights of {model} hold {key}{SCALE_SUFFIX}, scales of int8 factors that config.json does not record: restore the config.json saved with them")
 
 
-def _check_quantized_dtypes(folder: Path, ranks: dict[str, int], model: str) -> None:
+def _check_quantized_dtypes(headers: dict[str, tuple[str, tuple[int, ...]]], ranks: dict[str, int], model: str) -> None:
     """Quantized layers store a uint8 grid, float16 scales and float16 correction factors."""
-    from safetensors import safe_open
-
-    if not ranks:
-        return
     wanted = {f"{name}.{part}": dtype for name in ranks for part, dtype in
               (("qweight", "U8"), ("scales", "F16"), ("weight_in", "F16"), ("weight_out", "F16"))}
-    for file in safetensors_files(folder):
-        with safe_open(str(file), framework="pt") as handle:
-            for key in handle.keys():
-                if key in wanted:
-                    dtype = handle.get_slice(key).get_dtype()
-                    if dtype != wanted[key]:
-                        raise ModelError(
-                            f"tensor {key} of {model} is stored as {dtype}, but a quantized layer stores it as {wanted[key]}: "
-                            "restore the weights saved with this config.json"
-                        )
+    for key, expected in wanted.items():
+        if key in headers and headers[key][0] != expected:
+            raise ModelError(
+                f"tensor {key} of {model} is stored as {headers[key][0]}, but a quantized layer stores it as {expected}: "
+                "restore the weights saved with this config.json"
+            )
 
 
 def _check_loading_info(info: dict[str, Any], model: str) -> None:
@@ -418,11 +415,11 @@ def load_model(
         missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
         if missing:
             raise ModelError(f"reading {gguf_file} needs the {' and '.join(missing)} package(s): pip install {' '.join(missing)}")
-    shapes = None
+    headers = None
     if local:
         check_no_custom_code(source)
         if not gguf_file:
-            shapes = weight_shapes(source, allow_pickle=allow_pickle)
+            headers = weight_headers(source, allow_pickle=allow_pickle)
     config = load_config(AutoConfig, source, model, extra)
     record = check_record(config)
     if task is None:
@@ -430,9 +427,9 @@ def load_model(
         task = "causal-lm" if gguf_file and not getattr(config, "architectures", None) else detect_task(config)
     elif task not in TASKS:
         raise ModelError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
-    if shapes is not None:
-        _check_factors(shapes, record, str(model))
-        _check_factor_dtypes(Path(source), record, str(model))
+    if headers is not None:
+        _check_factors({key: shape for key, (_, shape) in headers.items()}, record, str(model))
+        _check_factor_dtypes(headers, record, str(model))
     loaded = load_weights(auto_model_class(task), source, model, {**extra, **(_gguf_dense_options(gguf_file) if gguf_file else {})},
                            dtype=dtype, allow_pickle=allow_pickle or bool(gguf_file), strict_shapes=not gguf_file)
     if gguf_file:
