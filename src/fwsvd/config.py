@@ -243,7 +243,11 @@ class QuantizeConfig:
 
         return scheme_bits(self.scheme)
 
+    @property
+    def group(self) -> int | None:
+        """Inputs per scale: ``--group-size``, else the scheme's default (``None``: one scale per output row)."""
+        return self.group_size if self.group_size is not None else DEFAULT_GROUP_SIZE[self.scheme]
+
     def resolved_group_size(self, in_features: int) -> int:
         """Inputs per scale for a layer of ``in_features`` inputs."""
-        group = self.group_size if self.group_size is not None else DEFAULT_GROUP_SIZE[self.scheme]
-        return in_features if group is None else group
+        return in_features if self.group is None else self.group

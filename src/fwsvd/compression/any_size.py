@@ -24,12 +24,12 @@ from ..calibration.statistics import Statistics
 from ..config import CompressConfig
 from ..core import allocate_ranks, dense_parameters, factorized_parameters, rank_for_kept_fraction
 from ..errors import FwsvdError
-from ..nn import LINEAR_TYPES, LinearInfo, LowRankLinear, count_parameters, find_targets, linear_bias, linear_weight, swap_module
+from ..nn import LINEAR_TYPES, LinearInfo, LowRankLinear, check_finite_weights, count_parameters, find_targets, linear_bias, linear_weight, swap_module
 from ..storage.loading import TASKS
 from ..storage.record import FwsvdQuantizationConfig, compression_record
 from ..version import __version__
 from .allocation import layer_errors
-from .factorize import check_finite, record_compression, refuse_compressed
+from .factorize import record_compression, refuse_compressed
 from .report import CompressionReport, LayerReport
 
 logger = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def compress_any_size(
     if needs - (statistics.kinds if statistics is not None else frozenset()):
         raise FwsvdError(f"method {method.name} needs calibration statistics {sorted(needs)}: pass --data")
     targets = find_targets(model, config.include, config.exclude)
-    check_finite(model, targets)
+    check_finite_weights(model)
     if statistics is not None:
         check_statistics(statistics, targets)
     start = time.perf_counter()
@@ -95,7 +95,6 @@ def compress_any_size(
             "losses": losses,
             "allocation": {"mode": mode, **({"rank_floor": config.rank_floor, "dense_above": config.dense_above} if mode == "global" else {})},
             "factor_dtype": "float16",
-            "dense_parameters": before,
         },
     )
     logger.info("%s any size: %d layers decomposed in %.1f s", method.name, len(targets), seconds)
@@ -103,7 +102,7 @@ def compress_any_size(
             "calibration": dict(statistics.summary) if statistics is not None else {}}
 
 
-def _dense_like(original: nn.Module | None, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+def _dense_like(original: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
     """A dense layer of the original module's type (``nn.Linear`` or GPT-2's ``Conv1D``) holding ``weight`` ``[out, in]``."""
     from transformers.pytorch_utils import Conv1D
 
@@ -133,7 +132,8 @@ def resize(model: nn.Module, keep: float, *, skeleton: nn.Module | None = None) 
         model: loaded from a folder written after :func:`compress_any_size`.
         keep: fraction of the targeted layers' parameters that stays, in ``(0, 1]``.
         skeleton: the dense architecture (any device, ``meta`` is fine), to give a layer that turns
-            dense its original type (GPT-2's ``Conv1D``); ``nn.Linear`` without it.
+            dense its original type (GPT-2's ``Conv1D``); built from the model's config on the meta
+            device when omitted and some layer turns dense.
 
     Raises:
         FwsvdError: for a model without an any-size record, or a ``keep`` outside ``(0, 1]``.
@@ -142,15 +142,19 @@ def resize(model: nn.Module, keep: float, *, skeleton: nn.Module | None = None) 
     grid = record.get("any_size")
     if grid is None:
         raise FwsvdError("this model is not an any-size folder (no any_size record): compress it with --any-size first")
-    config = CompressConfig(method=record["method"], keep=keep)  # validates keep
+    alloc = grid["allocation"]
+    # The config a direct compression at this keep would have had (validates keep).
+    config = CompressConfig(
+        method=record["method"], keep=keep, include=tuple(record.get("include", ())), exclude=tuple(record.get("exclude", ())),
+        allocation=alloc["mode"], rank_floor=alloc.get("rank_floor", 0.5), dense_above=alloc.get("dense_above", 1.0),
+    )
     start = time.perf_counter()
     names = list(grid["losses"])
     infos = [_info(model, name) for name in names]
-    alloc = grid["allocation"]
     if alloc["mode"] == "global":
         chosen = allocate_ranks([torch.tensor(grid["losses"][n], dtype=torch.float64) for n in names],
                                 [(i.out_features, i.in_features, i.bias) for i in infos], keep,
-                                floor=alloc["rank_floor"], dense_above=alloc["dense_above"])
+                                floor=config.rank_floor, dense_above=config.dense_above)
     else:
         chosen = [rank_for_kept_fraction(i.out_features, i.in_features, keep, bias=i.bias) for i in infos]
     if skeleton is None and any(rank is None for rank in chosen):
@@ -161,7 +165,7 @@ def resize(model: nn.Module, keep: float, *, skeleton: nn.Module | None = None) 
         dense = dense_parameters(info.out_features, info.in_features, info.bias)
         with torch.no_grad():
             if rank is None:
-                original = skeleton.get_submodule(info.name) if skeleton is not None else None
+                original = skeleton.get_submodule(info.name)
                 swap_module(model, info.name, _dense_like(original, layer.dense_weight().detach(), None if layer.bias is None else layer.bias.detach()))
                 rows.append(LayerReport(info.name, (info.out_features, info.in_features), None, dense, dense, 0.0))
                 continue
@@ -172,8 +176,8 @@ def resize(model: nn.Module, keep: float, *, skeleton: nn.Module | None = None) 
         rows.append(LayerReport(info.name, (info.out_features, info.in_features), rank, dense,
                                 factorized_parameters(info.out_features, info.in_features, rank, info.bias), 0.0))
     report = record_compression(
-        model, _resized_config(config, record, alloc), _RecordedMethod(record), rows,
-        parameters_before=grid["dense_parameters"], calibration=dict(record.get("calibration", {})), seconds=time.perf_counter() - start,
+        model, config, _RecordedMethod(record), rows,
+        parameters_before=record["dense_parameters"], calibration=dict(record.get("calibration", {})), seconds=time.perf_counter() - start,
     )
     logger.info("resized to keep %g in %.2f s", keep, time.perf_counter() - start)
     return report
@@ -202,13 +206,6 @@ class _RecordedMethod:
 
     def options(self) -> dict[str, Any]:
         return dict(self._options)
-
-
-def _resized_config(config: CompressConfig, record: dict[str, Any], alloc: dict[str, Any]) -> CompressConfig:
-    return CompressConfig(
-        method=record["method"], keep=config.keep, include=tuple(record.get("include", ())), exclude=tuple(record.get("exclude", ())),
-        allocation=alloc["mode"], rank_floor=alloc.get("rank_floor", 0.5), dense_above=alloc.get("dense_above", 1.0),
-    )
 
 
 def _info(model: nn.Module, name: str) -> LinearInfo:

@@ -71,7 +71,7 @@ def compress(
             f"{sorted(needs - have)}: recalibrate with --data, or save them with --save-stats from a run of this method"
         )
     targets = find_targets(model, config.include, config.exclude)
-    check_finite(model, targets)
+    check_finite_weights(model)  # anywhere: a NaN in a layer norm spoils the result as surely as one in a target
     if statistics is not None:
         check_statistics(statistics, targets)
     uncovered = statistics.uncovered([t.name for t in targets], needs) if statistics is not None else []
@@ -102,16 +102,6 @@ def refuse_compressed(model: nn.Module) -> None:
     """Raise :class:`FwsvdError` when ``model`` already holds low-rank layers or a compression record."""
     if compression_record(getattr(model, "config", None)) is not None or any(isinstance(m, LowRankLinear) for m in model.modules()):
         raise FwsvdError("this model is already compressed: compress the original dense model instead")
-
-
-def check_finite(model: nn.Module, targets: list[LinearInfo] | None = None) -> None:
-    """Raise :class:`ModelError` when a weight of ``model`` (anywhere, not only the targets) holds NaN or infinite values.
-
-    ``targets`` is accepted for compatibility; every parameter and floating-point buffer is checked,
-    since a NaN in a layer norm or an embedding spoils the compressed model as surely as one in a
-    factorized weight.
-    """
-    check_finite_weights(model)
 
 
 def factorize_targets(

@@ -99,7 +99,7 @@ def _quantized_bytes(info: LinearInfo, bits: int, group: int) -> int:
     return packed_bytes(info.out_features * info.in_features, bits) + info.out_features * groups * 2
 
 
-def _budget(quant: QuantizeConfig, dense: int, other: int, quantized: int, targets: list[LinearInfo]) -> float | None:
+def _budget(quant: QuantizeConfig, dense: int, other: int, quantized: int) -> float | None:
     """Bytes the corrections may take (``None``: the fixed rank of ``--correction-rank``)."""
     if quant.correction_rank is not None:
         return None
@@ -158,15 +158,16 @@ def compress_quantized(
     bits = quant.bits
     groups = {t.name: quant.resolved_group_size(t.in_features) for t in targets}
     quantized = {t.name: _quantized_bytes(t, bits, groups[t.name]) for t in targets}
-    weight_bytes = {t.name: linear_weight(model.get_submodule(t.name)).numel() * linear_weight(model.get_submodule(t.name)).element_size() for t in targets}
+    weights = {t.name: linear_weight(model.get_submodule(t.name)) for t in targets}
+    weight_bytes = {name: w.numel() * w.element_size() for name, w in weights.items()}
     other = dense - sum(weight_bytes.values())  # biases, norms, embeddings, head stay as they are
-    budget = _budget(quant, dense, other, sum(quantized.values()), targets)
+    budget = _budget(quant, dense, other, sum(quantized.values()))
 
     grids: dict[str, Any] = {}
     decompositions: dict[str, Any] = {}
     losses: list[torch.Tensor] = []
     for info in tqdm(targets, desc=f"{quant.scheme} + {method.name} correction", unit="layer", disable=not progress, leave=False):
-        weight = linear_weight(model.get_submodule(info.name)).detach()
+        weight = weights[info.name].detach()
         stats = statistics.for_module(info.name) if statistics is not None else {}
         with layer_errors(info.name):
             grid = quantize(weight, bits, groups[info.name])
@@ -224,16 +225,10 @@ def _record(model: nn.Module, config: CompressConfig, quant: QuantizeConfig, met
         calibration=report.calibration,
         quantized_weights={
             "scheme": quant.scheme,
-            "group_size": quant.group_size if quant.group_size is not None else _default_group(quant),
+            "group_size": quant.group,
             "factor_dtype": "float16",
             "ranks": {r.name: r.rank for r in report.layers},
             "dense_bytes": report.dense_bytes,
             "model_bytes": report.model_bytes,
         },
     )
-
-
-def _default_group(quant: QuantizeConfig) -> int | None:
-    from ..config import DEFAULT_GROUP_SIZE
-
-    return DEFAULT_GROUP_SIZE[quant.scheme]

@@ -44,11 +44,11 @@ from .report import CompressionReport, LayerReport
 from .allocation import allocate
 from ..calibration.calibrate import calibrate
 from ..calibration.batches import calibration_batches
-from .factorize import check_finite, compress, factorize_targets, record_compression, refuse_compressed, rounded_ranks
+from .factorize import compress, factorize_targets, record_compression, refuse_compressed, rounded_ranks
 from ..nn import count_parameters
 from ..errors import DataError, FwsvdError
 from ..storage.loading import LoadedModel
-from ..nn import LinearInfo, find_blocks, find_targets
+from ..nn import LinearInfo, check_finite_weights, find_blocks, find_targets
 from ..core import balance_factors, output_error, refit_left_factor, refit_step
 from ..methods import Method
 from ..calibration.statistics import ActivationHooks, PairedInputHooks, Statistics
@@ -222,7 +222,7 @@ def compress_sequential(
         # Nothing to calibrate (plain SVD): block order changes nothing, and no data is needed.
         return compress(model, config, None, task=task, progress=progress)
     targets = find_targets(model, config.include, config.exclude)
-    check_finite(model, targets)
+    check_finite_weights(model)
     block_names = find_blocks(model)
     check_single_stack(model, block_names, "sequential mode")
     info = {t.name: t for t in targets}

@@ -56,7 +56,7 @@ RECORD_KEYS: dict[str, str] = {
     "stored_dtype": "one of 'float32', 'bfloat16', 'float16'",
     "quantized_factors": "the string 'int8'",
     "quantized_weights": "an object with scheme, group_size, factor_dtype, ranks, dense_bytes and model_bytes",
-    "any_size": "an object with losses, allocation, factor_dtype and dense_parameters",
+    "any_size": "an object with losses, allocation and factor_dtype",
 }
 _WHERE = "quantization_config in config.json"
 _FIX = "restore the config.json saved with the weights"
@@ -133,6 +133,8 @@ def validate_record(record: Any) -> dict[str, Any]:
     if "quantized_weights" in record:
         _check_quantized(record["quantized_weights"])
     if "any_size" in record:
+        if "dense_parameters" not in record:
+            raise ModelError(f"{_WHERE}: any_size needs dense_parameters beside it: {_FIX}")
         _check_any_size(record["any_size"], record.get("ranks", {}))
     ranks = record.get("ranks", {})
     if not isinstance(ranks, Mapping):
@@ -203,7 +205,7 @@ def _check_any_size(grid: Any, ranks: Any) -> None:
 
     if not isinstance(grid, Mapping):
         raise _bad("any_size", grid)
-    known = {"losses", "allocation", "factor_dtype", "dense_parameters"}
+    known = {"losses", "allocation", "factor_dtype"}
     for key in grid:
         if key not in known:
             raise ModelError(f"{_WHERE}: any_size has unknown key {str(key)[:40]!r} (known: {', '.join(sorted(known))}): {_FIX}")
@@ -212,8 +214,6 @@ def _check_any_size(grid: Any, ranks: Any) -> None:
             raise ModelError(f"{_WHERE}: any_size lacks {key}: {_FIX}")
     if grid["factor_dtype"] != "float16":
         raise bad("factor_dtype", grid["factor_dtype"], "'float16'")
-    if not (_is_int(grid["dense_parameters"]) and grid["dense_parameters"] > 0):
-        raise bad("dense_parameters", grid["dense_parameters"], "a positive integer")
     losses = grid["losses"]
     if not isinstance(losses, Mapping) or not isinstance(ranks, Mapping) or set(losses) != set(ranks):
         raise bad("losses", "…", "one price list per recorded layer")
