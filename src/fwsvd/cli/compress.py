@@ -254,11 +254,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
     loaded, statistics, teacher = _load(args, recovery)
     needs = config.needs(loaded.task)
-    checkpointing = None
-    if args.checkpoint_every != 0:
-        from ..calibration.resume import Checkpointing, checkpoint_base
-
-        checkpointing = Checkpointing(checkpoint_base(out, args.save_stats), every=args.checkpoint_every)
+    checkpointing = _checkpointing(args, out)
     report = _factorize(args, loaded, config, calibration, needs, statistics, checkpointing, ctx)
     corrected = _correct(args, loaded, calibration) if args.correct else None
     finetuned = None
@@ -289,13 +285,8 @@ def _run_quantized(args: argparse.Namespace, config: Any, calibration: Any, quan
     from ..compression.quantized import compress_quantized
 
     loaded, statistics, _ = _load(args, None)
-    needs = config.needs(loaded.task)
-    checkpointing = None
-    if args.checkpoint_every != 0 and needs and statistics is None:
-        from ..calibration.resume import Checkpointing, checkpoint_base
-
-        checkpointing = Checkpointing(checkpoint_base(out, args.save_stats), every=args.checkpoint_every)
-    statistics = _calibrate(args, loaded, config, calibration, needs, statistics, checkpointing, ctx)
+    checkpointing = _checkpointing(args, out)
+    statistics = _calibrate(args, loaded, config, calibration, config.needs(loaded.task), statistics, checkpointing, ctx)
     report = compress_quantized(loaded.model, config, quant, statistics, task=loaded.task, progress=not args.quiet)
     _save(args, loaded, out, checkpointing, ctx)
     result = report.to_dict()
@@ -309,10 +300,10 @@ def _run_any_size(args: argparse.Namespace, config: Any, calibration: Any, out: 
     from ..compression.any_size import compress_any_size
 
     loaded, statistics, _ = _load(args, None)
-    needs = config.needs(loaded.task)
-    statistics = _calibrate(args, loaded, config, calibration, needs, statistics, None, ctx)
+    checkpointing = _checkpointing(args, out)
+    statistics = _calibrate(args, loaded, config, calibration, config.needs(loaded.task), statistics, checkpointing, ctx)
     summary = compress_any_size(loaded.model, config, statistics, task=loaded.task, progress=not args.quiet)
-    _save(args, loaded, out, None, ctx)
+    _save(args, loaded, out, checkpointing, ctx)
     return {**summary, "any_size": True, "out": str(out), "task": loaded.task}
 
 
@@ -350,6 +341,15 @@ def _factorize(
         return compress_sequential(loaded, config, calibration, progress=not args.quiet)
     statistics = _calibrate(args, loaded, config, calibration, needs, statistics, checkpointing, ctx)
     return api.compress(loaded.model, config, statistics, task=loaded.task, progress=not args.quiet)
+
+
+def _checkpointing(args: argparse.Namespace, out: Path) -> Any:
+    """The calibration's checkpoints beside --save-stats (else --out), unless --checkpoint-every 0."""
+    if args.checkpoint_every == 0:
+        return None
+    from ..calibration.resume import Checkpointing, checkpoint_base
+
+    return Checkpointing(checkpoint_base(out, args.save_stats), every=args.checkpoint_every)
 
 
 def _calibrate(
@@ -457,6 +457,17 @@ def recovery_config(args: argparse.Namespace) -> Any:
     )
 
 
+def _statistics_text(report: dict[str, Any]) -> str:
+    """Where a run's statistics came from: this run's calibration, or a --stats file (then no calibration ran
+    now, and the summary is that of the run which saved it); empty for a method that needs none."""
+    cal = report.get("calibration") or {}
+    if report.get("statistics_file"):
+        return f"statistics read from {report['statistics_file']} (saved by a calibration on {cal.get('samples')} samples, {cal.get('tokens')} tokens)"
+    if cal:
+        return f"calibration {cal.get('seconds', 0):.2f} s on {cal.get('samples')} samples ({cal.get('tokens')} tokens)"
+    return ""
+
+
 def format_quantized(report: dict[str, Any]) -> str:
     """The human table of a --quantize run: per-layer grid, correction rank and bytes, then the totals."""
     rows = [
@@ -471,12 +482,8 @@ def format_quantized(report: dict[str, Any]) -> str:
     ]
     out.append(table(["", "bytes before", "bytes after", "kept"], summary))
     line = f"{report['scheme']} + {report['method']} correction ({fmt_int(report['correction_bytes'])} bytes, {report['correction_bytes'] / max(report['quantized_bytes'], 1):.3f} of the grid's); {report['seconds']:.2f} s"
-    cal = report.get("calibration") or {}
-    if report.get("statistics_file"):
-        line += f"; statistics read from {report['statistics_file']}"
-    elif cal:
-        line += f"; calibration {cal.get('seconds', 0):.2f} s on {cal.get('samples')} samples ({cal.get('tokens')} tokens)"
-    out.append(line)
+    statistics = _statistics_text(report)
+    out.append(line + (f"; {statistics}" if statistics else ""))
     if report.get("out"):
         out.append(f"saved to {report['out']}")
     return "\n".join(out)
@@ -499,14 +506,9 @@ def format_result(report: dict[str, Any]) -> str:
         ["whole model", fmt_int(report["dense_parameters"]), fmt_int(report["parameters"]), f"{report['model_keep']:.4f}"],
     ]
     out.append(table(["", "params before", "params after", "kept"], summary))
-    cal = report.get("calibration") or {}
     timing = f"method {report['method']}, keep {report['keep']:g}; factorization {report['seconds_factorize']:.2f} s"
-    if report.get("statistics_file"):
-        # No calibration ran: the summary is that of the run which saved the file.
-        timing += f", statistics read from {report['statistics_file']} (saved by a calibration on {cal.get('samples')} samples, {cal.get('tokens')} tokens)"
-    elif cal:
-        timing += f", calibration {cal.get('seconds', 0):.2f} s on {cal.get('samples')} samples ({cal.get('tokens')} tokens)"
-    out.append(timing)
+    statistics = _statistics_text(report)
+    out.append(timing + (f", {statistics}" if statistics else ""))
     if report.get("correction"):
         c = report["correction"]
         out.append(
