@@ -50,14 +50,7 @@ def calibration_batches(loaded: LoadedModel, config: CalibrationConfig, *, label
     if labels:
         if examples.labels is None:
             raise DataError(f"{cfg.data} has no label column: Fisher calibration needs labels (or pass --label-column)")
-        mc = loaded.model.config
-        targets, _, _ = d.label_mapping(
-            examples.labels,
-            label2id=getattr(mc, "label2id", None),
-            num_labels=mc.num_labels,
-            regression=(mc.problem_type == "regression") or mc.num_labels == 1,
-            source=str(cfg.data),
-        )
+        targets, _, _ = d.model_label_mapping(examples.labels, loaded.model.config, source=str(cfg.data))
     return list(d.batches(items, cfg.batch_size, tok.pad_token_id, labels=targets)), summary
 
 

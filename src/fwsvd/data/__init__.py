@@ -17,7 +17,7 @@ No model code lives here: tokenizers are passed in by the caller.
 """
 
 from .encoding import batches, causal_blocks, causal_blocks_from_file, draw, encode_examples, encode_token_examples
-from .labels import label_mapping
+from .labels import label_mapping, model_label_mapping
 from .readers import read_text, text_chunks
 from .tasks import Examples, TokenExamples, read_labelled, read_token_labelled
 
@@ -30,6 +30,7 @@ __all__ = [
     "draw",
     "encode_examples",
     "label_mapping",
+    "model_label_mapping",
     "encode_token_examples",
     "read_labelled",
     "read_text",

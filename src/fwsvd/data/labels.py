@@ -12,7 +12,7 @@ from ..errors import DataError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["label_mapping", "parse_label"]
+__all__ = ["label_mapping", "model_label_mapping", "parse_label"]
 
 # Label cells that mean "no label": empty, and the "-" that MNLI/SNLI use when annotators disagree.
 _MISSING_LABELS: frozenset[str] = frozenset({"", "-"})
@@ -83,6 +83,19 @@ def label_mapping(
     ids, used = _class_ids(values, numeric, label2id, num_labels, source)
     _check_class_ids(ids, num_labels, source)
     return ids, False, used
+
+
+
+def model_label_mapping(labels: list | None, config: Any, source: str = "the data") -> tuple[list[int] | list[float], bool, dict[str, int] | None]:
+    """:func:`label_mapping` for the model whose ``config`` (a transformers config: ``label2id``,
+    ``num_labels``, ``problem_type``) the targets are for; a one-output model is a regression."""
+    return label_mapping(
+        labels,
+        label2id=getattr(config, "label2id", None),
+        num_labels=config.num_labels,
+        regression=(config.problem_type == "regression") or config.num_labels == 1,
+        source=source,
+    )
 
 
 def _check_label_inputs(labels: list | None, num_labels: int | None, source: str) -> None:

@@ -117,20 +117,13 @@ def _sequence_classification(loaded: LoadedModel, config: EvalConfig, progress: 
     )
     if examples.labels is None:
         raise DataError(f"{config.data} has no label column: evaluation needs labels (or pass --label-column)")
-    mc = loaded.model.config
-    targets, regression, _ = d.label_mapping(
-        examples.labels,
-        label2id=getattr(mc, "label2id", None),
-        num_labels=mc.num_labels,
-        regression=(mc.problem_type == "regression") or mc.num_labels == 1,
-        source=str(config.data),
-    )
+    targets, regression, _ = d.model_label_mapping(examples.labels, loaded.model.config, source=str(config.data))
     items = d.encode_examples(loaded.tokenizer, examples, config.max_length or 128)
     logits = torch.cat(_logits(loaded, items, config.batch_size, progress))
     if regression:
         result = m.regression_metrics(targets, logits[:, 0].tolist())
     else:
-        result = m.classification_metrics(targets, logits.argmax(-1).tolist(), mc.num_labels)
+        result = m.classification_metrics(targets, logits.argmax(-1).tolist(), loaded.model.config.num_labels)
     result["metric"] = m.headline_metric(examples.layout, regression)
     result["n"] = len(targets)
     return result

@@ -593,14 +593,7 @@ def _classifier_rows(loaded: LoadedModel, cfg: FinetuneConfig) -> _Rows:
         examples = replace(examples, texts=pick(examples.texts), text_pairs=pick(examples.text_pairs), labels=pick(examples.labels))
     if len(examples) == 0:
         raise DataError(f"{cfg.data} has no usable rows: give a file with labelled examples")
-    mc = loaded.model.config
-    targets, regression, _ = d.label_mapping(
-        examples.labels,
-        label2id=getattr(mc, "label2id", None),
-        num_labels=mc.num_labels,
-        regression=(mc.problem_type == "regression") or mc.num_labels == 1,
-        source=cfg.data,
-    )
+    targets, regression, _ = d.model_label_mapping(examples.labels, loaded.model.config, source=cfg.data)
     items = d.encode_examples(loaded.tokenizer, examples, cfg.max_length)
     return _Rows(items, targets, [len(item["input_ids"]) for item in items], regression, loaded.tokenizer.pad_token_id)
 
