@@ -162,3 +162,50 @@ def test_cli_correct_with_stats_and_dtype_steps_in_float32_then_stores_bfloat16(
         assert {f.get_tensor(k).dtype for k in f.keys() if f.get_tensor(k).is_floating_point()} == {torch.bfloat16}
     assert main([*base, "--out", str(tmp_path / "c"), "--stats", str(stats), "--data", str(text)]) == 2
     assert "--stats reuses saved statistics" in capsys.readouterr().err
+
+
+def test_more_rounds_each_start_from_the_last_and_stop_when_none_helps(llama_dir, text):
+    blocks, heldout = _blocks(_compressed(llama_dir), text)
+    grid = (1e-4, 1e-3, 1e-2, 1e-1)
+    first = gradient_correction(_compressed(llama_dir).model, blocks, heldout, steps=grid, progress=False)
+    three = _compressed(llama_dir)
+    summary = gradient_correction(three.model, blocks, heldout, steps=grid, rounds=3, progress=False)
+    rounds = summary["rounds"]
+    assert summary["step"] == first["step"] == rounds[0]["step"] > 0 and summary["tried"] == first["tried"]
+    assert 2 <= len(rounds) <= 3 and all(r["step"] > 0 for r in rounds[:-1])
+    # Each round taken lowers the held-out loss below the round before (a round finding no step ends them).
+    held = [summary["heldout_perplexity_before"]] + [r["heldout_perplexity"] for r in rounds if r["step"]]
+    assert all(b < a for a, b in zip(held, held[1:])) and summary["heldout_perplexity_after"] == held[-1]
+    # The second round's gradient is taken where the first left the factors: two rounds with the
+    # steps two separate one-step corrections took give the same factors.
+    two = _compressed(llama_dir)
+    both = gradient_correction(two.model, blocks, heldout, steps=grid, rounds=2, progress=False)
+    assert [r["step"] for r in both["rounds"]] == [r["step"] for r in rounds[:2]]
+    s1, s2 = (r["step"] for r in both["rounds"])
+    manual = _compressed(llama_dir)
+    for step in (s1, s2):
+        assert gradient_correction(manual.model, blocks, heldout, steps=(step,), progress=False)["step"] == step
+    for (n, p), q in zip(two.model.named_parameters(), manual.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=n)
+    with pytest.raises(ValueError, match="at least 1"):
+        gradient_correction(three.model, blocks, heldout, rounds=0, progress=False)
+
+
+def test_cli_correct_steps(llama_dir, text, tmp_path, capsys):
+    base = ["compress", str(llama_dir), "--method", "svd", "--keep", "0.4", "--data", str(text), "--samples", "12",
+            "--max-length", "16", "--quiet"]
+    assert main([*base, "--out", str(tmp_path / "x"), "--correct-steps", "2"]) == 2
+    assert "add --correct" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "x"), "--correct", "--correct-steps", "0"]) == 2
+    assert "at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    out = tmp_path / "y"
+    assert main([*base, "--out", str(out), "--correct", "--correct-steps", "3", "--json"]) == 0
+    corr = json.loads(capsys.readouterr().out)["correction"]
+    assert 1 <= len(corr["rounds"]) <= 3 and corr["rounds"][0]["step"] == corr["step"]
+    record = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert record["correction"]["rounds"] == corr["rounds"]
+    assert main(["inspect", str(out)]) == 0
+    taken = [r["step"] for r in corr["rounds"] if r["step"]]
+    shown = capsys.readouterr().out
+    assert (f"{len(taken)} gradient steps" if len(taken) > 1 else "one gradient step") in shown

@@ -68,6 +68,11 @@ def add_parser(sub: Any) -> None:
         "unless it lowers their loss (training-free in ZS-SVD's sense: no optimizer, one gradient). With --stats, --data "
         "and --samples name the correction's text",
     )
+    c.add_argument(
+        "--correct-steps", type=int, default=None, metavar="N",
+        help="with --correct: up to N gradient steps instead of one, each with a fresh gradient and line search, stopping at "
+        "the first that does not lower the held-out loss (default 1)",
+    )
     c.add_argument("--refit", action=argparse.BooleanOptionalAction, default=False, help="with --sequential: " + field_help(CompressConfig, "refit"))
     c.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     _add_quantize_options(c)
@@ -79,7 +84,7 @@ def add_parser(sub: Any) -> None:
 QUANTIZE_OPTIONS = ("group_size", "correction_rank", "budget_bytes", "correction_share")
 FACTORIZE_ONLY = {
     "keep": None, "allocation": "auto", "rank_floor": None, "dense_above": 1.0, "rank_multiple": 1, "sequential": False, "refit": False,
-    "low_memory": False, "correct": False, "quantize_factors": None, "dtype": None, "finetune_data": None,
+    "low_memory": False, "correct": False, "correct_steps": None, "quantize_factors": None, "dtype": None, "finetune_data": None,
 }
 
 
@@ -213,6 +218,10 @@ def check_options(args: argparse.Namespace, config: Any, calibration: Any, ctx: 
         raise FwsvdError("--sequential collects each block's statistics on the fly: drop --stats/--save-stats")
     if args.correct and (args.low_memory or ctx.active):
         raise FwsvdError("--correct needs the whole compressed model in one process: drop --low-memory and torchrun, or run without --correct")
+    if args.correct_steps is not None and not args.correct:
+        raise FwsvdError(f"--correct-steps {args.correct_steps} sets how many steps --correct takes: add --correct, or drop it")
+    if args.correct_steps is not None and args.correct_steps < 1:
+        raise FwsvdError(f"--correct-steps {args.correct_steps} must be at least 1")
     if args.correct and calibration.data is None:
         raise FwsvdError("--correct takes its gradient on calibration text: pass --data TEXT.txt")
     if args.stats and not args.correct and (args.data is not None or args.samples is not None):
@@ -373,13 +382,16 @@ def _calibrate(
 
 
 def _correct(args: argparse.Namespace, loaded: Any, calibration: Any) -> dict[str, Any]:
-    """--correct: one gradient step of the next-token loss on the factors; its summary."""
+    """--correct: gradient steps of the next-token loss on the factors (one unless --correct-steps); its summary."""
     from ..compression.correction import correct_causal
 
     cal = calibration.resolved(loaded.task)
     assert cal.samples is not None and cal.max_length is not None
     assert calibration.data is not None
-    return correct_causal(loaded, calibration.data, samples=cal.samples, max_length=cal.max_length, seed=cal.seed, progress=not args.quiet)
+    return correct_causal(
+        loaded, calibration.data, samples=cal.samples, max_length=cal.max_length, seed=cal.seed, rounds=args.correct_steps or 1,
+        progress=not args.quiet,
+    )
 
 
 def _store_as(args: argparse.Namespace, loaded: Any, config: Any) -> None:

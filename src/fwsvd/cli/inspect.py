@@ -51,7 +51,12 @@ def format_result(result: dict[str, Any]) -> str:
         lines.append(f"allocation        {alloc.get('mode')}" + (f" ({', '.join(rules)})" if rules else ""))
     correction = result.get("correction")
     if isinstance(correction, dict) and isinstance(correction.get("step"), (int, float)) and not isinstance(correction.get("step"), bool):
-        lines.append(f"correction        one gradient step of {correction['step']:g} per factor entry" + (" (none taken)" if not correction["step"] else ""))
+        rounds = correction.get("rounds")
+        taken = [r["step"] for r in rounds if isinstance(r, dict) and r.get("step")] if isinstance(rounds, list) else []
+        if len(taken) > 1:
+            lines.append(f"correction        {len(taken)} gradient steps of {', '.join(f'{t:g}' for t in taken)} per factor entry")
+        else:
+            lines.append(f"correction        one gradient step of {correction['step']:g} per factor entry" + (" (none taken)" if not correction["step"] else ""))
     if result.get("quantized_factors"):
         lines.append(f"factors stored as {result['quantized_factors']} (one float32 scale per row), computing in {result.get('dtype') or 'float32'}")
     if result.get("stored_dtype"):

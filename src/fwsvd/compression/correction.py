@@ -62,36 +62,82 @@ def gradient_correction(
     heldout: torch.Tensor,
     *,
     steps: Sequence[float] = STEPS,
+    rounds: int = 1,
     batch_size: int = 4,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """One sign-gradient step on the low-rank factors of ``model``, in place, its length by line search.
+    """Sign-gradient steps on the low-rank factors of ``model``, in place, each length by line search.
 
     Args:
         model: a compressed causal LM (holds :class:`~fwsvd.nn.LowRankLinear` layers).
         blocks: ``[n, length]`` token blocks whose mean next-token loss gives the gradient.
         heldout: token blocks the line search scores each step length on (not in ``blocks``).
-        steps: candidate step lengths (per factor entry); the search starts in the middle of the
-            sorted grid and moves to larger steps while the held-out loss falls, else to smaller ones.
+        steps: candidate step lengths (per factor entry); the first search starts in the middle of
+            the sorted grid, each later one at the step the round before took, and moves to larger
+            steps while the held-out loss falls, else to smaller ones.
+        rounds: gradient steps at most, each from where the one before left the factors (a new
+            gradient, a new line search); they stop at the first round that finds no step lowering
+            the held-out loss.
         batch_size: blocks per forward pass when scoring (memory only).
         progress: show a progress bar over the gradient's blocks.
 
     Returns:
-        ``step`` (the length taken, 0 when none lowered the held-out loss), ``heldout_perplexity_before``
-        and ``_after``, ``tried`` (``[step, held-out perplexity]`` pairs), ``blocks``,
-        ``heldout_blocks``, ``parameters`` (factor entries moved) and ``seconds``.
+        ``step`` (the first round's length, 0 when none lowered the held-out loss),
+        ``heldout_perplexity_before`` and ``_after``, ``tried`` (the first round's ``[step, held-out
+        perplexity]`` pairs), ``rounds`` (per round taken or tried: ``step``, ``heldout_perplexity``,
+        ``tried``), ``blocks``, ``heldout_blocks``, ``parameters`` (factor entries moved) and ``seconds``.
 
     Raises:
         ModelError: when the model has no low-rank layers.
         DataError: when ``blocks`` or ``heldout`` is empty.
+        ValueError: when ``rounds`` is below 1.
     """
     params = [p for m in model.modules() if isinstance(m, LowRankLinear) for p in (m.weight_in, m.weight_out)]
     if not params:
         raise ModelError("the gradient correction moves low-rank factors, and this model has none: compress it first")
     if len(blocks) == 0 or len(heldout) == 0:
         raise DataError("the gradient correction needs calibration blocks and held-out blocks")
+    if rounds < 1:
+        raise ValueError(f"rounds {rounds} must be at least 1")
     start = time.perf_counter()
-    direction = _sign_gradient(model, params, blocks, progress)
+    grid = sorted(steps)
+    before = best = block_nll(model, heldout, batch_size)
+    at = len(grid) // 2
+    done: list[dict[str, Any]] = []
+    for _ in range(rounds):
+        direction = _sign_gradient(model, params, blocks, progress)
+        step, nll, tried = _line_search(model, params, direction, heldout, grid, at, best, batch_size)
+        done.append({"step": step, "heldout_perplexity": _ppl(nll), "tried": tried})
+        if step == 0.0:
+            break
+        best, at = nll, grid.index(step)
+    return {
+        "direction": "sign of the mean next-token-loss gradient",
+        "step": done[0]["step"],
+        "heldout_perplexity_before": _ppl(before),
+        "heldout_perplexity_after": _ppl(best),
+        "tried": done[0]["tried"],
+        "rounds": done,
+        "blocks": int(len(blocks)),
+        "heldout_blocks": int(len(heldout)),
+        "parameters": int(sum(p.numel() for p in params)),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+
+
+def _line_search(
+    model: nn.Module,
+    params: list[torch.Tensor],
+    direction: list[torch.Tensor],
+    heldout: torch.Tensor,
+    grid: list[float],
+    at: int,
+    floor: float,
+    batch_size: int,
+) -> tuple[float, float, list[list[float]]]:
+    """Move ``params`` along ``-direction`` by the grid step that lowers the held-out loss below
+    ``floor`` most, found by a local search from ``grid[at]``; ``(step, its loss, tried)``, step 0
+    (factors as they were) when none does."""
     origin = [p.detach().clone() for p in params]
 
     @torch.no_grad()
@@ -99,8 +145,7 @@ def gradient_correction(
         for p, o, g in zip(params, origin, direction):
             torch.add(o, g, alpha=-step, out=p.data)
 
-    before = best = block_nll(model, heldout, batch_size)
-    best_step: float = 0.0
+    best, best_step = floor, 0.0
     tried: list[list[float]] = []
 
     def attempt(step: float) -> bool:
@@ -114,29 +159,17 @@ def gradient_correction(
             return True
         return False
 
-    # A local search on the grid, from its middle: up while the held-out loss falls, else down
-    # while it falls (the loss along one direction is near unimodal in the step length).
-    grid = sorted(steps)
-    middle = len(grid) // 2
-    at = middle
+    # Up the grid while the held-out loss falls, else down while it falls (the loss along one
+    # direction is near unimodal in the step length).
+    first = at
     while at < len(grid) and attempt(grid[at]):
         at += 1
-    if best_step in (0.0, grid[middle]):
-        at = middle - 1
+    if best_step in (0.0, grid[first]):
+        at = first - 1
         while at >= 0 and attempt(grid[at]):
             at -= 1
     move(best_step)
-    return {
-        "direction": "sign of the mean next-token-loss gradient",
-        "step": best_step,
-        "heldout_perplexity_before": _ppl(before),
-        "heldout_perplexity_after": _ppl(best),
-        "tried": tried,
-        "blocks": int(len(blocks)),
-        "heldout_blocks": int(len(heldout)),
-        "parameters": int(sum(p.numel() for p in params)),
-        "seconds": round(time.perf_counter() - start, 3),
-    }
+    return best_step, best, tried
 
 
 def _sign_gradient(model: nn.Module, params: list[torch.Tensor], blocks: torch.Tensor, progress: bool) -> list[torch.Tensor]:
@@ -166,7 +199,9 @@ def _ppl(nll: float) -> float:
     return math.exp(nll) if nll < 700 else math.inf
 
 
-def correct_causal(loaded: Any, data: str, *, samples: int, max_length: int, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+def correct_causal(
+    loaded: Any, data: str, *, samples: int, max_length: int, seed: int = 0, rounds: int = 1, progress: bool = True
+) -> dict[str, Any]:
     """:func:`gradient_correction` of a compressed causal LM on a text file, recorded in its config.
 
     The gradient comes from the same ``samples`` blocks of ``max_length`` tokens that calibration
@@ -192,6 +227,6 @@ def correct_causal(loaded: Any, data: str, *, samples: int, max_length: int, see
     picked = d.draw(len(every), samples, seed)
     heldout = correction_blocks(every, picked, seed)
     summary = {"data": str(data), "max_length": max_length, "seed": seed}
-    summary.update(gradient_correction(loaded.model, every[torch.tensor(picked, dtype=torch.long)], heldout, progress=progress))
+    summary.update(gradient_correction(loaded.model, every[torch.tensor(picked, dtype=torch.long)], heldout, rounds=rounds, progress=progress))
     qc.correction = dict(summary)
     return summary
