@@ -30,10 +30,19 @@ def calibrate(
     Under ``torchrun`` (see :mod:`fwsvd.calibration.distributed`) each process calibrates on its share of the
     batches and every process gets the sums over all of them. With ``checkpoint`` the running sums
     are saved every few batches, and a run with the same settings resumes from them
-    (:mod:`fwsvd.calibration.resume`).
+    (:mod:`fwsvd.calibration.resume`), on any device.
+
+    The model is moved to ``config.device`` (:func:`fwsvd.device.resolve_device`) and stays there, so
+    that :func:`fwsvd.compress` factorizes there too; with ``config.low_memory`` only one block at a
+    time goes there (the rest stays where it is). The statistics are returned on the CPU.
+
+    Raises:
+        FwsvdError: for bad data, a non-finite loss or statistic, or a device this machine lacks.
     """
     from . import distributed
+    from ..device import resolve_device
 
+    device = resolve_device(config.device)
     targets = find_targets(loaded.model, include, exclude)
     names = [t.name for t in targets]
     need_labels = "fisher" in kinds
@@ -46,8 +55,12 @@ def calibrate(
         from .streaming import stream_statistics_in_scratch
 
         return stream_statistics_in_scratch(
-            loaded.model, names, batches, kinds, keep_full_fisher=keep_full_fisher, task=loaded.task, progress=progress, summary=summary
+            loaded.model, names, batches, kinds, keep_full_fisher=keep_full_fisher, task=loaded.task, progress=progress, summary=summary,
+            device=device,
         )
+    # In place, as nn.Module.to moves (a model already there is left untouched): factorization then runs there too.
+    if any(p.device != device for p in loaded.model.parameters()):
+        loaded.model.to(device)
     if ctx.active:
         summary["processes"] = ctx.world_size
     mine = distributed.shard(batches)
@@ -56,7 +69,7 @@ def calibrate(
         from .resume import fingerprint
 
         facts = fingerprint(
-            model=loaded.model, source=loaded.source, task=loaded.task, calibration=asdict(config.resolved(loaded.task)),
+            model=loaded.model, source=loaded.source, task=loaded.task, calibration={k: v for k, v in asdict(config.resolved(loaded.task)).items() if k != "device"},
             kinds=kinds, targets=names, keep_full_fisher=keep_full_fisher, ctx=ctx,
         )
         start, save = checkpoint.begin(facts, ctx, total=len(mine))

@@ -329,8 +329,13 @@ def spread(
                 raise FwsvdError(f"internal error: computed tensors {[(tuple(t.shape), t.dtype) for t in tensors]} differ from the announced {expected}")
             mine[index] = tensors
     agree()
+    # NCCL (on GPUs) broadcasts GPU tensors only: every process sends and receives on its own GPU.
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     for index, item in enumerate(items):
-        tensors = mine.pop(index) if owner[index] == ctx.rank else [torch.empty(shape, dtype=dtype) for shape, dtype in like(item)]
+        if owner[index] == ctx.rank:
+            tensors = [t.to(device) for t in mine.pop(index)]
+        else:
+            tensors = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in like(item)]
         for t in tensors:
             dist.broadcast(t, src=owner[index])
         yield item, tensors

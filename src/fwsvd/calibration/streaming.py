@@ -51,7 +51,7 @@ from .statistics import FISHER_GRANULARITY, STAT_KINDS, ActivationHooks, FisherH
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BlockWeights", "release_freed_memory", "return_large_blocks_at_once", "stream_statistics", "stream_statistics_in_scratch"]
+__all__ = ["BlockWeights", "outside_blocks_on", "release_freed_memory", "return_large_blocks_at_once", "stream_statistics", "stream_statistics_in_scratch"]
 
 #: Logit elements formed at once by the chunked causal-LM loss (16 MiB of float32; the softmax and
 #: its gradient take as much again each): the vocabulary never dominates memory, whatever the batch
@@ -109,13 +109,58 @@ class BlockWeights(Protocol):
 
 
 class _Resident:
-    """The model's weights are in memory already: loading and unloading do nothing."""
+    """The model's weights are in memory already: loading a block moves it to ``device`` (when given),
+    unloading moves it back where it was; without a device both do nothing."""
+
+    def __init__(self, model: nn.Module | None = None, device: torch.device | None = None) -> None:
+        self.model = model
+        self.device = device
+        self._home: dict[str, torch.device] = {}
 
     def load(self, prefix: str) -> None:
-        pass
+        if self.model is not None and self.device is not None:
+            block = self.model.get_submodule(prefix)
+            self._home[prefix] = next(block.parameters()).device
+            block.to(self.device)
 
     def unload(self, prefix: str) -> None:
-        pass
+        if prefix in self._home:
+            assert self.model is not None
+            self.model.get_submodule(prefix).to(self._home.pop(prefix))
+
+
+@contextlib.contextmanager
+def outside_blocks_on(model: nn.Module, block_names: list[str], device: torch.device | None) -> Iterator[None]:
+    """The parameters and buffers outside the blocks on ``device`` for the duration, then back where they were.
+
+    Parameters keep their identity (their ``data`` moves), so ties and the flags that
+    :func:`calibration_mode` saved stay as they were. Nothing happens without a device, or for
+    tensors already there or on the meta device (a low-memory skeleton's unread weights).
+    """
+    moved: list[tuple[Any, str, torch.Tensor]] = []
+    if device is not None:
+        inside = tuple(b + "." for b in block_names)
+        for name, module in model.named_modules():
+            if name in block_names or name.startswith(inside):
+                continue
+            for table in (module._parameters, module._buffers):
+                for key, t in table.items():
+                    if t is None or t.device == device or t.device.type == "meta":
+                        continue
+                    moved.append((table, key, t.data))
+                    if isinstance(t, nn.Parameter):
+                        t.data = t.data.to(device)
+                    else:
+                        table[key] = t.to(device)
+    try:
+        yield
+    finally:
+        for table, key, original in moved:
+            t = table[key]
+            if isinstance(t, nn.Parameter):
+                t.data = original
+            else:
+                table[key] = original
 
 
 class _States:
@@ -123,6 +168,7 @@ class _States:
 
     def __init__(self, folder: Path | None) -> None:
         self.folder = folder
+        self.device = torch.device("cpu")  # where the states are made, and so read back to
         self._memory: dict[tuple[int, int], torch.Tensor] = {}
 
     def _path(self, level: int, batch: int) -> Path:
@@ -134,12 +180,13 @@ class _States:
         if self.folder is None:
             self._memory[level, batch] = tensor
         else:
-            save_file({"t": tensor.contiguous()}, str(self._path(level, batch)))
+            self.device = tensor.device
+            save_file({"t": tensor.contiguous().cpu()}, str(self._path(level, batch)))
 
     def get(self, level: int, batch: int) -> torch.Tensor:
         if self.folder is None:
             return self._memory[level, batch]
-        return load_file(str(self._path(level, batch)))["t"]
+        return load_file(str(self._path(level, batch)), device=str(self.device))["t"]
 
     def drop(self, level: int, batches: int) -> None:
         for b in range(batches):
@@ -271,7 +318,7 @@ class _Head:
         batch, tokens = targets.shape
         vocab = int(head.weight.shape[0])
         step = max(1, LOGIT_CHUNK_ELEMENTS // max(1, batch * vocab))
-        sums = torch.zeros(batch)
+        sums = torch.zeros(batch, device=features.device)
         grad = torch.zeros_like(features)
         for start in range(0, tokens, step):
             piece = features[:, start : start + step].detach().requires_grad_(True)
@@ -308,6 +355,7 @@ def stream_statistics(
     on_block: Callable[[str, Statistics], Statistics | None] | None = None,
     progress: bool = True,
     summary: Mapping[str, Any] | None = None,
+    device: torch.device | None = None,
 ) -> Statistics:
     """The statistics of :func:`fwsvd.calibration.statistics.collect_statistics`, computed one transformer block at a time.
 
@@ -327,6 +375,10 @@ def stream_statistics(
             their place. The Fisher vectors (two per layer) are always kept.
         progress: show progress bars.
         summary: extra facts for :attr:`Statistics.summary`.
+        device: where the blocks run (``None``: where their weights are). The parameters outside the
+            blocks go there for the pass and come back after; each block goes there when it runs
+            (``weights`` then must read it there, as :class:`fwsvd.compression.lowmem.CheckpointWeights`
+            with its ``device`` does) and leaves after. Statistics are returned on the CPU.
 
     Returns:
         The :class:`~fwsvd.calibration.statistics.Statistics` (``summary["streamed"]`` is true).
@@ -346,8 +398,8 @@ def stream_statistics(
         block_names=block_names,
         by_block=block_targets(block_names, list(target_names), what=what),
         blocks=[model.get_submodule(name) for name in block_names],
-        batches=batches,
-        weights=weights or _Resident(),
+        batches=[{k: v.to(device) if device is not None and isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in batches],
+        weights=weights or _Resident(model, device),
         states=_States(Path(scratch) if scratch is not None else None),
         progress=progress,
     )
@@ -355,7 +407,7 @@ def stream_statistics(
     start = time.perf_counter()
     stats = Statistics()
     loss_sum = 0.0
-    with calibration_mode(model, freeze=True):
+    with calibration_mode(model, freeze=True), outside_blocks_on(model, block_names, device):
         like = _capture(run)
         _forward(run, stats, kinds & {"act", "cov"}, on_block, keep_states=want_fisher)
         if want_fisher:
@@ -364,7 +416,7 @@ def stream_statistics(
             run.states.drop(0, len(batches))
 
     for target in target_names:
-        stats.tensors.setdefault(target, {})
+        stats.tensors[target] = {key: t.cpu() for key, t in stats.tensors.get(target, {}).items()}
     stats.summary = _stream_summary(batches, kinds, summary, start, loss_sum if want_fisher else None)
     logger.info(
         "calibrated %s block by block on %d samples (%d tokens) in %.1f s",

@@ -35,6 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import CalibrationConfig, CompressConfig
+from ..device import resolve_device
 from .report import CompressionReport, LayerReport
 from ..calibration.batches import calibration_batches
 from ..nn import count_parameters
@@ -81,11 +82,12 @@ class CheckpointWeights:
             tensors the model does not use, or a shape differs.
     """
 
-    def __init__(self, model: nn.Module, folder: str | Path, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, model: nn.Module, folder: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> None:
         from ..storage.loading import safetensors_files
 
         self.model = model
         self.dtype = dtype
+        self.device = device or torch.device("cpu")  # where each tensor read goes (a GPU: the block runs there)
         self.files: dict[str, Path] = {}
         shapes: dict[str, tuple[int, ...]] = {}
         for file in safetensors_files(Path(folder)):
@@ -141,7 +143,7 @@ class CheckpointWeights:
             # Opened per read and closed at once, so the mapped pages do not stay resident.
             with safe_open(str(file), framework="pt") as handle:
                 for name in group:
-                    tensor = handle.get_tensor(self.key[name]).to(self.dtype)
+                    tensor = handle.get_tensor(self.key[name]).to(self.device).to(self.dtype)
                     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                         # Every read is checked: a NaN anywhere (a layer norm too) would spoil the output.
                         raise ModelError(
@@ -261,7 +263,9 @@ def compress_low_memory(
     targets = find_targets(skeleton, config.include, config.exclude)
     by_block = block_targets(block_names, [t.name for t in targets], what="--low-memory")
     info = {t.name: t for t in targets}
-    weights = CheckpointWeights(skeleton, model)
+    device = resolve_device(calibration.device)
+    weights = CheckpointWeights(skeleton, model, device=device)
+    _buffers_to(skeleton, device)
     weights.load_outside(block_names)
     before = count_parameters(skeleton)
 
@@ -306,7 +310,7 @@ class _SpilledStatistics:
 
     def spill(self, block: str, stats: Statistics) -> None:
         """Write one block's statistics to the scratch folder (``on_block`` of the streamed calibration)."""
-        flat = {f"{n}::{k}": t.contiguous() for n, entry in stats.tensors.items() for k, t in entry.items()}
+        flat = {f"{n}::{k}": t.contiguous().cpu() for n, entry in stats.tensors.items() for k, t in entry.items()}
         if flat:
             save_file(flat, str(self.scratch / f"stats-{block}.safetensors"))
 
@@ -347,7 +351,7 @@ def _calibrate(
     if needs:
         spilled.statistics = stream_statistics(
             loaded.model, target_names, batches, needs, task=loaded.task, weights=weights,
-            scratch=scratch / "states", on_block=spilled.spill, progress=progress, summary=summary,
+            scratch=scratch / "states", on_block=spilled.spill, progress=progress, summary=summary, device=weights.device,
         )
     return tokenizer_dir
 
@@ -394,6 +398,7 @@ def _write_shards(
             # --dtype: every floating-point tensor is stored in it (record_compression casts the
             # skeleton to match, so config.json's dtype and the record say so).
             tensors = {k: v.to(getattr(torch, config.dtype)) if v.is_floating_point() else v for k, v in tensors.items()}
+        tensors = {k: v.cpu() for k, v in tensors.items()}  # from a GPU when the blocks ran there
         save_file(tensors, str(tmp / file), metadata={"format": "pt"})
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         weight_map.update({k: file for k in tensors})
@@ -425,6 +430,14 @@ def _write_folder_files(
     if tokenizer_dir is not None:
         for file in sorted(tokenizer_dir.iterdir()):
             shutil.copyfile(file, tmp / file.name)
+
+
+def _buffers_to(model: nn.Module, device: torch.device) -> None:
+    """The skeleton's real buffers (rotary frequencies, position ids) to ``device``, where its blocks will run."""
+    for module in model.modules():
+        for key, buffer in module._buffers.items():
+            if buffer is not None and buffer.device.type != "meta" and buffer.device != device:
+                module._buffers[key] = buffer.to(device)
 
 
 def _park_tokenizer(loaded: LoadedModel, scratch: Path) -> Path | None:
@@ -479,11 +492,12 @@ def _global_ranks(
         try:
             stats = block_statistics(block)
             for name in by_block[block]:
-                layer = stats.for_module(name) if stats is not None else {}
+                weight = linear_weight(model.get_submodule(name)).detach()
+                layer = stats.for_module(name, weight.device) if stats is not None else {}
                 with torch.no_grad():
                     with layer_errors(name):
-                        dec = method.decompose(linear_weight(model.get_submodule(name)).detach(), layer)
-                    losses.append(method.component_loss(dec, layer))
+                        dec = method.decompose(weight, layer)
+                    losses.append(method.component_loss(dec, layer).cpu())
                 del dec
                 t = info[name]
                 names.append(name)
