@@ -176,3 +176,22 @@ def test_stage_memory_and_place(fresh, llama_dir):
     record = stages.to_dict()
     assert record["device"] == "cpu" and set(record["stages"]["work"]) == {"seconds", "peak_rss_bytes"}
     assert memory_report(torch.device("cpu"))["peak_rss_bytes"] >= record["stages"]["work"]["peak_rss_bytes"]
+
+
+def test_meta_parameters_without_accelerate_builds_the_same_skeleton(monkeypatch):
+    """The fallback for a machine without accelerate: parameters on the meta device, buffers real, hook removed after."""
+    import sys
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fwsvd.compression.lowmem import meta_parameters
+
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2, vocab_size=100)
+    monkeypatch.setitem(sys.modules, "accelerate", None)  # import accelerate now fails
+    register = torch.nn.Module.register_parameter
+    with meta_parameters():
+        model = LlamaForCausalLM(config)
+    assert torch.nn.Module.register_parameter is register
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    assert {b.device.type for b in model.buffers()} == {"cpu"}
+    assert torch.nn.Linear(2, 2).weight.device.type == "cpu"

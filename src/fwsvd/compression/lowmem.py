@@ -21,10 +21,12 @@ the in-memory path's to float tolerance.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -192,10 +194,6 @@ def _set_param(model: nn.Module, name: str, param: nn.Parameter) -> None:
 
 def _skeleton(model: str, task: str | None) -> LoadedModel:
     """The model built on the meta device (buffers real) with its tokenizer, from a local folder."""
-    try:
-        from accelerate import init_empty_weights
-    except ImportError as err:  # pragma: no cover - make install brings accelerate
-        raise ModelError("--low-memory needs the accelerate package: pip install accelerate") from err
     from transformers import AutoConfig, AutoTokenizer
 
     from ..storage.quantizer import register
@@ -212,7 +210,7 @@ def _skeleton(model: str, task: str | None) -> LoadedModel:
         task = detect_task(config)
     elif task not in TASKS:
         raise ModelError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
-    with init_empty_weights(include_buffers=False):
+    with meta_parameters():
         skeleton = auto_model_class(task).from_config(config, dtype=torch.float32)
     skeleton.tie_weights()
     skeleton.eval()
@@ -222,6 +220,35 @@ def _skeleton(model: str, task: str | None) -> LoadedModel:
     if getattr(skeleton.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         skeleton.config.pad_token_id = tokenizer.pad_token_id
     return LoadedModel(skeleton, tokenizer, task, str(model))
+
+
+@contextlib.contextmanager
+def meta_parameters() -> Iterator[None]:
+    """Parameters registered meanwhile go to the meta device, buffers stay real: accelerate's
+    ``init_empty_weights(include_buffers=False)``, or where accelerate is not installed (a bare GPU
+    machine) the same hook on ``nn.Module.register_parameter``, put back on the way out."""
+    try:
+        from accelerate import init_empty_weights
+    except ImportError:
+        pass
+    else:
+        with init_empty_weights(include_buffers=False):
+            yield
+        return
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None:
+            kept = module._parameters[name]
+            assert kept is not None
+            module._parameters[name] = nn.Parameter(kept.to("meta"), requires_grad=kept.requires_grad)
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
 def compress_low_memory(
