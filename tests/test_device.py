@@ -195,3 +195,8 @@ def test_meta_parameters_without_accelerate_builds_the_same_skeleton(monkeypatch
     assert {p.device.type for p in model.parameters()} == {"meta"}
     assert {b.device.type for b in model.buffers()} == {"cpu"}
     assert torch.nn.Linear(2, 2).weight.device.type == "cpu"
+
+
+def test_no_calibration_stage_without_a_calibration(bert_dir, tmp_path, capsys):
+    assert main(["compress", str(bert_dir), "--method", "svd", "--keep", "0.5", "--out", str(tmp_path / "o"), "--quiet", "--json", "--device", "cpu"]) == 0
+    assert list(json.loads(capsys.readouterr().out)["memory"]["stages"]) == ["load", "factorization", "save"]

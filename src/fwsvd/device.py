@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import resource
 import sys
 import time
 from collections.abc import Iterator
@@ -95,8 +94,13 @@ def memory_report(device: torch.device) -> dict[str, Any]:
         ``{"device": "cpu" | "cuda:N", "peak_rss_bytes": int, ["peak_gpu_bytes": int]}``; the GPU
         peak is since the last :func:`reset_peak_memory` on that device.
     """
-    # ru_maxrss is in KiB on Linux and bytes on macOS.
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows has no getrusage
+        rss = 0
+    else:
+        # ru_maxrss is in KiB on Linux and bytes on macOS.
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     out: dict[str, Any] = {"device": str(device), "peak_rss_bytes": int(rss)}
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -120,8 +120,10 @@ class _Resident:
     def load(self, prefix: str) -> None:
         if self.model is not None and self.device is not None:
             block = self.model.get_submodule(prefix)
-            self._home[prefix] = next(block.parameters()).device
-            block.to(self.device)
+            home = next(block.parameters()).device
+            if home != self.device:  # a block already there (a CPU run) is left untouched
+                self._home[prefix] = home
+                block.to(self.device)
 
     def unload(self, prefix: str) -> None:
         if prefix in self._home:

@@ -305,8 +305,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def _run_quantized(args: argparse.Namespace, config: Any, calibration: Any, quant: Any, out: Path, ctx: Any) -> dict[str, Any]:
     """--quantize: load, calibrate what the correction's method needs, quantize with a correction, save."""
     from ..compression.quantized import compress_quantized
+    from ..device import place
 
     loaded, statistics, _ = _load(args, None)
+    place(loaded.model, calibration.device)  # also without calibration (--stats): the grids and corrections are made there
     checkpointing = _checkpointing(args, out)
     statistics = _calibrate(args, loaded, config, calibration, config.needs(loaded.task), statistics, checkpointing, ctx)
     report = compress_quantized(loaded.model, config, quant, statistics, task=loaded.task, progress=not args.quiet)
@@ -320,8 +322,10 @@ def _run_quantized(args: argparse.Namespace, config: Any, calibration: Any, quan
 def _run_any_size(args: argparse.Namespace, config: Any, calibration: Any, out: Path, ctx: Any) -> dict[str, Any]:
     """--any-size: load, calibrate what the method needs, keep every layer's whole decomposition, save."""
     from ..compression.any_size import compress_any_size
+    from ..device import place
 
     loaded, statistics, _ = _load(args, None)
+    place(loaded.model, calibration.device)  # also without calibration (--stats): the decompositions are made there
     checkpointing = _checkpointing(args, out)
     statistics = _calibrate(args, loaded, config, calibration, config.needs(loaded.task), statistics, checkpointing, ctx)
     summary = compress_any_size(loaded.model, config, statistics, task=loaded.task, progress=not args.quiet)
@@ -364,8 +368,9 @@ def _factorize(
 
         with stages.stage("sequential"):
             return compress_sequential(loaded, config, calibration, progress=not args.quiet)
-    with stages.stage("calibration"):
-        statistics = _calibrate(args, loaded, config, calibration, needs, statistics, checkpointing, ctx)
+    if statistics is None and needs:  # a stage only when a calibration runs (not with --stats, nor for svd)
+        with stages.stage("calibration"):
+            statistics = _calibrate(args, loaded, config, calibration, needs, statistics, checkpointing, ctx)
     with stages.stage("factorization"):
         return api.compress(loaded.model, config, statistics, task=loaded.task, progress=not args.quiet)
 
