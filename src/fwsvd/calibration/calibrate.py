@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import asdict
 
 
-from ..errors import FwsvdError
 from ..storage.loading import LoadedModel
 from ..nn import find_targets
 from .resume import Checkpointing
@@ -49,20 +48,19 @@ def calibrate(
     batches, summary = calibration_batches(loaded, config, labels=need_labels)
     summary["task"] = loaded.task
     ctx = distributed.current()
+    if ctx.active:
+        summary["processes"] = ctx.world_size
     if config.low_memory:
-        if ctx.active:
-            raise FwsvdError("--low-memory calibrates in one process: run it without torchrun")
         from .streaming import stream_statistics_in_scratch
 
+        # Under torchrun each process streams its share of the batches; each block's sums are added up.
         return stream_statistics_in_scratch(
-            loaded.model, names, batches, kinds, keep_full_fisher=keep_full_fisher, task=loaded.task, progress=progress, summary=summary,
-            device=device,
+            loaded.model, names, distributed.shard(batches), kinds, keep_full_fisher=keep_full_fisher, task=loaded.task, progress=progress,
+            summary=summary, device=device, reduce=distributed.add_up if ctx.active else None,
         )
     # In place, as nn.Module.to moves (a model already there is left untouched): factorization then runs there too.
     if any(p.device != device for p in loaded.model.parameters()):
         loaded.model.to(device)
-    if ctx.active:
-        summary["processes"] = ctx.world_size
     mine = distributed.shard(batches)
     start = save = None
     if checkpoint is not None:

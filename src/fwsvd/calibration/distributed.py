@@ -46,6 +46,7 @@ __all__ = [
     "TIMEOUT_ENV",
     "Context",
     "PeerFailed",
+    "add_up",
     "agree",
     "current",
     "init_from_env",
@@ -233,6 +234,25 @@ def shard(items: Sequence[T]) -> list[T]:
             "pass more --samples, a smaller --batch-size, or fewer processes"
         )
     return list(items[ctx.rank * n // ctx.world_size : (ctx.rank + 1) * n // ctx.world_size])
+
+
+def add_up(tensors: Sequence[torch.Tensor]) -> None:
+    """Sum each of ``tensors`` over the processes, in place (nothing for a single process).
+
+    Every process must pass tensors of the same shapes and dtypes in the same order (those of one
+    transformer block, in streamed calibration). GPU tensors travel through NCCL, CPU ones through gloo.
+
+    Raises:
+        PeerFailed: when another process failed before reaching this point.
+    """
+    ctx = current()
+    if not ctx.active:
+        return
+    import torch.distributed as dist
+
+    agree()
+    for t in tensors:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
 
 
 def _layout(sums: RunningSums) -> int:

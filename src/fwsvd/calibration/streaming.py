@@ -358,6 +358,7 @@ def stream_statistics(
     progress: bool = True,
     summary: Mapping[str, Any] | None = None,
     device: torch.device | None = None,
+    reduce: Callable[[list[torch.Tensor]], None] | None = None,
 ) -> Statistics:
     """The statistics of :func:`fwsvd.calibration.statistics.collect_statistics`, computed one transformer block at a time.
 
@@ -381,6 +382,10 @@ def stream_statistics(
             blocks go there for the pass and come back after; each block goes there when it runs
             (``weights`` then must read it there, as :class:`fwsvd.compression.lowmem.CheckpointWeights`
             with its ``device`` does) and leaves after. Statistics are returned on the CPU.
+        reduce: sums tensors over the processes in place (:func:`fwsvd.calibration.distributed.add_up`),
+            when each process streams its own share of the batches: each block's sums, the Fisher
+            vectors and the counts are added up before they become statistics, so every process
+            gets the statistics of all the batches.
 
     Returns:
         The :class:`~fwsvd.calibration.statistics.Statistics` (``summary["streamed"]`` is true).
@@ -404,6 +409,7 @@ def stream_statistics(
         weights=weights or _Resident(model, device),
         states=_States(Path(scratch) if scratch is not None else None),
         progress=progress,
+        reduce=reduce,
     )
 
     start = time.perf_counter()
@@ -419,7 +425,7 @@ def stream_statistics(
 
     for target in target_names:
         stats.tensors[target] = {key: t.cpu() for key, t in stats.tensors.get(target, {}).items()}
-    stats.summary = _stream_summary(batches, kinds, summary, start, loss_sum if want_fisher else None)
+    stats.summary = _stream_summary(batches, kinds, summary, start, loss_sum if want_fisher else None, reduce)
     logger.info(
         "calibrated %s block by block on %d samples (%d tokens) in %.1f s",
         sorted(kinds), stats.summary["samples"], stats.summary["tokens"], stats.summary["seconds"],
@@ -454,6 +460,7 @@ class _Pass:
     weights: BlockWeights
     states: _States
     progress: bool
+    reduce: Callable[[list[torch.Tensor]], None] | None = None
     calls: list[list[BlockCall]] = field(default_factory=list)
     masks: list[torch.Tensor | None] = field(default_factory=list)
 
@@ -500,12 +507,23 @@ def _forward(
             run.weights.unload(name)
             release_freed_memory()
         if act_kinds:
+            if run.reduce is not None:
+                _add_up_activations(run.reduce, run.by_block[name], hooks)
             _hand_over(name, run.by_block[name], hooks, stats, on_block)
         if not keep_states and index > 0:
             run.states.drop(index, n)
     if not keep_states:
         run.states.drop(len(run.blocks), n)
         run.states.drop(0, n)
+
+
+def _add_up_activations(reduce: Callable[[list[torch.Tensor]], None], targets: list[str], hooks: ActivationHooks) -> None:
+    """One block's act/cov sums and token counts added up over the processes, in place."""
+    tokens = torch.tensor([hooks.tokens.get(t, 0) for t in targets], dtype=torch.float64)
+    reduce([*(hooks.abs_sum[t] for t in targets if t in hooks.abs_sum), *(hooks.cov[t] for t in targets if t in hooks.cov), tokens])
+    for t, n in zip(targets, tokens.tolist()):
+        if t in hooks.tokens:
+            hooks.tokens[t] = int(n)
 
 
 def _hand_over(
@@ -561,9 +579,11 @@ def _backward(run: _Pass, stats: Statistics, keep_full_fisher: bool) -> None:
             run.weights.unload(name)
             release_freed_memory()
         run.states.drop(index + 1, n)
-        for target in run.by_block[name]:
-            like_weight = _weight_shape(run.model.get_submodule(target))
-            stats.tensors.setdefault(target, {}).update(_finite(target, fisher.entries(target, like_weight)))
+        entries = {target: fisher.entries(target, _weight_shape(run.model.get_submodule(target))) for target in run.by_block[name]}
+        if run.reduce is not None:
+            run.reduce([t for entry in entries.values() for t in entry.values()])
+        for target, entry in entries.items():
+            stats.tensors.setdefault(target, {}).update(_finite(target, entry))
 
 
 def _stream_summary(
@@ -572,14 +592,22 @@ def _stream_summary(
     summary: Mapping[str, Any] | None,
     start: float,
     loss_sum: float | None,
+    reduce: Callable[[list[torch.Tensor]], None] | None = None,
 ) -> dict[str, Any]:
-    """:attr:`Statistics.summary` of a streamed calibration (``loss_sum``: the Fisher pass's, else ``None``)."""
+    """:attr:`Statistics.summary` of a streamed calibration (``loss_sum``: the Fisher pass's, else ``None``;
+    with ``reduce``, the counts of every process's batches)."""
     n_rows = sum(int(b["input_ids"].shape[0]) for b in batches)
     n_tokens = sum(int(b["attention_mask"].sum()) if b.get("attention_mask") is not None else int(b["input_ids"].numel()) for b in batches)
+    n_batches = len(batches)
+    if reduce is not None:
+        counts = torch.tensor([n_batches, n_rows, n_tokens, loss_sum or 0.0], dtype=torch.float64)
+        reduce([counts])
+        n_batches, n_rows, n_tokens = (int(c) for c in counts[:3].tolist())
+        loss_sum = None if loss_sum is None else float(counts[3])
     out = {
         **dict(summary or {}),
         "kinds": sorted(kinds),
-        "batches": len(batches),
+        "batches": n_batches,
         "samples": n_rows,
         "tokens": n_tokens,
         "seconds": round(time.perf_counter() - start, 3),

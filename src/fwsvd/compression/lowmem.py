@@ -42,7 +42,9 @@ from .report import CompressionReport, LayerReport
 from ..calibration.batches import calibration_batches
 from ..nn import count_parameters
 from .factorize import factorize_targets, record_compression, rounded_ranks
-from .allocation import layer_errors
+from .allocation import decomposition_cost, layer_errors
+from ..calibration import distributed
+from ..calibration.distributed import spread
 from ..core import allocate_ranks
 from ..errors import FwsvdError, ModelError
 from ..storage.atomic import atomic_dir, scratch_dir
@@ -312,7 +314,8 @@ def compress_low_memory(
             ranks = _global_ranks(skeleton, block_names, by_block, info, method, config, weights, spilled, progress)
         ranks = rounded_ranks(targets, config, ranks)
 
-        with atomic_dir(out, overwrite=overwrite) as tmp:
+        # Under torchrun rank 0 alone writes the output; the others factorize their share of the layers.
+        with atomic_dir(out, overwrite=overwrite) if distributed.current().is_main else contextlib.nullcontext(None) as tmp:
             rows, weight_map, total = _write_shards(tmp, skeleton, block_names, by_block, info, method, config, weights, spilled, ranks, progress)
             seconds = time.perf_counter() - start
             position = {t.name: i for i, t in enumerate(targets)}
@@ -322,7 +325,9 @@ def compress_low_memory(
                 skeleton, config, method, rows, parameters_before=before,
                 calibration=dict(statistics.summary) if statistics is not None else {}, seconds=seconds,
             )
-            _write_folder_files(tmp, skeleton, report, weight_map, total, tokenizer_dir)
+            if tmp is not None:
+                _write_folder_files(tmp, skeleton, report, weight_map, total, tokenizer_dir)
+    distributed.agree()  # the other processes wait here until rank 0 has written the output
     return report, task
 
 
@@ -376,15 +381,20 @@ def _calibrate(
     tokenizer_dir = _park_tokenizer(loaded, scratch)
     release_freed_memory()
     if needs:
+        ctx = distributed.current()
+        if ctx.active:
+            summary["processes"] = ctx.world_size
+        # Under torchrun each process streams its share of the batches; each block's sums are added up.
         spilled.statistics = stream_statistics(
-            loaded.model, target_names, batches, needs, task=loaded.task, weights=weights,
+            loaded.model, target_names, distributed.shard(batches), needs, task=loaded.task, weights=weights,
             scratch=scratch / "states", on_block=spilled.spill, progress=progress, summary=summary, device=weights.device,
+            reduce=distributed.add_up if ctx.active else None,
         )
     return tokenizer_dir
 
 
 def _write_shards(
-    tmp: Path,
+    tmp: Path | None,
     skeleton: nn.Module,
     block_names: list[str],
     by_block: dict[str, list[str]],
@@ -399,6 +409,7 @@ def _write_shards(
     """Factorize each block and write it as one shard into ``tmp``, then the rest as the last shard.
 
     Returns the layers' reports (in block order), the shard of each tensor and the bytes written.
+    ``tmp`` ``None`` (a process other than rank 0 under torchrun): nothing is written.
     """
     rows: list[LayerReport] = []
     shards = [*block_names, None]
@@ -426,7 +437,8 @@ def _write_shards(
             # skeleton to match, so config.json's dtype and the record say so).
             tensors = {k: v.to(getattr(torch, config.dtype)) if v.is_floating_point() else v for k, v in tensors.items()}
         tensors = {k: v.cpu() for k, v in tensors.items()}  # from a GPU when the blocks ran there
-        save_file(tensors, str(tmp / file), metadata={"format": "pt"})
+        if tmp is not None:
+            save_file(tensors, str(tmp / file), metadata={"format": "pt"})
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         weight_map.update({k: file for k in tensors})
         del tensors
@@ -518,16 +530,18 @@ def _global_ranks(
         weights.load(block)
         try:
             stats = block_statistics(block)
-            for name in by_block[block]:
-                weight = linear_weight(model.get_submodule(name)).detach()
-                layer = stats.for_module(name, weight.device) if stats is not None else {}
-                with torch.no_grad():
-                    with layer_errors(name):
-                        dec = method.decompose(weight, layer)
-                    losses.append(method.component_loss(dec, layer).cpu())
-                del dec
-                t = info[name]
-                names.append(name)
+
+            def decompose(t: LinearInfo) -> list[torch.Tensor]:
+                weight = linear_weight(model.get_submodule(t.name)).detach()
+                layer = stats.for_module(t.name, weight.device) if stats is not None else {}
+                with torch.no_grad(), layer_errors(t.name):
+                    return [method.component_loss(method.decompose(weight, layer), layer).double().cpu()]
+
+            # Under torchrun each layer is decomposed by one process and its losses handed to all.
+            like = lambda t: [((min(t.out_features, t.in_features),), torch.float64)]  # noqa: E731
+            for t, (loss,) in spread([info[n] for n in by_block[block]], decompose, like, decomposition_cost):
+                losses.append(loss.cpu())
+                names.append(t.name)
                 shapes.append((t.out_features, t.in_features, t.bias))
         finally:
             weights.unload(block)
