@@ -200,3 +200,16 @@ def test_meta_parameters_without_accelerate_builds_the_same_skeleton(monkeypatch
 def test_no_calibration_stage_without_a_calibration(bert_dir, tmp_path, capsys):
     assert main(["compress", str(bert_dir), "--method", "svd", "--keep", "0.5", "--out", str(tmp_path / "o"), "--quiet", "--json", "--device", "cpu"]) == 0
     assert list(json.loads(capsys.readouterr().out)["memory"]["stages"]) == ["load", "factorization", "save"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", [["--quantize", "int3"], ["--any-size"]])
+def test_quantize_and_any_size_on_each_device(device, mode, llama_dir, corpus_txt, tmp_path, capsys):
+    """--quantize (int3 packs its grid on the device) and --any-size run on the device and save the CPU run's format."""
+    args = ["compress", str(llama_dir), *mode, "--data", str(corpus_txt), "--samples", "4", "--max-length", "16", "--quiet", "--json"]
+    assert main([*args, "--out", str(tmp_path / "cpu"), "--device", "cpu"]) == 0
+    assert main([*args, "--out", str(tmp_path / "dev"), "--device", device]) == 0
+    out = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert out[1]["memory"]["device"].startswith(device) and list(out[1]["memory"]["stages"]) == ["compress"]
+    a, b = load_file(str(tmp_path / "cpu" / "model.safetensors")), load_file(str(tmp_path / "dev" / "model.safetensors"))
+    assert {k: (v.shape, v.dtype) for k, v in a.items()} == {k: (v.shape, v.dtype) for k, v in b.items()}
