@@ -213,3 +213,42 @@ def test_quantize_and_any_size_on_each_device(device, mode, llama_dir, corpus_tx
     assert out[1]["memory"]["device"].startswith(device) and list(out[1]["memory"]["stages"]) == ["compress"]
     a, b = load_file(str(tmp_path / "cpu" / "model.safetensors")), load_file(str(tmp_path / "dev" / "model.safetensors"))
     assert {k: (v.shape, v.dtype) for k, v in a.items()} == {k: (v.shape, v.dtype) for k, v in b.items()}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_half_precision_calibration_leaves_the_weights_and_stays_close(device, low_memory, fresh, llama_dir, corpus_txt):
+    """compute_dtype bfloat16: the passes run on copies, the model's float32 weights are untouched, the statistics
+    are float32/float64 on the CPU and near the float32 calibration's (bfloat16 keeps 8 bits: 10 % of the scale)."""
+    ref = fresh(llama_dir)
+    kinds = {"fisher", "cov", "act"}
+    base = {**SMALL, "data": str(corpus_txt), "device": device, "low_memory": low_memory}
+    want = api.calibrate(ref, api.CalibrationConfig(**base), kinds, progress=False)
+    loaded = fresh(llama_dir)
+    before = {n: p.detach().cpu().clone() for n, p in loaded.model.named_parameters()}
+    got = api.calibrate(loaded, api.CalibrationConfig(**base, compute_dtype="bfloat16"), kinds, progress=False)
+    assert got.summary["compute_dtype"] == "bfloat16" and "compute_dtype" not in want.summary
+    for n, p in loaded.model.named_parameters():
+        assert p.dtype == torch.float32 and torch.equal(p.detach().cpu(), before[n]), n
+    for module, entry in want.tensors.items():
+        for key, tensor in entry.items():
+            t = got.tensors[module][key]
+            assert t.device.type == "cpu" and t.dtype == tensor.dtype, (module, key)
+            assert float((t.double() - tensor.double()).abs().max()) <= 0.1 * float(tensor.double().abs().max()), (module, key)
+
+
+def test_calibration_dtype_option(llama_dir, corpus_txt, tmp_path, capsys):
+    args = ["compress", str(llama_dir), "--keep", "0.6", "--data", str(corpus_txt), "--samples", "4", "--max-length", "16", "--quiet", "--json"]
+    assert main([*args, "--low-memory", "--calibration-dtype", "bfloat16", "--out", str(tmp_path / "half")]) == 0
+    assert main([*args, "--low-memory", "--out", str(tmp_path / "full")]) == 0
+    capsys.readouterr()
+    half = {k: v for f in (tmp_path / "half").glob("*.safetensors") for k, v in load_file(str(f)).items()}
+    full = {k: v for f in (tmp_path / "full").glob("*.safetensors") for k, v in load_file(str(f)).items()}
+    # The factors come from the float32 weights: the folder's format does not change.
+    assert {k: v.dtype for k, v in half.items()} == {k: v.dtype for k, v in full.items()}
+    record = json.loads((tmp_path / "half" / "config.json").read_text())["quantization_config"]
+    assert record["calibration"]["compute_dtype"] == "bfloat16"
+    with pytest.raises(FwsvdError, match="--calibration-dtype 'int8' must be one of float32, bfloat16, float16"):
+        api.CalibrationConfig(compute_dtype="int8")
+    assert main([*args, "--sequential", "--calibration-dtype", "float16", "--out", str(tmp_path / "s")]) == 2
+    assert "--calibration-dtype float16 applies to" in capsys.readouterr().err

@@ -19,7 +19,13 @@ import torch
 
 from .errors import FwsvdError
 
-__all__ = ["DEVICE_CHOICES", "DEVICE_HELP", "StageMemory", "check_device", "memory_report", "place", "reset_peak_memory", "resolve_device"]
+__all__ = [
+    "COMPUTE_DTYPES", "DEVICE_CHOICES", "DEVICE_HELP", "StageMemory", "check_device", "computing_in", "memory_report", "place",
+    "reset_peak_memory", "resolve_device",
+]
+
+#: dtypes calibration may run the model in (statistics are float32/float64 whatever it is).
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 #: The forms ``--device`` takes (``cuda:N`` names the N-th visible GPU).
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N")
@@ -78,6 +84,36 @@ def place(model: torch.nn.Module, spec: str | torch.device | None) -> torch.devi
     if any(p.device != device for p in model.parameters()):
         model.to(device)
     return device
+
+
+@contextlib.contextmanager
+def computing_in(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> Iterator[None]:
+    """``model``'s floating-point parameters and buffers as ``dtype`` copies on ``device`` for the duration, then
+    the originals back (the same tensors: nothing is lost to the rounding). Parameters keep their identity (their
+    ``data`` changes), so ties and saved flags hold. Nothing happens where they already are that dtype there.
+
+    Used to calibrate in half precision on a GPU while the float32 weights wait where they were (the CPU).
+    """
+    moved: list[tuple[dict[str, Any], str, torch.Tensor]] = []
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for key, t in table.items():
+                if t is None or not t.is_floating_point() or t.device.type == "meta" or (t.device == device and t.dtype == dtype):
+                    continue
+                moved.append((table, key, t.data))
+                if isinstance(t, torch.nn.Parameter):
+                    t.data = t.data.to(device=device, dtype=dtype)
+                else:
+                    table[key] = t.to(device=device, dtype=dtype)
+    try:
+        yield
+    finally:
+        for table, key, original in moved:
+            t = table[key]
+            if isinstance(t, torch.nn.Parameter):
+                t.data = original
+            else:
+                table[key] = original
 
 
 def reset_peak_memory(device: torch.device) -> None:

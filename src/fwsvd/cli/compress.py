@@ -14,7 +14,8 @@ from .common import add_data_options, add_device_option, add_output_options, che
 
 def add_parser(sub: Any) -> None:
     """Add the ``compress`` command to the subparsers ``sub``."""
-    from ..config import ALLOCATIONS, DEFAULT_ALLOCATION, DEFAULT_RANK_FLOOR, STORAGE_DTYPES, CompressConfig
+    from ..config import ALLOCATIONS, DEFAULT_ALLOCATION, DEFAULT_RANK_FLOOR, STORAGE_DTYPES, CalibrationConfig, CompressConfig
+    from ..device import COMPUTE_DTYPES
     from ..methods import METHODS
     from ..storage.int8 import QUANTIZED_FORMATS
     from ..storage.loading import TASKS
@@ -75,6 +76,7 @@ def add_parser(sub: Any) -> None:
         c, "; calibration and factorization run there, with --low-memory one block at a time (the weights wait on disk); "
         "--sequential and --correct run on the CPU (auto picks it for them)",
     )
+    c.add_argument("--calibration-dtype", choices=list(COMPUTE_DTYPES), default="float32", help=field_help(CalibrationConfig, "compute_dtype"))
     _add_quantize_options(c)
     _add_recovery_options(c)
     add_output_options(c)
@@ -184,6 +186,7 @@ def build_configs(args: argparse.Namespace) -> tuple[Any, Any]:
         text_column=args.text_column, pair_column=args.pair_column, label_column=args.label_column, low_memory=args.low_memory,
         # --sequential and --correct move their own batches on the CPU only: auto takes the CPU for them.
         device="cpu" if args.device == "auto" and (args.sequential or args.correct) else args.device,
+        compute_dtype=args.calibration_dtype,
     )
     return config, calibration
 
@@ -218,6 +221,8 @@ def check_options(args: argparse.Namespace, config: Any, calibration: Any, ctx: 
         raise FwsvdError("--low-memory never holds the whole model or all its statistics: drop --sequential/--stats/--save-stats/--finetune-data")
     if args.sequential and (args.stats or args.save_stats):
         raise FwsvdError("--sequential collects each block's statistics on the fly: drop --stats/--save-stats")
+    if args.calibration_dtype != "float32" and (args.sequential or args.stats):
+        raise FwsvdError(f"--calibration-dtype {args.calibration_dtype} applies to the one-pass and --low-memory calibrations: drop it with --sequential/--stats")
     if (args.sequential or args.correct) and calibration.device != "cpu" and args.device != "auto":
         raise FwsvdError(f"--sequential and --correct run on the CPU only: pass --device cpu (or auto), not --device {args.device}")
     if args.correct and (args.low_memory or ctx.active):

@@ -293,7 +293,8 @@ def compress_low_memory(
     by_block = block_targets(block_names, [t.name for t in targets], what="--low-memory")
     info = {t.name: t for t in targets}
     device = resolve_device(calibration.device)
-    weights = CheckpointWeights(skeleton, model, device=device)
+    # Calibration reads the blocks in --calibration-dtype; factorization in float32 (set after calibrating).
+    weights = CheckpointWeights(skeleton, model, device=device, dtype=getattr(torch, calibration.compute_dtype))
     _buffers_to(skeleton, device)
     weights.load_outside(block_names)
     before = count_parameters(skeleton)
@@ -306,6 +307,7 @@ def compress_low_memory(
         # The embeddings and head (a tied head is the largest single tensor of a small model) are
         # not needed to factorize the blocks: read again for the last shard.
         weights.unload_outside(block_names)
+        weights.dtype = torch.float32
         release_freed_memory()
 
         start = time.perf_counter()
@@ -384,6 +386,8 @@ def _calibrate(
         ctx = distributed.current()
         if ctx.active:
             summary["processes"] = ctx.world_size
+        if calibration.compute_dtype != "float32":
+            summary["compute_dtype"] = calibration.compute_dtype
         # Under torchrun each process streams its share of the batches; each block's sums are added up.
         spilled.statistics = stream_statistics(
             loaded.model, target_names, distributed.shard(batches), needs, task=loaded.task, weights=weights,
