@@ -11,8 +11,9 @@ the command, machine and date):
    the perplexity of held-out text within 0.5 % (``ok`` in the table says whether they are).
 2. **minilm** -- MiniLM-L6 SST-2 (``--minilm``, default ``../shared/models/minilm-l6-sst2``, with
    ``--sst2`` holding train.tsv and dev.tsv) calibrated and compressed on the device (fwsvd, keep 0.5)
-   and scored on the dev set, against the dense model on the same device. A machine without the
-   folder gets a "not available" row.
+   and scored on the dev set, against the dense model on the same device; once calibrated in
+   float32 and once in bfloat16 (``--calibration-dtype``), the measured cost of half precision. A
+   machine without the folder gets a "not available" row.
 3. **stack** -- a synthetic Llama-2-7B-shaped model (hidden 4096, MLP 11008, 32 heads, vocabulary
    32000) of ``--blocks`` blocks with random float16 weights, written to a temporary folder and
    compressed with ``--low-memory`` on the device (fwsvd, keep 0.5, global allocation, 32 x 512
@@ -159,26 +160,37 @@ def _accuracy(loaded: Any, path: Path, limit: int | None, max_length: int, devic
 
 
 def check_minilm(device: torch.device, model: Path, sst2: Path, size: dict[str, Any]) -> dict[str, Any]:
-    """MiniLM-L6 SST-2 compressed on ``device`` (fwsvd, keep 0.5) and scored there, against the dense model."""
+    """MiniLM-L6 SST-2 compressed on ``device`` (fwsvd, keep 0.5) and scored there, against the dense model;
+    calibrated in float32 and again in bfloat16 (``--calibration-dtype``), to measure what half precision costs."""
     if not (model / "config.json").is_file() or not (sst2 / "train.tsv").is_file() or not (sst2 / "dev.tsv").is_file():
         return {"check": "minilm", "ok": None, "result": f"not available: no {model} or {sst2}/train.tsv, dev.tsv (pass --minilm, --sst2)"}
-    loaded = api.load_model(model)
-    loaded.model.to(device)
-    dense = _accuracy(loaded, sst2 / "dev.tsv", size["minilm_dev"], size["minilm_length"], device)
-    config = api.CompressConfig(method="fwsvd", keep=0.5)
-    calibration = api.CalibrationConfig(data=str(sst2 / "train.tsv"), samples=size["minilm_samples"], max_length=size["minilm_length"], device=str(device))
-    reset_peak_memory(device)
-    start = time.perf_counter()
-    stats = api.calibrate(loaded, calibration, config.needs(loaded.task), progress=False)
-    calibrated = time.perf_counter()
-    api.compress(loaded.model, config, stats, task=loaded.task, progress=False)
-    done = time.perf_counter()
-    memory = memory_report(device)
-    accuracy = _accuracy(loaded, sst2 / "dev.tsv", size["minilm_dev"], size["minilm_length"], device)
+    runs: dict[str, dict[str, Any]] = {}
+    dense = None
+    for dtype in ("float32", "bfloat16"):
+        loaded = api.load_model(model)
+        loaded.model.to(device)
+        if dense is None:
+            dense = _accuracy(loaded, sst2 / "dev.tsv", size["minilm_dev"], size["minilm_length"], device)
+        config = api.CompressConfig(method="fwsvd", keep=0.5)
+        calibration = api.CalibrationConfig(
+            data=str(sst2 / "train.tsv"), samples=size["minilm_samples"], max_length=size["minilm_length"], device=str(device), compute_dtype=dtype,
+        )
+        reset_peak_memory(device)
+        start = time.perf_counter()
+        stats = api.calibrate(loaded, calibration, config.needs(loaded.task), progress=False)
+        calibrated = time.perf_counter()
+        api.compress(loaded.model, config, stats, task=loaded.task, progress=False)
+        done = time.perf_counter()
+        runs[dtype] = {
+            "accuracy": _accuracy(loaded, sst2 / "dev.tsv", size["minilm_dev"], size["minilm_length"], device),
+            "calibration_seconds": round(calibrated - start, 3), "factorization_seconds": round(done - calibrated, 3),
+            "peak_gpu_bytes": memory_report(device).get("peak_gpu_bytes"),
+        }
+    full, half = runs["float32"], runs["bfloat16"]
     return {
-        "check": "minilm", "ok": True, "dense_accuracy": dense, "accuracy": accuracy, "calibration_seconds": round(calibrated - start, 3),
-        "factorization_seconds": round(done - calibrated, 3), "seconds": round(done - start, 3), "peak_gpu_bytes": memory.get("peak_gpu_bytes"),
-        "result": f"dev accuracy {dense:.4f} dense -> {accuracy:.4f} at keep 0.5",
+        "check": "minilm", "ok": True, "dense_accuracy": dense, "accuracy": full["accuracy"], "accuracy_bfloat16_calibration": half["accuracy"],
+        "runs": runs, "seconds": round(full["calibration_seconds"] + full["factorization_seconds"], 3), "peak_gpu_bytes": full["peak_gpu_bytes"],
+        "result": f"dev accuracy {dense:.4f} dense -> {full['accuracy']:.4f} at keep 0.5 ({half['accuracy']:.4f} calibrated in bfloat16)",
     }
 
 
