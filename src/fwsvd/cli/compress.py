@@ -74,7 +74,7 @@ def add_parser(sub: Any) -> None:
     c.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     add_device_option(
         c, "; calibration and factorization run there, with --low-memory one block at a time (the weights wait on disk); "
-        "--sequential and --correct run on the CPU (auto picks it for them)",
+        "--sequential runs on the CPU (auto picks it there)",
     )
     c.add_argument("--calibration-dtype", choices=list(COMPUTE_DTYPES), default="float32", help=field_help(CalibrationConfig, "compute_dtype"))
     _add_quantize_options(c)
@@ -184,8 +184,8 @@ def build_configs(args: argparse.Namespace) -> tuple[Any, Any]:
         data=args.data if args.data is not None else args.finetune_data,
         samples=args.samples, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
         text_column=args.text_column, pair_column=args.pair_column, label_column=args.label_column, low_memory=args.low_memory,
-        # --sequential and --correct move their own batches on the CPU only: auto takes the CPU for them.
-        device="cpu" if args.device == "auto" and (args.sequential or args.correct) else args.device,
+        # --sequential runs on the CPU only: auto takes the CPU for it.
+        device="cpu" if args.device == "auto" and args.sequential else args.device,
         compute_dtype=args.calibration_dtype,
     )
     return config, calibration
@@ -223,8 +223,8 @@ def check_options(args: argparse.Namespace, config: Any, calibration: Any, ctx: 
         raise FwsvdError("--sequential collects each block's statistics on the fly: drop --stats/--save-stats")
     if args.calibration_dtype != "float32" and (args.sequential or args.stats):
         raise FwsvdError(f"--calibration-dtype {args.calibration_dtype} applies to the one-pass and --low-memory calibrations: drop it with --sequential/--stats")
-    if (args.sequential or args.correct) and calibration.device != "cpu" and args.device != "auto":
-        raise FwsvdError(f"--sequential and --correct run on the CPU only: pass --device cpu (or auto), not --device {args.device}")
+    if args.sequential and calibration.device != "cpu":
+        raise FwsvdError(f"--sequential runs on the CPU only: pass --device cpu (or auto), not --device {args.device}")
     if args.correct and (args.low_memory or ctx.active):
         raise FwsvdError("--correct needs the whole compressed model in one process: drop --low-memory and torchrun, or run without --correct")
     if args.correct and calibration.data is None:

@@ -91,6 +91,7 @@ def gradient_correction(
     if len(blocks) == 0 or len(heldout) == 0:
         raise DataError("the gradient correction needs calibration blocks and held-out blocks")
     start = time.perf_counter()
+    blocks, heldout = blocks.to(params[0].device), heldout.to(params[0].device)  # the tokens go where the model is
     direction = _sign_gradient(model, params, blocks, progress)
     origin = [p.detach().clone() for p in params]
 
