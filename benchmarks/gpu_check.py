@@ -224,7 +224,8 @@ def check_stack(device: torch.device, tmp: Path, size: dict[str, Any], blocks: i
 
 
 def machine(device: torch.device) -> dict[str, Any]:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count()}
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
+            "load_average_at_start": round(os.getloadavg()[0], 2)}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(gpu=props.name, gpu_memory_bytes=int(props.total_memory), cuda=torch.version.cuda)
@@ -245,6 +246,16 @@ def render(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
 
 
+def render_markdown(record: dict[str, Any], out: Path) -> None:
+    """The ``.md`` beside ``out`` (a JSON record): the command, machine, date and the table."""
+    machine_text = ", ".join(f"{k} {v}" for k, v in record["machine"].items())
+    text = render(["check", "ok", "seconds", "peak GPU GiB", "result"], table(record["rows"]))
+    out.with_suffix(".md").write_text(
+        f"# {out.stem}\n\n`{record['command']}` on {machine_text}; {record['date']}, {record['wall_seconds']} s in all\n\n```\n{text}\n```\n",
+        encoding="utf-8",
+    )
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -254,7 +265,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--sst2", type=Path, default=SHARED / "data" / "sst2", help="folder with train.tsv and dev.tsv")
     p.add_argument("--checks", default="equality,minilm,stack", help="comma-separated subset of equality, minilm, stack")
     p.add_argument("--out", type=Path, default=None, help="JSON output (default benchmarks/results/gpu-check-<device>[-tiny].json)")
+    p.add_argument("--render", type=Path, default=None, metavar="JSON", help="only rewrite the .md table of a results file")
     args = p.parse_args(argv)
+    if args.render is not None:
+        record = json.loads(args.render.read_text(encoding="utf-8"))
+        render_markdown(record, args.render)
+        return record
     device = resolve_device(args.device)
     import transformers
 
@@ -288,9 +304,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = args.out or RESULTS / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
-    out.with_suffix(".md").write_text(
-        f"# {name}\n\n`{record['command']}` on {record['machine']}, {record['date']}, {record['wall_seconds']} s in all\n\n```\n{text}\n```\n", encoding="utf-8"
-    )
+    render_markdown(json.loads(json.dumps(record, default=str)), out)
     return record
 
 
