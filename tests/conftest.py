@@ -35,6 +35,10 @@ NEGATIVE = ["bad", "poor", "dull", "boring", "awful", "weak", "flat", "silly", "
 
 SEED = 1234
 
+#: The devices device-dependent tests run on: the CPU always, a GPU where torch sees one (CI has none,
+#: so there the cuda cases do not exist; they are not skipped).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
 
 def pytest_configure(config):
     # The test matrices are tiny (<= 100x100): one thread is faster than any OpenMP team, and on a

@@ -215,3 +215,29 @@ def test_owners_balance_costs_deterministically():
     assert owner[0] != owner[7]
     loads = [sum(c for c, o in zip(costs, owner) if o == r) for r in range(2)]
     assert loads == [24.0, 24.0]
+
+
+def test_low_memory_under_two_processes_gives_the_single_process_result(tmp_path, llama_dir, corpus_txt):
+    """--low-memory with torchrun: each process streams its share of the batches (each block's sums added
+    up), the layers' decompositions are spread, rank 0 alone writes; the single process's folder to float tolerance."""
+    argv = [*_args(llama_dir, tmp_path / "one", corpus_txt, "--low-memory", "--device", "cpu", "--quiet", "--json"), "--allocation", "global"]
+    assert cli.main(argv) == 0
+    codes, texts = _run_ranks(tmp_path, [*argv[:2], "--out", str(tmp_path / "two"), *argv[4:]])
+    assert codes == [0, 0], texts
+    one = {k: v for f in sorted((tmp_path / "one").glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    two = {k: v for f in sorted((tmp_path / "two").glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    assert one.keys() == two.keys()
+    for key in one:
+        if key.endswith(("weight_out", "weight_in")):
+            continue  # a component's sign may flip; the product is compared below
+        _close({key: one[key]}, {key: two[key]}, rtol=1e-4)
+    for key in (k.removesuffix(".weight_out") for k in one if k.endswith(".weight_out")):
+        _close({key: one[key + ".weight_out"] @ one[key + ".weight_in"]}, {key: two[key + ".weight_out"] @ two[key + ".weight_in"]}, rtol=1e-4)
+    records = [json.loads((tmp_path / name / "config.json").read_text())["quantization_config"] for name in ("one", "two")]
+    assert records[0]["ranks"] == records[1]["ranks"]
+    assert records[1]["calibration"].pop("processes") == 2
+    for key in ("samples", "tokens", "batches"):
+        assert records[1]["calibration"][key] == records[0]["calibration"][key]
+    assert records[1]["calibration"]["mean_loss"] == pytest.approx(records[0]["calibration"]["mean_loss"], rel=1e-6)
+    assert sum(text.count('"method"') for text in texts) == 1  # rank 0 alone printed the report
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 
+from .device import COMPUTE_DTYPES, DEVICE_HELP, resolve_device
 from .errors import FwsvdError
 from .methods import METHODS, Method, get_method
 
@@ -164,12 +165,28 @@ class CalibrationConfig:
         "batches default to 1 example",
         default=False,
     )
+    device: str = help_field(
+        DEVICE_HELP + "; the model is moved there for calibration and stays there, so that factorization runs there too "
+        "(with --low-memory one block at a time goes there)",
+        default="auto",
+    )
+
+    compute_dtype: str = help_field(
+        f"dtype the model runs in during calibration: {', '.join(COMPUTE_DTYPES)}; bfloat16/float16 halve a GPU's memory "
+        "and time for the forward and backward passes while the statistics still accumulate in float32/float64 and the "
+        "factorization uses the float32 weights (docs/gpu.md measures the cost)",
+        default="float32",
+    )
 
     def __post_init__(self) -> None:
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise FwsvdError(f"--calibration-dtype {self.compute_dtype!r} must be one of {', '.join(COMPUTE_DTYPES)}")
         for name in ("samples", "batch_size", "max_length"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise FwsvdError(f"--{name.replace('_', '-')} {value!r} must be a positive integer")
+        self.device = str(self.device) if self.device is not None else "auto"
+        resolve_device(self.device)  # a GPU asked for where there is none fails here, before any work
 
     def resolved(self, task: str) -> CalibrationConfig:
         causal = task == "causal-lm"
@@ -185,6 +202,8 @@ class CalibrationConfig:
             pair_column=self.pair_column,
             label_column=self.label_column,
             low_memory=self.low_memory,
+            device=self.device,
+            compute_dtype=self.compute_dtype,
         )
 
 

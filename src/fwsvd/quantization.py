@@ -131,7 +131,7 @@ def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
     u = u.reshape(-1, per)
     if bits == 4:
         return (u[:, 0] | (u[:, 1] << 4)).to(torch.uint8)
-    word = torch.zeros(u.shape[0], dtype=torch.int32)
+    word = u.new_zeros(u.shape[0])  # int32, on the device of the grid (a GPU too)
     for i in range(8):
         word |= u[:, i] << (3 * i)
     return torch.stack([(word >> (8 * k)) & 0xFF for k in range(3)], dim=1).reshape(-1).to(torch.uint8)

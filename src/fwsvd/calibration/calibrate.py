@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict
 
+import torch
 
-from ..errors import FwsvdError
+from ..device import computing_in, place, resolve_device
 from ..storage.loading import LoadedModel
 from ..nn import find_targets
 from .resume import Checkpointing
@@ -30,47 +32,65 @@ def calibrate(
     Under ``torchrun`` (see :mod:`fwsvd.calibration.distributed`) each process calibrates on its share of the
     batches and every process gets the sums over all of them. With ``checkpoint`` the running sums
     are saved every few batches, and a run with the same settings resumes from them
-    (:mod:`fwsvd.calibration.resume`).
+    (:mod:`fwsvd.calibration.resume`), on any device.
+
+    The model is moved to ``config.device`` (:func:`fwsvd.device.resolve_device`) and stays there, so
+    that :func:`fwsvd.compress` factorizes there too; with ``config.low_memory`` only one block at a
+    time goes there (the rest stays where it is). With ``config.compute_dtype`` bfloat16 or float16
+    the passes run on copies of the weights in that dtype (the model's own weights are left as they
+    are). The statistics are returned on the CPU.
+
+    Raises:
+        FwsvdError: for bad data, a non-finite loss or statistic, or a device this machine lacks.
     """
     from . import distributed
 
+    device = resolve_device(config.device)
     targets = find_targets(loaded.model, include, exclude)
     names = [t.name for t in targets]
     need_labels = "fisher" in kinds
     batches, summary = calibration_batches(loaded, config, labels=need_labels)
     summary["task"] = loaded.task
     ctx = distributed.current()
-    if config.low_memory:
-        if ctx.active:
-            raise FwsvdError("--low-memory calibrates in one process: run it without torchrun")
-        from .streaming import stream_statistics_in_scratch
-
-        return stream_statistics_in_scratch(
-            loaded.model, names, batches, kinds, keep_full_fisher=keep_full_fisher, task=loaded.task, progress=progress, summary=summary
-        )
     if ctx.active:
         summary["processes"] = ctx.world_size
+    # Half precision: the model runs as copies in that dtype, its own float32 weights wait unchanged.
+    half = config.compute_dtype != "float32"
+    if half:
+        summary["compute_dtype"] = config.compute_dtype
+    dtype = getattr(torch, config.compute_dtype)
+    if config.low_memory:
+        from .streaming import stream_statistics_in_scratch
+
+        # The copies stay where the weights are: the stream moves one block at a time to the device.
+        home = next(loaded.model.parameters()).device
+        with computing_in(loaded.model, home, dtype) if half else contextlib.nullcontext():
+            # Under torchrun each process streams its share of the batches; each block's sums are added up.
+            return stream_statistics_in_scratch(
+                loaded.model, names, distributed.shard(batches), kinds, keep_full_fisher=keep_full_fisher, task=loaded.task,
+                progress=progress, summary=summary, device=device, reduce=distributed.add_up if ctx.active else None,
+            )
     mine = distributed.shard(batches)
     start = save = None
     if checkpoint is not None:
         from .resume import fingerprint
 
+        resolved = asdict(config.resolved(loaded.task))
+        # Where the sums are made does not change them; float32 is what checkpoints always assumed.
         facts = fingerprint(
-            model=loaded.model, source=loaded.source, task=loaded.task, calibration=asdict(config.resolved(loaded.task)),
+            model=loaded.model, source=loaded.source, task=loaded.task,
+            calibration={k: v for k, v in resolved.items() if k != "device" and (k != "compute_dtype" or half)},
             kinds=kinds, targets=names, keep_full_fisher=keep_full_fisher, ctx=ctx,
         )
         start, save = checkpoint.begin(facts, ctx, total=len(mine))
-    return collect_statistics(
-        loaded.model,
-        names,
-        mine[start.batches if start is not None else 0 :],
-        kinds,
-        keep_full_fisher=keep_full_fisher,
-        task=loaded.task,
-        total=len(mine),
-        progress=progress,
-        summary=summary,
-        start=start,
-        checkpoint=save,
-        reduce=distributed.reduce_sums,
-    )
+    with computing_in(loaded.model, device, dtype) if half else contextlib.nullcontext():
+        if not half:
+            place(loaded.model, device)
+        statistics = collect_statistics(
+            loaded.model, names, mine[start.batches if start is not None else 0 :], kinds, keep_full_fisher=keep_full_fisher,
+            task=loaded.task, total=len(mine), progress=progress, summary=summary, start=start, checkpoint=save,
+            reduce=distributed.reduce_sums,
+        )
+    # The model stays on the device (in its own dtype), so that factorization runs there too.
+    place(loaded.model, device)
+    return statistics

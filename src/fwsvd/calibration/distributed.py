@@ -46,6 +46,7 @@ __all__ = [
     "TIMEOUT_ENV",
     "Context",
     "PeerFailed",
+    "add_up",
     "agree",
     "current",
     "init_from_env",
@@ -235,6 +236,25 @@ def shard(items: Sequence[T]) -> list[T]:
     return list(items[ctx.rank * n // ctx.world_size : (ctx.rank + 1) * n // ctx.world_size])
 
 
+def add_up(tensors: Sequence[torch.Tensor]) -> None:
+    """Sum each of ``tensors`` over the processes, in place (nothing for a single process).
+
+    Every process must pass tensors of the same shapes and dtypes in the same order (those of one
+    transformer block, in streamed calibration). GPU tensors travel through NCCL, CPU ones through gloo.
+
+    Raises:
+        PeerFailed: when another process failed before reaching this point.
+    """
+    ctx = current()
+    if not ctx.active:
+        return
+    import torch.distributed as dist
+
+    agree()
+    for t in tensors:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+
 def _layout(sums: RunningSums) -> int:
     """A 63-bit digest of which tensors ``sums`` holds (names, shapes, dtypes) and of its shared map."""
     layout = {
@@ -329,8 +349,13 @@ def spread(
                 raise FwsvdError(f"internal error: computed tensors {[(tuple(t.shape), t.dtype) for t in tensors]} differ from the announced {expected}")
             mine[index] = tensors
     agree()
+    # NCCL (on GPUs) broadcasts GPU tensors only: every process sends and receives on its own GPU.
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     for index, item in enumerate(items):
-        tensors = mine.pop(index) if owner[index] == ctx.rank else [torch.empty(shape, dtype=dtype) for shape, dtype in like(item)]
+        if owner[index] == ctx.rank:
+            tensors = [t.to(device) for t in mine.pop(index)]
+        else:
+            tensors = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in like(item)]
         for t in tensors:
             dist.broadcast(t, src=owner[index])
         yield item, tensors

@@ -67,13 +67,14 @@ class Statistics:
     shared: dict[str, str] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
 
-    def for_module(self, name: str) -> dict[str, torch.Tensor]:
-        """All statistics of one module, with a shared covariance resolved to its owner's."""
+    def for_module(self, name: str, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+        """All statistics of one module, with a shared covariance resolved to its owner's (on ``device`` when given:
+        where the weight is, so that its decomposition runs there)."""
         stats = dict(self.tensors.get(name, {}))
         owner = self.shared.get(name)
         if owner is not None and "cov" in self.tensors.get(owner, {}):
             stats.setdefault("cov", self.tensors[owner]["cov"])
-        return stats
+        return stats if device is None else {key: t.to(device) for key, t in stats.items()}
 
     def uncovered(self, names: Iterable[str], kinds: Iterable[str]) -> list[str]:
         """Modules among ``names`` that lack a statistic of ``kinds`` (e.g. other --include patterns)."""
@@ -558,10 +559,14 @@ def _run_batches(
         with ActivationHooks(model, names, kinds & {"act", "cov"}) as hooks, FisherHooks(
             model, names if want_fisher else [], keep_full_fisher
         ) as fisher:
-            hooks.restore(sums)
-            fisher.restore(sums)
+            # The batches and any resumed sums go where the model is (on the CPU they stay as they are).
+            device = next(model.parameters()).device
+            resumed = RunningSums({n: {k: t.to(device) for k, t in e.items()} for n, e in sums.tensors.items()}, sums.shared)
+            hooks.restore(resumed)
+            fisher.restore(resumed)
             bar = tqdm(batches, total=total, initial=counts["batches"], desc="calibrating", unit="batch", disable=not progress, leave=False)
             for batch in bar:
+                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
                 _run_batch(model, batch, hooks, fisher if want_fisher else None, task, counts, bar)
                 if checkpoint is not None:
                     checkpoint(_running_sums(names, hooks, fisher, counts))
@@ -626,7 +631,8 @@ def _final_entry(name: str, module: nn.Module, acc: dict[str, torch.Tensor], wan
     for key, t in entry.items():
         if not torch.isfinite(t).all():
             raise FwsvdError(f"statistic {key} of {name} is not finite: the model or data produce NaN/inf")
-    return entry
+    # Statistics live on the CPU whatever device collected them (saved and checked there).
+    return {key: t.cpu() for key, t in entry.items()}
 
 
 def task_of(model: nn.Module) -> str:

@@ -51,7 +51,7 @@ from .statistics import FISHER_GRANULARITY, STAT_KINDS, ActivationHooks, FisherH
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BlockWeights", "release_freed_memory", "return_large_blocks_at_once", "stream_statistics", "stream_statistics_in_scratch"]
+__all__ = ["BlockWeights", "outside_blocks_on", "release_freed_memory", "return_large_blocks_at_once", "stream_statistics", "stream_statistics_in_scratch"]
 
 #: Logit elements formed at once by the chunked causal-LM loss (16 MiB of float32; the softmax and
 #: its gradient take as much again each): the vocabulary never dominates memory, whatever the batch
@@ -109,13 +109,60 @@ class BlockWeights(Protocol):
 
 
 class _Resident:
-    """The model's weights are in memory already: loading and unloading do nothing."""
+    """The model's weights are in memory already: loading a block moves it to ``device`` (when given),
+    unloading moves it back where it was; without a device both do nothing."""
+
+    def __init__(self, model: nn.Module | None = None, device: torch.device | None = None) -> None:
+        self.model = model
+        self.device = device
+        self._home: dict[str, torch.device] = {}
 
     def load(self, prefix: str) -> None:
-        pass
+        if self.model is not None and self.device is not None:
+            block = self.model.get_submodule(prefix)
+            home = next(block.parameters()).device
+            if home != self.device:  # a block already there (a CPU run) is left untouched
+                self._home[prefix] = home
+                block.to(self.device)
 
     def unload(self, prefix: str) -> None:
-        pass
+        if prefix in self._home:
+            assert self.model is not None
+            self.model.get_submodule(prefix).to(self._home.pop(prefix))
+
+
+@contextlib.contextmanager
+def outside_blocks_on(model: nn.Module, block_names: list[str], device: torch.device | None) -> Iterator[None]:
+    """The parameters and buffers outside the blocks on ``device`` for the duration, then back where they were.
+
+    Parameters keep their identity (their ``data`` moves), so ties and the flags that
+    :func:`calibration_mode` saved stay as they were. Nothing happens without a device, or for
+    tensors already there or on the meta device (a low-memory skeleton's unread weights).
+    """
+    moved: list[tuple[Any, str, torch.Tensor]] = []
+    if device is not None:
+        inside = tuple(b + "." for b in block_names)
+        for name, module in model.named_modules():
+            if name in block_names or name.startswith(inside):
+                continue
+            for table in (module._parameters, module._buffers):
+                for key, t in table.items():
+                    if t is None or t.device == device or t.device.type == "meta":
+                        continue
+                    moved.append((table, key, t.data))
+                    if isinstance(t, nn.Parameter):
+                        t.data = t.data.to(device)
+                    else:
+                        table[key] = t.to(device)
+    try:
+        yield
+    finally:
+        for table, key, original in moved:
+            t = table[key]
+            if isinstance(t, nn.Parameter):
+                t.data = original
+            else:
+                table[key] = original
 
 
 class _States:
@@ -123,6 +170,7 @@ class _States:
 
     def __init__(self, folder: Path | None) -> None:
         self.folder = folder
+        self.device = torch.device("cpu")  # where the states are made, and so read back to
         self._memory: dict[tuple[int, int], torch.Tensor] = {}
 
     def _path(self, level: int, batch: int) -> Path:
@@ -134,12 +182,13 @@ class _States:
         if self.folder is None:
             self._memory[level, batch] = tensor
         else:
-            save_file({"t": tensor.contiguous()}, str(self._path(level, batch)))
+            self.device = tensor.device
+            save_file({"t": tensor.contiguous().cpu()}, str(self._path(level, batch)))
 
     def get(self, level: int, batch: int) -> torch.Tensor:
         if self.folder is None:
             return self._memory[level, batch]
-        return load_file(str(self._path(level, batch)))["t"]
+        return load_file(str(self._path(level, batch)), device=str(self.device))["t"]
 
     def drop(self, level: int, batches: int) -> None:
         for b in range(batches):
@@ -271,7 +320,7 @@ class _Head:
         batch, tokens = targets.shape
         vocab = int(head.weight.shape[0])
         step = max(1, LOGIT_CHUNK_ELEMENTS // max(1, batch * vocab))
-        sums = torch.zeros(batch)
+        sums = torch.zeros(batch, device=features.device)
         grad = torch.zeros_like(features)
         for start in range(0, tokens, step):
             piece = features[:, start : start + step].detach().requires_grad_(True)
@@ -308,6 +357,8 @@ def stream_statistics(
     on_block: Callable[[str, Statistics], Statistics | None] | None = None,
     progress: bool = True,
     summary: Mapping[str, Any] | None = None,
+    device: torch.device | None = None,
+    reduce: Callable[[list[torch.Tensor]], None] | None = None,
 ) -> Statistics:
     """The statistics of :func:`fwsvd.calibration.statistics.collect_statistics`, computed one transformer block at a time.
 
@@ -327,6 +378,14 @@ def stream_statistics(
             their place. The Fisher vectors (two per layer) are always kept.
         progress: show progress bars.
         summary: extra facts for :attr:`Statistics.summary`.
+        device: where the blocks run (``None``: where their weights are). The parameters outside the
+            blocks go there for the pass and come back after; each block goes there when it runs
+            (``weights`` then must read it there, as :class:`fwsvd.compression.lowmem.CheckpointWeights`
+            with its ``device`` does) and leaves after. Statistics are returned on the CPU.
+        reduce: sums tensors over the processes in place (:func:`fwsvd.calibration.distributed.add_up`),
+            when each process streams its own share of the batches: each block's sums, the Fisher
+            vectors and the counts are added up before they become statistics, so every process
+            gets the statistics of all the batches.
 
     Returns:
         The :class:`~fwsvd.calibration.statistics.Statistics` (``summary["streamed"]`` is true).
@@ -346,16 +405,17 @@ def stream_statistics(
         block_names=block_names,
         by_block=block_targets(block_names, list(target_names), what=what),
         blocks=[model.get_submodule(name) for name in block_names],
-        batches=batches,
-        weights=weights or _Resident(),
+        batches=[{k: v.to(device) if device is not None and isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in batches],
+        weights=weights or _Resident(model, device),
         states=_States(Path(scratch) if scratch is not None else None),
         progress=progress,
+        reduce=reduce,
     )
 
     start = time.perf_counter()
     stats = Statistics()
     loss_sum = 0.0
-    with calibration_mode(model, freeze=True):
+    with calibration_mode(model, freeze=True), outside_blocks_on(model, block_names, device):
         like = _capture(run)
         _forward(run, stats, kinds & {"act", "cov"}, on_block, keep_states=want_fisher)
         if want_fisher:
@@ -364,8 +424,8 @@ def stream_statistics(
             run.states.drop(0, len(batches))
 
     for target in target_names:
-        stats.tensors.setdefault(target, {})
-    stats.summary = _stream_summary(batches, kinds, summary, start, loss_sum if want_fisher else None)
+        stats.tensors[target] = {key: t.cpu() for key, t in stats.tensors.get(target, {}).items()}
+    stats.summary = _stream_summary(batches, kinds, summary, start, loss_sum if want_fisher else None, reduce)
     logger.info(
         "calibrated %s block by block on %d samples (%d tokens) in %.1f s",
         sorted(kinds), stats.summary["samples"], stats.summary["tokens"], stats.summary["seconds"],
@@ -400,6 +460,7 @@ class _Pass:
     weights: BlockWeights
     states: _States
     progress: bool
+    reduce: Callable[[list[torch.Tensor]], None] | None = None
     calls: list[list[BlockCall]] = field(default_factory=list)
     masks: list[torch.Tensor | None] = field(default_factory=list)
 
@@ -446,12 +507,23 @@ def _forward(
             run.weights.unload(name)
             release_freed_memory()
         if act_kinds:
+            if run.reduce is not None:
+                _add_up_activations(run.reduce, run.by_block[name], hooks)
             _hand_over(name, run.by_block[name], hooks, stats, on_block)
         if not keep_states and index > 0:
             run.states.drop(index, n)
     if not keep_states:
         run.states.drop(len(run.blocks), n)
         run.states.drop(0, n)
+
+
+def _add_up_activations(reduce: Callable[[list[torch.Tensor]], None], targets: list[str], hooks: ActivationHooks) -> None:
+    """One block's act/cov sums and token counts added up over the processes, in place."""
+    tokens = torch.tensor([hooks.tokens.get(t, 0) for t in targets], dtype=torch.float64)
+    reduce([*(hooks.abs_sum[t] for t in targets if t in hooks.abs_sum), *(hooks.cov[t] for t in targets if t in hooks.cov), tokens])
+    for t, n in zip(targets, tokens.tolist()):
+        if t in hooks.tokens:
+            hooks.tokens[t] = int(n)
 
 
 def _hand_over(
@@ -507,9 +579,11 @@ def _backward(run: _Pass, stats: Statistics, keep_full_fisher: bool) -> None:
             run.weights.unload(name)
             release_freed_memory()
         run.states.drop(index + 1, n)
-        for target in run.by_block[name]:
-            like_weight = _weight_shape(run.model.get_submodule(target))
-            stats.tensors.setdefault(target, {}).update(_finite(target, fisher.entries(target, like_weight)))
+        entries = {target: fisher.entries(target, _weight_shape(run.model.get_submodule(target))) for target in run.by_block[name]}
+        if run.reduce is not None:
+            run.reduce([t for entry in entries.values() for t in entry.values()])
+        for target, entry in entries.items():
+            stats.tensors.setdefault(target, {}).update(_finite(target, entry))
 
 
 def _stream_summary(
@@ -518,14 +592,22 @@ def _stream_summary(
     summary: Mapping[str, Any] | None,
     start: float,
     loss_sum: float | None,
+    reduce: Callable[[list[torch.Tensor]], None] | None = None,
 ) -> dict[str, Any]:
-    """:attr:`Statistics.summary` of a streamed calibration (``loss_sum``: the Fisher pass's, else ``None``)."""
+    """:attr:`Statistics.summary` of a streamed calibration (``loss_sum``: the Fisher pass's, else ``None``;
+    with ``reduce``, the counts of every process's batches)."""
     n_rows = sum(int(b["input_ids"].shape[0]) for b in batches)
     n_tokens = sum(int(b["attention_mask"].sum()) if b.get("attention_mask") is not None else int(b["input_ids"].numel()) for b in batches)
+    n_batches = len(batches)
+    if reduce is not None:
+        counts = torch.tensor([n_batches, n_rows, n_tokens, loss_sum or 0.0], dtype=torch.float64)
+        reduce([counts])
+        n_batches, n_rows, n_tokens = (int(c) for c in counts[:3].tolist())
+        loss_sum = None if loss_sum is None else float(counts[3])
     out = {
         **dict(summary or {}),
         "kinds": sorted(kinds),
-        "batches": len(batches),
+        "batches": n_batches,
         "samples": n_rows,
         "tokens": n_tokens,
         "seconds": round(time.perf_counter() - start, 3),

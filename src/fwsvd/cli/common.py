@@ -54,6 +54,25 @@ def add_data_options(p: argparse.ArgumentParser, *, calibration: bool) -> None:
         p.add_argument("--seed", type=int, default=0, help=field_help(CalibrationConfig, "seed"))
 
 
+def add_device_option(p: argparse.ArgumentParser, extra: str = "") -> None:
+    """--device, which compress, eval and finetune take (resolved by :func:`fwsvd.device.resolve_device`)."""
+    from ..device import DEVICE_HELP
+
+    p.add_argument("--device", default="auto", metavar="{auto,cpu,cuda,cuda:N}", help=DEVICE_HELP + extra + " (default auto)")
+
+
+def memory_line(memory: dict[str, Any] | None) -> str:
+    """One line on the device and each stage's seconds and peak memory (empty without a report)."""
+    if not memory:
+        return ""
+    gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
+    parts = [
+        f"{name} {s['seconds']:.1f} s, peak RSS {gib(s['peak_rss_bytes'])}" + (f", peak GPU {gib(s['peak_gpu_bytes'])}" if "peak_gpu_bytes" in s else "")
+        for name, s in memory["stages"].items()
+    ]
+    return f"on {memory['device']}: " + "; ".join(parts)
+
+
 def add_output_options(p: argparse.ArgumentParser) -> None:
     """--allow-pickle, --json and --quiet, which every command takes."""
     p.add_argument(

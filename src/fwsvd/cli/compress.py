@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from ..errors import FwsvdError
-from .common import add_data_options, add_output_options, check_out, field_help, finetune_line, fmt_int, positive_int, table
+from .common import add_data_options, add_device_option, add_output_options, check_out, field_help, finetune_line, fmt_int, memory_line, positive_int, table
 
 
 def add_parser(sub: Any) -> None:
     """Add the ``compress`` command to the subparsers ``sub``."""
-    from ..config import ALLOCATIONS, DEFAULT_ALLOCATION, DEFAULT_RANK_FLOOR, STORAGE_DTYPES, CompressConfig
+    from ..config import ALLOCATIONS, DEFAULT_ALLOCATION, DEFAULT_RANK_FLOOR, STORAGE_DTYPES, CalibrationConfig, CompressConfig
+    from ..device import COMPUTE_DTYPES
     from ..methods import METHODS
     from ..storage.int8 import QUANTIZED_FORMATS
     from ..storage.loading import TASKS
@@ -75,6 +77,11 @@ def add_parser(sub: Any) -> None:
     )
     c.add_argument("--refit", action=argparse.BooleanOptionalAction, default=False, help="with --sequential: " + field_help(CompressConfig, "refit"))
     c.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    add_device_option(
+        c, "; calibration and factorization run there, with --low-memory one block at a time (the weights wait on disk); "
+        "--sequential runs on the CPU (auto picks it there)",
+    )
+    c.add_argument("--calibration-dtype", choices=list(COMPUTE_DTYPES), default="float32", help=field_help(CalibrationConfig, "compute_dtype"))
     _add_quantize_options(c)
     _add_recovery_options(c)
     add_output_options(c)
@@ -182,6 +189,9 @@ def build_configs(args: argparse.Namespace) -> tuple[Any, Any]:
         data=args.data if args.data is not None else args.finetune_data,
         samples=args.samples, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
         text_column=args.text_column, pair_column=args.pair_column, label_column=args.label_column, low_memory=args.low_memory,
+        # --sequential runs on the CPU only: auto takes the CPU for it.
+        device="cpu" if args.device == "auto" and args.sequential else args.device,
+        compute_dtype=args.calibration_dtype,
     )
     return config, calibration
 
@@ -216,6 +226,10 @@ def check_options(args: argparse.Namespace, config: Any, calibration: Any, ctx: 
         raise FwsvdError("--low-memory never holds the whole model or all its statistics: drop --sequential/--stats/--save-stats/--finetune-data")
     if args.sequential and (args.stats or args.save_stats):
         raise FwsvdError("--sequential collects each block's statistics on the fly: drop --stats/--save-stats")
+    if args.calibration_dtype != "float32" and (args.sequential or args.stats):
+        raise FwsvdError(f"--calibration-dtype {args.calibration_dtype} applies to the one-pass and --low-memory calibrations: drop it with --sequential/--stats")
+    if args.sequential and calibration.device != "cpu":
+        raise FwsvdError(f"--sequential runs on the CPU only: pass --device cpu (or auto), not --device {args.device}")
     if args.correct and (args.low_memory or ctx.active):
         raise FwsvdError("--correct needs the whole compressed model in one process: drop --low-memory and torchrun, or run without --correct")
     if args.correct_steps is not None and not args.correct:
@@ -242,39 +256,52 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``fwsvd compress``: check the options, load, calibrate, factorize, optionally correct, fine-tune,
     quantize and cast, then save (rank 0 only); return the report as a dict."""
     from ..calibration import distributed
+    from ..device import StageMemory, place, resolve_device
 
     quant = quantize_config(args)
     config, calibration = build_configs(args)
     ctx = distributed.current()
     out = check_options(args, config, calibration, ctx)
     recovery = recovery_config(args)
+    stages = StageMemory(resolve_device(calibration.device))
     if quant is not None:
-        return _run_quantized(args, config, calibration, quant, out, ctx)
+        with stages.stage("compress"):
+            result = _run_quantized(args, config, calibration, quant, out, ctx)
+        return {**result, "memory": stages.to_dict()}
     if args.any_size:
-        return _run_any_size(args, config, calibration, out, ctx)
+        with stages.stage("compress"):
+            result = _run_any_size(args, config, calibration, out, ctx)
+        return {**result, "memory": stages.to_dict()}
     if args.low_memory:
         from ..compression.lowmem import compress_low_memory, streamable
 
         if streamable(args.model):
-            report, task = compress_low_memory(args.model, out, config, calibration, task=args.task, overwrite=args.overwrite, progress=not args.quiet)
-            return {**report.to_dict(), **_dtype_result(args.dtype), "out": str(out), "task": task}
+            with stages.stage("compress (low memory)"):
+                report, task = compress_low_memory(args.model, out, config, calibration, task=args.task, overwrite=args.overwrite, progress=not args.quiet)
+            return {**report.to_dict(), **_dtype_result(args.dtype), "out": str(out), "task": task, "memory": stages.to_dict()}
         logging.getLogger("fwsvd").warning(
             "%s is not a folder of safetensors weights: its weights are loaded whole, calibration still runs one block at a time", args.model
         )
-    loaded, statistics, teacher = _load(args, recovery)
+    with stages.stage("load"):
+        loaded, statistics, teacher = _load(args, recovery)
+        if not args.low_memory:
+            place(loaded.model, stages.device)  # also without calibration (--stats, svd): factorization runs there
     needs = config.needs(loaded.task)
     checkpointing = _checkpointing(args, out)
-    report = _factorize(args, loaded, config, calibration, needs, statistics, checkpointing, ctx)
+    report = _factorize(args, loaded, config, calibration, needs, statistics, checkpointing, ctx, stages)
     corrected = _correct(args, loaded, calibration) if args.correct else None
     finetuned = None
     if recovery is not None:
         from ..training.finetune import finetune
 
-        finetuned = finetune(loaded, recovery, progress=not args.quiet, teacher=teacher)
+        with stages.stage("finetune"):
+            finetuned = finetune(loaded, replace(recovery, device=calibration.device), progress=not args.quiet, teacher=teacher)
     del teacher
-    _store_as(args, loaded, config)
-    _save(args, loaded, out, checkpointing, ctx)
+    with stages.stage("save"):
+        _store_as(args, loaded, config)
+        _save(args, loaded, out, checkpointing, ctx)
     result = report.to_dict()
+    result["memory"] = stages.to_dict()
     result.update(_dtype_result(args.dtype, args.quantize_factors))
     if corrected is not None:
         result["correction"] = corrected
@@ -292,8 +319,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def _run_quantized(args: argparse.Namespace, config: Any, calibration: Any, quant: Any, out: Path, ctx: Any) -> dict[str, Any]:
     """--quantize: load, calibrate what the correction's method needs, quantize with a correction, save."""
     from ..compression.quantized import compress_quantized
+    from ..device import place
 
     loaded, statistics, _ = _load(args, None)
+    place(loaded.model, calibration.device)  # also without calibration (--stats): the grids and corrections are made there
     checkpointing = _checkpointing(args, out)
     statistics = _calibrate(args, loaded, config, calibration, config.needs(loaded.task), statistics, checkpointing, ctx)
     report = compress_quantized(loaded.model, config, quant, statistics, task=loaded.task, progress=not args.quiet)
@@ -307,8 +336,10 @@ def _run_quantized(args: argparse.Namespace, config: Any, calibration: Any, quan
 def _run_any_size(args: argparse.Namespace, config: Any, calibration: Any, out: Path, ctx: Any) -> dict[str, Any]:
     """--any-size: load, calibrate what the method needs, keep every layer's whole decomposition, save."""
     from ..compression.any_size import compress_any_size
+    from ..device import place
 
     loaded, statistics, _ = _load(args, None)
+    place(loaded.model, calibration.device)  # also without calibration (--stats): the decompositions are made there
     checkpointing = _checkpointing(args, out)
     statistics = _calibrate(args, loaded, config, calibration, config.needs(loaded.task), statistics, checkpointing, ctx)
     summary = compress_any_size(loaded.model, config, statistics, task=loaded.task, progress=not args.quiet)
@@ -340,16 +371,22 @@ def _load(args: argparse.Namespace, recovery: Any) -> tuple[Any, Any, Any]:
 
 def _factorize(
     args: argparse.Namespace, loaded: Any, config: Any, calibration: Any, needs: frozenset[str], statistics: Any, checkpointing: Any, ctx: Any,
+    stages: Any,
 ) -> Any:
-    """Calibrate the statistics kinds ``needs`` (unless --stats gave them, or there are none) and factorize; the report."""
+    """Calibrate the statistics kinds ``needs`` (unless --stats gave them, or there are none) and factorize, each a stage of
+    ``stages`` (:class:`fwsvd.device.StageMemory`); the report."""
     from .. import api
 
     if args.sequential:
         from ..compression.sequential import compress_sequential
 
-        return compress_sequential(loaded, config, calibration, progress=not args.quiet)
-    statistics = _calibrate(args, loaded, config, calibration, needs, statistics, checkpointing, ctx)
-    return api.compress(loaded.model, config, statistics, task=loaded.task, progress=not args.quiet)
+        with stages.stage("sequential"):
+            return compress_sequential(loaded, config, calibration, progress=not args.quiet)
+    if statistics is None and needs:  # a stage only when a calibration runs (not with --stats, nor for svd)
+        with stages.stage("calibration"):
+            statistics = _calibrate(args, loaded, config, calibration, needs, statistics, checkpointing, ctx)
+    with stages.stage("factorization"):
+        return api.compress(loaded.model, config, statistics, task=loaded.task, progress=not args.quiet)
 
 
 def _checkpointing(args: argparse.Namespace, out: Path) -> Any:
@@ -498,6 +535,8 @@ def format_quantized(report: dict[str, Any]) -> str:
     out.append(line + (f"; {statistics}" if statistics else ""))
     if report.get("out"):
         out.append(f"saved to {report['out']}")
+    if memory_line(report.get("memory")):
+        out.append(memory_line(report.get("memory")))
     return "\n".join(out)
 
 
@@ -507,7 +546,7 @@ def format_result(report: dict[str, Any]) -> str:
         return format_quantized(report)
     if report.get("any_size"):
         return (f"{report['method']}: every decomposition of {report['layers']} layers kept in {report['seconds_factorize']:.2f} s; "
-                f"resize with: fwsvd resize {report['out']} --keep K --out DIR")
+                f"resize with: fwsvd resize {report['out']} --keep K --out DIR") + (f"\n{memory_line(report.get('memory'))}" if report.get("memory") else "")
     rows = [
         [r["name"], f"{r['shape'][0]}x{r['shape'][1]}", r["rank"] if r["rank"] is not None else "dense", fmt_int(r["parameters_before"]), fmt_int(r["parameters_after"]), f"{r['seconds']:.3f}"]
         for r in report["layers"]
@@ -536,4 +575,6 @@ def format_result(report: dict[str, Any]) -> str:
         out.append(f"factors stored as {report['quantized_factors']} with one float32 scale per row")
     if report.get("out"):
         out.append(f"saved to {report['out']}")
+    if report.get("memory"):
+        out.append(memory_line(report["memory"]))
     return "\n".join(out)

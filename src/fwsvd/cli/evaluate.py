@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from ..errors import FwsvdError
-from .common import add_data_options, add_output_options, positive_int, table
+from .common import add_data_options, add_device_option, add_output_options, memory_line, positive_int, table
 
 
 def add_parser(sub: Any) -> None:
@@ -29,6 +29,7 @@ def add_parser(sub: Any) -> None:
     e.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N rows (N blocks of text; N examples of each zero-shot task)")
     e.add_argument("--task", choices=list(TASKS), default=None, help="model task (detected when omitted)")
     add_data_options(e, calibration=False)
+    add_device_option(e)
     add_output_options(e)
 
 
@@ -37,8 +38,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from ..errors import ModelError
     from ..evaluation.evaluate import EvalConfig, check_result_names, evaluate, evaluate_files, merge_named, split_list
     from ..evaluation.zeroshot import evaluate_zeroshot, resolve_tasks, unique_names
+    from ..device import StageMemory, place, resolve_device
     from ..storage.loading import load_model
 
+    stages = StageMemory(resolve_device(args.device))  # a GPU this machine lacks fails before any work
     files, task_specs = split_list(args.data), split_list(args.tasks)
     if not files and not task_specs:
         raise FwsvdError("nothing to evaluate: pass --data FILE (task metric or perplexity) and/or --tasks piqa,arc_easy,... --task-data DIR (zero-shot)")
@@ -47,7 +50,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # Task files are read and checked before the model loads, so a typo fails at once.
     tasks = resolve_tasks(task_specs, args.task_data, limit=args.limit) if task_specs else []
     check_result_names([*(unique_names(files, "data file") if len(files) > 1 else []), *(t.name for t in tasks)])
-    loaded = load_model(args.model, args.task, need_tokenizer=True, allow_pickle=args.allow_pickle)
+    with stages.stage("load"):
+        loaded = load_model(args.model, args.task, need_tokenizer=True, allow_pickle=args.allow_pickle)
+        place(loaded.model, stages.device)
     if tasks and loaded.task != "causal-lm":
         raise ModelError(f"--tasks scores causal language models; {args.model} is a {loaded.task} model: evaluate it with --data")
     config = EvalConfig(
@@ -55,14 +60,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         text_column=args.text_column, pair_column=args.pair_column, label_column=args.label_column,
     )
     result: dict[str, Any] = {}
-    if len(files) == 1:
-        result = evaluate(loaded, config, progress=not args.quiet)
-    elif files:
-        result = merge_named(result, evaluate_files(loaded, config, files, progress=not args.quiet), "data")
+    with stages.stage("eval"):
+        if len(files) == 1:
+            result = evaluate(loaded, config, progress=not args.quiet)
+        elif files:
+            result = merge_named(result, evaluate_files(loaded, config, files, progress=not args.quiet), "data")
     if tasks:
-        scores = evaluate_zeroshot(loaded.model, loaded.tokenizer, tasks, batch_size=args.batch_size or 32, progress=not args.quiet)
+        with stages.stage("tasks"):
+            scores = evaluate_zeroshot(loaded.model, loaded.tokenizer, tasks, batch_size=args.batch_size or 32, progress=not args.quiet)
         result = merge_named(result, scores, "tasks")
     result["task"] = loaded.task
+    result["memory"] = stages.to_dict()
     return result
 
 
@@ -82,6 +90,8 @@ def format_result(result: dict[str, Any]) -> str:
         parts.append(table(["task", "acc", "acc_norm", "perplexity", "n"], rows))
     if (result.get("data") or result.get("tasks")) and "wall_seconds" in result:
         parts[-1] += f"\n({result['wall_seconds']:.1f} s in all)"
+    if result.get("memory") and parts:
+        parts[-1] += "\n" + memory_line(result["memory"])
     return "\n\n".join(parts)
 
 

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from ..errors import FwsvdError
-from .common import add_output_options, check_out, field_help, finetune_line, fmt_int, positive_int, table
+from .common import add_device_option, add_output_options, check_out, field_help, finetune_line, fmt_int, positive_int, table
 
 
 def add_parser(sub: Any) -> None:
@@ -38,6 +38,7 @@ def add_parser(sub: Any) -> None:
     for name in ("text_column", "pair_column", "label_column"):
         f.add_argument("--" + name.replace("_", "-"), default=None, help=field_help(FinetuneConfig, name))
     f.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    add_device_option(f, "; a --teacher goes there too")
     add_output_options(f)
 
 
@@ -52,7 +53,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         seed=args.seed, limit=args.limit, warmup=args.warmup, train=args.train,
         # --teacher names the model to distil from, so it turns distillation on unless --no-distill says otherwise.
         distill=args.distill if args.distill is not None else (True if args.teacher is not None else None),
-        text_column=args.text_column, pair_column=args.pair_column, label_column=args.label_column,
+        text_column=args.text_column, pair_column=args.pair_column, label_column=args.label_column, device=args.device,
     )
     out = check_out(args, args.model, ("training data", args.data), ("evaluation data", args.eval_data), ("teacher model", args.teacher))
     eval_config = None
@@ -72,8 +73,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         from ..storage.loading import load_model
 
         teacher = load_model(args.teacher, "causal-lm", allow_pickle=args.allow_pickle).model
-    result = finetune(loaded, config, eval_config=eval_config, progress=not args.quiet, teacher=teacher)
+    from ..device import StageMemory, resolve_device
+
+    stages = StageMemory(resolve_device(config.device))
+    with stages.stage("finetune"):
+        result = finetune(loaded, config, eval_config=eval_config, progress=not args.quiet, teacher=teacher)
     api.save(loaded.model, out, loaded.tokenizer, overwrite=args.overwrite)
+    result["memory"] = stages.to_dict()
     result["out"] = str(out)
     result["task"] = loaded.task
     result["parameters"] = api.count_parameters(loaded.model)

@@ -71,11 +71,13 @@ def allocate(
     decompositions: dict[str, Decomposition] = {}
 
     def decompose(info: LinearInfo) -> list[torch.Tensor]:
-        stats = statistics.for_module(info.name) if statistics is not None else {}
+        weight = linear_weight(model.get_submodule(info.name)).detach()
+        # The statistics go where the weight is (a GPU after calibration there): the decomposition runs there.
+        stats = statistics.for_module(info.name, weight.device) if statistics is not None else {}
         with torch.no_grad():
             with layer_errors(info.name):
-                dec = method.decompose(linear_weight(model.get_submodule(info.name)).detach(), stats)
-            loss = method.component_loss(dec, stats).double()
+                dec = method.decompose(weight, stats)
+            loss = method.component_loss(dec, stats).double().cpu()
         decompositions[info.name] = dec
         return [loss]
 

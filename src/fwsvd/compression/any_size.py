@@ -70,7 +70,7 @@ def compress_any_size(
     for info in tqdm(targets, desc=f"{method.name} any size", unit="layer", disable=not progress, leave=False):
         module = model.get_submodule(info.name)
         weight = linear_weight(module).detach()
-        stats = statistics.for_module(info.name) if statistics is not None else {}
+        stats = statistics.for_module(info.name, weight.device) if statistics is not None else {}
         with torch.no_grad(), layer_errors(info.name):
             dec = method.decompose(weight, stats)
             losses[info.name] = [float(v) for v in method.component_loss(dec, stats).double()]

@@ -104,6 +104,7 @@ def gradient_correction(
     if rounds < 1:
         raise ValueError(f"rounds {rounds} must be at least 1")
     start = time.perf_counter()
+    blocks, heldout = blocks.to(params[0].device), heldout.to(params[0].device)  # the tokens go where the model is
     grid = sorted(steps)
     before = best = block_nll(model, heldout, batch_size)
     at = len(grid) // 2

@@ -144,7 +144,7 @@ def factorize_targets(
         if rank is None:
             return []
         weight = linear_weight(model.get_submodule(info.name)).detach()
-        stats = statistics.for_module(info.name) if statistics is not None else {}
+        stats = statistics.for_module(info.name, weight.device) if statistics is not None else {}
         with torch.no_grad():
             cached = decompositions.pop(info.name, None) if decompositions is not None else None
             with layer_errors(info.name):
@@ -171,6 +171,8 @@ def factorize_targets(
         t0 = time.perf_counter()
         a, b, seconds = factors
         module = model.get_submodule(info.name)
+        # Under torchrun the factors arrive on the device they were broadcast on: they join the layer's.
+        a, b = a.to(linear_weight(module).device), b.to(linear_weight(module).device)
         with torch.no_grad():
             bias = linear_bias(module)
             new = LowRankLinear.from_factors(a, b, None if bias is None else bias.detach())

@@ -21,10 +21,12 @@ the in-memory path's to float tolerance.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +37,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import CalibrationConfig, CompressConfig
+from ..device import resolve_device
 from .report import CompressionReport, LayerReport
 from ..calibration.batches import calibration_batches
 from ..nn import count_parameters
 from .factorize import factorize_targets, record_compression, rounded_ranks
-from .allocation import layer_errors
+from .allocation import decomposition_cost, layer_errors
+from ..calibration import distributed
+from ..calibration.distributed import spread
 from ..core import allocate_ranks
 from ..errors import FwsvdError, ModelError
 from ..storage.atomic import atomic_dir, scratch_dir
@@ -81,11 +86,12 @@ class CheckpointWeights:
             tensors the model does not use, or a shape differs.
     """
 
-    def __init__(self, model: nn.Module, folder: str | Path, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, model: nn.Module, folder: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> None:
         from ..storage.loading import safetensors_files
 
         self.model = model
         self.dtype = dtype
+        self.device = device or torch.device("cpu")  # where each tensor read goes (a GPU: the block runs there)
         self.files: dict[str, Path] = {}
         shapes: dict[str, tuple[int, ...]] = {}
         for file in safetensors_files(Path(folder)):
@@ -141,7 +147,7 @@ class CheckpointWeights:
             # Opened per read and closed at once, so the mapped pages do not stay resident.
             with safe_open(str(file), framework="pt") as handle:
                 for name in group:
-                    tensor = handle.get_tensor(self.key[name]).to(self.dtype)
+                    tensor = handle.get_tensor(self.key[name]).to(self.device).to(self.dtype)
                     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                         # Every read is checked: a NaN anywhere (a layer norm too) would spoil the output.
                         raise ModelError(
@@ -190,10 +196,6 @@ def _set_param(model: nn.Module, name: str, param: nn.Parameter) -> None:
 
 def _skeleton(model: str, task: str | None) -> LoadedModel:
     """The model built on the meta device (buffers real) with its tokenizer, from a local folder."""
-    try:
-        from accelerate import init_empty_weights
-    except ImportError as err:  # pragma: no cover - make install brings accelerate
-        raise ModelError("--low-memory needs the accelerate package: pip install accelerate") from err
     from transformers import AutoConfig, AutoTokenizer
 
     from ..storage.quantizer import register
@@ -210,7 +212,7 @@ def _skeleton(model: str, task: str | None) -> LoadedModel:
         task = detect_task(config)
     elif task not in TASKS:
         raise ModelError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
-    with init_empty_weights(include_buffers=False):
+    with meta_parameters():
         skeleton = auto_model_class(task).from_config(config, dtype=torch.float32)
     skeleton.tie_weights()
     skeleton.eval()
@@ -220,6 +222,35 @@ def _skeleton(model: str, task: str | None) -> LoadedModel:
     if getattr(skeleton.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         skeleton.config.pad_token_id = tokenizer.pad_token_id
     return LoadedModel(skeleton, tokenizer, task, str(model))
+
+
+@contextlib.contextmanager
+def meta_parameters() -> Iterator[None]:
+    """Parameters registered meanwhile go to the meta device, buffers stay real: accelerate's
+    ``init_empty_weights(include_buffers=False)``, or where accelerate is not installed (a bare GPU
+    machine) the same hook on ``nn.Module.register_parameter``, put back on the way out."""
+    try:
+        from accelerate import init_empty_weights
+    except ImportError:
+        pass
+    else:
+        with init_empty_weights(include_buffers=False):
+            yield
+        return
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None:
+            kept = module._parameters[name]
+            assert kept is not None
+            module._parameters[name] = nn.Parameter(kept.to("meta"), requires_grad=kept.requires_grad)
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
 def compress_low_memory(
@@ -261,7 +292,10 @@ def compress_low_memory(
     targets = find_targets(skeleton, config.include, config.exclude)
     by_block = block_targets(block_names, [t.name for t in targets], what="--low-memory")
     info = {t.name: t for t in targets}
-    weights = CheckpointWeights(skeleton, model)
+    device = resolve_device(calibration.device)
+    # Calibration reads the blocks in --calibration-dtype; factorization in float32 (set after calibrating).
+    weights = CheckpointWeights(skeleton, model, device=device, dtype=getattr(torch, calibration.compute_dtype))
+    _buffers_to(skeleton, device)
     weights.load_outside(block_names)
     before = count_parameters(skeleton)
 
@@ -273,6 +307,7 @@ def compress_low_memory(
         # The embeddings and head (a tied head is the largest single tensor of a small model) are
         # not needed to factorize the blocks: read again for the last shard.
         weights.unload_outside(block_names)
+        weights.dtype = torch.float32
         release_freed_memory()
 
         start = time.perf_counter()
@@ -281,7 +316,8 @@ def compress_low_memory(
             ranks = _global_ranks(skeleton, block_names, by_block, info, method, config, weights, spilled, progress)
         ranks = rounded_ranks(targets, config, ranks)
 
-        with atomic_dir(out, overwrite=overwrite) as tmp:
+        # Under torchrun rank 0 alone writes the output; the others factorize their share of the layers.
+        with atomic_dir(out, overwrite=overwrite) if distributed.current().is_main else contextlib.nullcontext(None) as tmp:
             rows, weight_map, total = _write_shards(tmp, skeleton, block_names, by_block, info, method, config, weights, spilled, ranks, progress)
             seconds = time.perf_counter() - start
             position = {t.name: i for i, t in enumerate(targets)}
@@ -291,7 +327,9 @@ def compress_low_memory(
                 skeleton, config, method, rows, parameters_before=before,
                 calibration=dict(statistics.summary) if statistics is not None else {}, seconds=seconds,
             )
-            _write_folder_files(tmp, skeleton, report, weight_map, total, tokenizer_dir)
+            if tmp is not None:
+                _write_folder_files(tmp, skeleton, report, weight_map, total, tokenizer_dir)
+    distributed.agree()  # the other processes wait here until rank 0 has written the output
     return report, task
 
 
@@ -306,7 +344,7 @@ class _SpilledStatistics:
 
     def spill(self, block: str, stats: Statistics) -> None:
         """Write one block's statistics to the scratch folder (``on_block`` of the streamed calibration)."""
-        flat = {f"{n}::{k}": t.contiguous() for n, entry in stats.tensors.items() for k, t in entry.items()}
+        flat = {f"{n}::{k}": t.contiguous().cpu() for n, entry in stats.tensors.items() for k, t in entry.items()}
         if flat:
             save_file(flat, str(self.scratch / f"stats-{block}.safetensors"))
 
@@ -345,15 +383,22 @@ def _calibrate(
     tokenizer_dir = _park_tokenizer(loaded, scratch)
     release_freed_memory()
     if needs:
+        ctx = distributed.current()
+        if ctx.active:
+            summary["processes"] = ctx.world_size
+        if calibration.compute_dtype != "float32":
+            summary["compute_dtype"] = calibration.compute_dtype
+        # Under torchrun each process streams its share of the batches; each block's sums are added up.
         spilled.statistics = stream_statistics(
-            loaded.model, target_names, batches, needs, task=loaded.task, weights=weights,
-            scratch=scratch / "states", on_block=spilled.spill, progress=progress, summary=summary,
+            loaded.model, target_names, distributed.shard(batches), needs, task=loaded.task, weights=weights,
+            scratch=scratch / "states", on_block=spilled.spill, progress=progress, summary=summary, device=weights.device,
+            reduce=distributed.add_up if ctx.active else None,
         )
     return tokenizer_dir
 
 
 def _write_shards(
-    tmp: Path,
+    tmp: Path | None,
     skeleton: nn.Module,
     block_names: list[str],
     by_block: dict[str, list[str]],
@@ -368,6 +413,7 @@ def _write_shards(
     """Factorize each block and write it as one shard into ``tmp``, then the rest as the last shard.
 
     Returns the layers' reports (in block order), the shard of each tensor and the bytes written.
+    ``tmp`` ``None`` (a process other than rank 0 under torchrun): nothing is written.
     """
     rows: list[LayerReport] = []
     shards = [*block_names, None]
@@ -394,7 +440,9 @@ def _write_shards(
             # --dtype: every floating-point tensor is stored in it (record_compression casts the
             # skeleton to match, so config.json's dtype and the record say so).
             tensors = {k: v.to(getattr(torch, config.dtype)) if v.is_floating_point() else v for k, v in tensors.items()}
-        save_file(tensors, str(tmp / file), metadata={"format": "pt"})
+        tensors = {k: v.cpu() for k, v in tensors.items()}  # from a GPU when the blocks ran there
+        if tmp is not None:
+            save_file(tensors, str(tmp / file), metadata={"format": "pt"})
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         weight_map.update({k: file for k in tensors})
         del tensors
@@ -425,6 +473,14 @@ def _write_folder_files(
     if tokenizer_dir is not None:
         for file in sorted(tokenizer_dir.iterdir()):
             shutil.copyfile(file, tmp / file.name)
+
+
+def _buffers_to(model: nn.Module, device: torch.device) -> None:
+    """The skeleton's real buffers (rotary frequencies, position ids) to ``device``, where its blocks will run."""
+    for module in model.modules():
+        for key, buffer in module._buffers.items():
+            if buffer is not None and buffer.device.type != "meta" and buffer.device != device:
+                module._buffers[key] = buffer.to(device)
 
 
 def _park_tokenizer(loaded: LoadedModel, scratch: Path) -> Path | None:
@@ -478,15 +534,18 @@ def _global_ranks(
         weights.load(block)
         try:
             stats = block_statistics(block)
-            for name in by_block[block]:
-                layer = stats.for_module(name) if stats is not None else {}
-                with torch.no_grad():
-                    with layer_errors(name):
-                        dec = method.decompose(linear_weight(model.get_submodule(name)).detach(), layer)
-                    losses.append(method.component_loss(dec, layer))
-                del dec
-                t = info[name]
-                names.append(name)
+
+            def decompose(t: LinearInfo) -> list[torch.Tensor]:
+                weight = linear_weight(model.get_submodule(t.name)).detach()
+                layer = stats.for_module(t.name, weight.device) if stats is not None else {}
+                with torch.no_grad(), layer_errors(t.name):
+                    return [method.component_loss(method.decompose(weight, layer), layer).double().cpu()]
+
+            # Under torchrun each layer is decomposed by one process and its losses handed to all.
+            like = lambda t: [((min(t.out_features, t.in_features),), torch.float64)]  # noqa: E731
+            for t, (loss,) in spread([info[n] for n in by_block[block]], decompose, like, decomposition_cost):
+                losses.append(loss.cpu())
+                names.append(t.name)
                 shapes.append((t.out_features, t.in_features, t.bias))
         finally:
             weights.unload(block)

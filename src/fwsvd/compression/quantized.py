@@ -168,7 +168,7 @@ def compress_quantized(
     losses: list[torch.Tensor] = []
     for info in tqdm(targets, desc=f"{quant.scheme} + {method.name} correction", unit="layer", disable=not progress, leave=False):
         weight = weights[info.name].detach()
-        stats = statistics.for_module(info.name) if statistics is not None else {}
+        stats = statistics.for_module(info.name, weight.device) if statistics is not None else {}
         with layer_errors(info.name):
             grid = quantize(weight, bits, groups[info.name])
             residual = weight.to(torch.float32) - grid.dequantize()
@@ -178,7 +178,7 @@ def compress_quantized(
             with torch.no_grad():
                 dec = method.decompose(residual, stats)
                 decompositions[info.name] = dec
-                losses.append(method.component_loss(dec, stats))
+                losses.append(method.component_loss(dec, stats).cpu())
     if budget is None:
         ranks = {t.name: min(quant.correction_rank or 0, t.out_features, t.in_features) for t in targets}
     else:

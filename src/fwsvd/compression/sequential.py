@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -281,7 +281,8 @@ def _whole_model_statistics(
     if global_kinds:
         t0 = time.perf_counter()
         if statistics is None:
-            statistics = calibrate(loaded, calibration, global_kinds, include=config.include, exclude=config.exclude, progress=progress)
+            # Sequential compression runs on the CPU (its block passes move no tensor): so does this pass.
+            statistics = calibrate(loaded, replace(calibration, device="cpu"), global_kinds, include=config.include, exclude=config.exclude, progress=progress)
         elif global_kinds - statistics.kinds:
             raise FwsvdError(
                 f"the given statistics hold {sorted(statistics.kinds)} but sequential {method.name} also needs "

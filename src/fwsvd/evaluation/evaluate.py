@@ -82,7 +82,9 @@ def _perplexity(loaded: LoadedModel, config: EvalConfig, progress: bool) -> dict
     blocks = d.causal_blocks_from_file(loaded.tokenizer, config.data, length, limit=config.limit)
     total_nll = 0.0
     n_tokens = 0
+    device = next(loaded.model.parameters()).device  # the tokens go where the model is
     for chunk in tqdm(blocks.split(max(1, config.batch_size // 8)), desc="perplexity", unit="batch", disable=not progress, leave=False):
+        chunk = chunk.to(device)
         logits = loaded.model(input_ids=chunk).logits.float()
         # Each block predicts its own tokens 2..L from the preceding ones.
         nll = torch.nn.functional.cross_entropy(
@@ -96,6 +98,7 @@ def _perplexity(loaded: LoadedModel, config: EvalConfig, progress: bool) -> dict
 
 def _logits(loaded: LoadedModel, items: list[dict[str, list[int]]], batch_size: int, progress: bool) -> list[torch.Tensor]:
     out = []
+    device = next(loaded.model.parameters()).device  # the batches go where the model is, the logits come back
     for batch in tqdm(
         d.batches(items, batch_size, loaded.tokenizer.pad_token_id),
         total=math.ceil(len(items) / batch_size),
@@ -104,7 +107,7 @@ def _logits(loaded: LoadedModel, items: list[dict[str, list[int]]], batch_size: 
         disable=not progress,
         leave=False,
     ):
-        logits = loaded.model(**batch).logits.float()
+        logits = loaded.model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
         if not torch.isfinite(logits).all():
             raise ModelError("the model produced NaN or infinite logits: its weights are corrupt")
         out.append(logits)

@@ -1,6 +1,8 @@
 """GLUE-style task metrics, computed with scikit-learn and SciPy.
 
-All functions return plain Python floats, so results serialise to JSON as they are.
+All functions return plain Python floats, so results serialise to JSON as they are. scikit-learn
+and SciPy are imported where they are used, so that a machine without them (a bare GPU box running
+``benchmarks/gpu_check.py``) can still import the evaluation package.
 """
 
 from __future__ import annotations
@@ -10,8 +12,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from scipy import stats
-from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef, mean_squared_error
 
 from fwsvd.errors import DataError
 
@@ -55,6 +55,8 @@ def classification_metrics(
     Raises:
         DataError: If the inputs are empty or differ in length.
     """
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
     true, pred = _as_arrays(y_true, y_pred)
     result = {
         "accuracy": float(accuracy_score(true, pred)),
@@ -86,6 +88,9 @@ def regression_metrics(
     Raises:
         DataError: If the inputs are empty or differ in length.
     """
+    from scipy import stats
+    from sklearn.metrics import mean_squared_error
+
     true, pred = _as_arrays(y_true, y_pred)
     true = true.astype(np.float64)
     pred = pred.astype(np.float64)

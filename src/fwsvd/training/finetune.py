@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from .. import data as d
 from ..evaluation import metrics
 from ..config import help_field
+from ..device import DEVICE_HELP, place, resolve_device
 from ..errors import DataError, FwsvdError, ModelError
 from ..evaluation.evaluate import EvalConfig, evaluate
 from ..storage.record import compression_record
@@ -163,8 +164,11 @@ class FinetuneConfig:
     text_column: str | None = help_field("name of the text column (detected when omitted)", default=None)
     pair_column: str | None = help_field("name of the second text column of a pair task (detected when omitted)", default=None)
     label_column: str | None = help_field("name of the label column (detected when omitted)", default=None)
+    device: str = help_field(DEVICE_HELP + "; the model (and a distillation teacher) is moved there and stays there", default="auto")
 
     def __post_init__(self) -> None:
+        self.device = str(self.device) if self.device is not None else "auto"
+        resolve_device(self.device)  # a GPU asked for where there is none fails here, before any work
         if not self.data:
             raise DataError("fine-tuning needs training data: pass --data with a labelled file")
         self.data = os.fspath(self.data)
@@ -467,7 +471,7 @@ def finetune(
     progress: bool = True,
     teacher: nn.Module | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune ``loaded.model`` in place on ``config.data``.
+    """Fine-tune ``loaded.model`` in place on ``config.data``, on ``config.device`` (where the model is moved and stays).
 
     AdamW with a linear warm-up/decay schedule, gradient clipping, dropout on, seeded shuffling.
     A classifier trains on its labels; with ``eval_config`` it is evaluated after each epoch and
@@ -498,6 +502,9 @@ def finetune(
         DataError: for unusable training data.
         FwsvdError: for settings that do not apply to the model's task.
     """
+    device = place(loaded.model, config.device)
+    if teacher is not None:
+        place(teacher, device)
     if loaded.task == "causal-lm":
         if eval_config is not None:
             raise FwsvdError(
