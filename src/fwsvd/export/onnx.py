@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -124,13 +125,11 @@ def _torch_export(model: nn.Module, inputs: dict[str, torch.Tensor], path: Path,
     from torch.export import Dim
 
     dims = {name: {0: Dim.DYNAMIC, 1: Dim.DYNAMIC} for name in inputs}
-    # The exporter prints its progress on stdout; it goes to the log instead.
-    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()) as chatter:
+    with torch.no_grad(), _quiet():
         program = torch.onnx.export(
             model, (), kwargs=inputs, dynamic_shapes=dims, input_names=list(inputs), output_names=["logits"],
             opset_version=opset, dynamo=True, external_data=False, optimize=True, verbose=False,
         )
-    logger.debug("%s", chatter.getvalue())
     program.save(str(path), external_data=False)
 
 
@@ -143,13 +142,22 @@ def _quantize(source: Path, target: Path) -> None:
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    with _quiet():
+        quantize_dynamic(source, target, op_types_to_quantize=["MatMul"], per_channel=True, weight_type=QuantType.QInt8)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the exporter's and quantizer's logging (a line per tensor, on the root logger) and stdout chatter."""
     root = logging.getLogger()
     level = root.level
-    root.setLevel(max(level, logging.WARNING))  # quantize_dynamic logs one INFO line per tensor on the root logger
+    root.setLevel(max(level, logging.ERROR))
     try:
-        quantize_dynamic(source, target, op_types_to_quantize=["MatMul"], per_channel=True, weight_type=QuantType.QInt8)
+        with contextlib.redirect_stdout(io.StringIO()) as chatter:
+            yield
     finally:
         root.setLevel(level)
+        logger.debug("%s", chatter.getvalue())
 
 
 def session(path: str | os.PathLike, threads: int | None = None) -> Any:
