@@ -197,3 +197,21 @@ def test_minilm_compressed_exports_equal_and_int8_agrees(tmp_path):
             assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.95
         else:
             assert (got - expected).abs().max() <= FLOAT_TOLERANCE
+
+
+def test_quantized_folder_exports_dequantized(tmp_path, bert_dir, sst2_tsv):
+    """A ``--quantize`` folder (int4 grid plus a low-rank correction) exports as Q(W) dense plus the correction's two MatMuls."""
+    from fwsvd.cli import main
+    from fwsvd.nn import QuantizedLinear
+
+    folder = tmp_path / "q4"
+    assert main(["compress", str(bert_dir), "--out", str(folder), "--quantize", "int4", "--group-size", "16", "--correction-rank", "4",
+                 "--data", str(sst2_tsv), *SMALL]) == 0
+    reference = fwsvd.load_model(folder).model
+    assert any(isinstance(m, QuantizedLinear) and m.rank for m in reference.modules())
+    result = export_onnx(folder, tmp_path / "onnx")
+    assert result["quantized_layers"] > 0
+    inputs = _inputs(2, 12, 4)
+    with torch.no_grad():
+        expected = reference(**inputs).logits
+    assert (load_onnx(tmp_path / "onnx").model(**inputs).logits - expected).abs().max() <= FLOAT_TOLERANCE
