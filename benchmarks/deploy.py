@@ -205,8 +205,9 @@ def _is_layer_product(event: dict[str, Any]) -> bool:
     return ("MatMul" in op or op == "Gemm") and not any(len(s) >= 3 for s in shapes[1:])
 
 
-def ort_share(folder: Path, batch: dict[str, torch.Tensor], threads: int, reps: int) -> float:
-    """Share of an exported dense model's ``model_run`` time in the targeted layers' nodes (ORT's profiler)."""
+def ort_share(folder: Path, batch: dict[str, torch.Tensor], threads: int, reps: int) -> tuple[float, dict[str, float]]:
+    """Share of an exported dense model's ``model_run`` time in the targeted layers' nodes (ORT's profiler),
+    and the share of every operator type (medians over ``reps`` runs), which says where the rest goes."""
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory(prefix="fwsvd-deploy-") as tmp:
@@ -220,17 +221,17 @@ def ort_share(folder: Path, batch: dict[str, torch.Tensor], threads: int, reps: 
         for _ in range(reps + 1):
             sess.run(None, feed)
         events = json.loads(Path(sess.end_profiling()).read_text())
-    runs: list[list[dict[str, Any]]] = []
-    for event in events:
-        if event.get("cat") == "Session" and event.get("name") == "model_run":
-            runs.append([event])
-    shares = []
-    for run in runs[1:]:  # the first run is the warm-up
-        start, end = run[0]["ts"], run[0]["ts"] + run[0]["dur"]
-        inside = sum(e["dur"] for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")
-                     and start <= e["ts"] <= end and _is_layer_product(e))
-        shares.append(inside / run[0]["dur"])
-    return statistics.median(shares)
+    runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"][1:]  # the first is the warm-up
+    nodes = [e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")]
+    shares, by_op = [], {}
+    for run in runs:
+        inside = [e for e in nodes if run["ts"] <= e["ts"] <= run["ts"] + run["dur"]]
+        shares.append(sum(e["dur"] for e in inside if _is_layer_product(e)) / run["dur"])
+        for e in inside:
+            key = "targeted-layer products" if _is_layer_product(e) else e["args"]["op_name"]
+            by_op.setdefault(key, []).append(e["dur"] / run["dur"] / len(runs))
+    ops = {k: round(sum(v), 4) for k, v in sorted(by_op.items(), key=lambda kv: -sum(kv[1]))}
+    return statistics.median(shares), ops
 
 
 def bounds(paths: dict[tuple[str, str], Path], inputs: dict[str, dict[str, torch.Tensor]], threads: list[int], reps: int,
@@ -242,9 +243,10 @@ def bounds(paths: dict[tuple[str, str], Path], inputs: dict[str, dict[str, torch
         for workload, batch in inputs.items():
             for runtime in RUNTIMES:
                 folder = paths[("dense", runtime)]
-                share = eager_share(folder, batch, reps) if runtime == "eager" else ort_share(folder, batch, count, reps)
+                share, ops = (eager_share(folder, batch, reps), None) if runtime == "eager" else ort_share(folder, batch, count, reps)
                 bound = {name: round(1 / (1 - share + share * keep), 3) for name, keep in target_keep.items()}
-                rows.append({"workload": workload, "threads": count, "runtime": runtime, "targeted_share": round(share, 4), "bound": bound})
+                rows.append({"workload": workload, "threads": count, "runtime": runtime, "targeted_share": round(share, 4), "bound": bound,
+                             **({"operator_shares": ops} if ops else {})})
                 log.info("bound %s %s %d thread(s): share %.3f, %s", runtime, workload, count, share, bound)
     return rows
 
@@ -301,6 +303,11 @@ def markdown(record: dict[str, Any]) -> str:
             c = _cell(rows, m, b["runtime"], b["workload"], b["threads"])
             cells.append(f"{c['speedup_vs_dense_same_runtime']:.2f} × ({b['bound'][m]:.2f} ×)" if c else "-")
         lines.append(f"| {b['runtime']} | {b['workload']} | {b['threads']} | {b['targeted_share']:.3f} | " + " | ".join(cells) + " |")
+    for b in record["bounds"]:
+        if b["runtime"] == "ort-int8" and b["threads"] == 2 and b["workload"].startswith("32") and b.get("operator_shares"):
+            top = list(b["operator_shares"].items())[:8]
+            lines += ["", f"Where the dense int8 model's time goes ({b['workload']}, 2 threads; ORT profiler, share of `model_run`): "
+                      + ", ".join(f"{k} {v:.1%}" for k, v in top) + "."]
     lines += ["", "Targets (issue 26):", "", *targets(record), ""]
     return "\n".join(lines)
 
