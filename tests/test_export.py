@@ -154,8 +154,9 @@ def test_bad_folders_are_one_line(capsys, tmp_path, bert_dir, exported, occupied
 
 
 def test_overwrite_replaces_an_export(capsys, bert_dir, occupied):
-    status, _, _ = run(capsys, "export", bert_dir, "--onnx", occupied, "--overwrite", "--quiet")
+    status, stdout, _ = run(capsys, "export", bert_dir, "--onnx", occupied, "--overwrite", "--quiet")
     assert status == 0
+    assert "float32" in stdout and "0 (two MatMuls each)" in stdout  # the human summary: a dense model
     assert not (occupied / "precious.txt").exists() and (occupied / MARKER_FILE).is_file()
     assert read_marker(occupied)["compressed"] is None  # a dense model exports too
 

@@ -52,6 +52,7 @@ __all__ = [
     "load_onnx",
     "matmul_counts",
     "read_marker",
+    "session",
 ]
 
 MARKER_FILE = "fwsvd-export.json"
@@ -225,8 +226,8 @@ def _marker(loaded: LoadedModel, layers: dict[str, int], names: set[str], opset:
 def _check_output(model: str | os.PathLike, out: str | os.PathLike, overwrite: bool) -> Path:
     """``--onnx`` may be written: not the input folder or inside it, not holding it, not an existing folder unless ``overwrite``."""
     path = Path(out).expanduser()
-    resolved, source = path.resolve(), Path(model).expanduser().resolve()
-    if resolved == source or source in resolved.parents or resolved in source.parents or resolved in Path.cwd().resolve().parents or resolved == Path.cwd().resolve():
+    resolved, source, cwd = path.resolve(), Path(model).expanduser().resolve(), Path.cwd().resolve()
+    if resolved in (source, cwd) or source in resolved.parents or resolved in source.parents or resolved in cwd.parents:
         raise FwsvdError(f"--onnx {out} is, holds or lies inside the model folder {model} or the current folder: choose a new folder")
     if path.exists() and not path.is_dir():
         raise FwsvdError(f"--onnx {out} is a file: name a folder to write")
