@@ -86,6 +86,13 @@ def place(model: torch.nn.Module, spec: str | torch.device | None) -> torch.devi
     return device
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where ``model``'s parameters are (its inputs go there); the CPU for a model holding none,
+    such as an ONNX Runtime session wrapped as a module."""
+    first = next(iter(model.parameters()), None)
+    return torch.device("cpu") if first is None else first.device
+
+
 @contextlib.contextmanager
 def computing_in(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> Iterator[None]:
     """``model``'s floating-point parameters and buffers as ``dtype`` copies on ``device`` for the duration, then

@@ -3,7 +3,7 @@
 Human tables by default, one JSON object with ``--json``. A problem the user can fix prints one
 line on stderr and exits with status 2; nothing already on disk is touched.
 
-Each command module (:mod:`.compress`, :mod:`.evaluate`, :mod:`.inspect`, :mod:`.finetune`) owns its
+Each command module (:mod:`.compress`, :mod:`.evaluate`, :mod:`.inspect`, :mod:`.finetune`, :mod:`.export`) owns its
 ``add_parser(subparsers)``, its ``run(args)`` and its ``format_result(result)``; what they share is in
 :mod:`.common`. This module assembles the parser and runs a command (:func:`main`).
 """
@@ -23,7 +23,7 @@ from typing import Any
 
 from ..errors import FwsvdError
 from ..version import __version__
-from . import compress, evaluate, finetune, inspect, resize
+from . import compress, evaluate, export, finetune, inspect, resize
 from .common import EXIT_USAGE, Parser, positive_int
 
 __all__ = ["COMMANDS", "EXIT_USAGE", "build_parser", "main", "positive_int"]
@@ -35,6 +35,7 @@ COMMANDS = {
     "inspect": (inspect.run, inspect.format_result),
     "finetune": (finetune.run, finetune.format_result),
     "resize": (resize.run, resize.format_result),
+    "export": (export.run, export.format_result),
 }
 
 
@@ -43,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="fwsvd", description="Low-rank compression of Hugging Face transformers (FWSVD, ASVD, SVD-LLM).")
     parser.add_argument("--version", action="version", version=f"fwsvd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for module in (compress, evaluate, inspect, finetune, resize):
+    for module in (compress, evaluate, inspect, finetune, resize, export):
         module.add_parser(sub)
     return parser
 

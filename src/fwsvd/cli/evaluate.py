@@ -14,7 +14,7 @@ def add_parser(sub: Any) -> None:
     from ..storage.loading import TASKS
 
     e = sub.add_parser("eval", help="task metric (accuracy, F1, MCC, correlation) or perplexity", description="Evaluate a dense or compressed model.")
-    e.add_argument("model", metavar="MODEL", help="model folder or hub id")
+    e.add_argument("model", metavar="MODEL", help="model folder or hub id, or a `fwsvd export` folder (scored through onnxruntime)")
     e.add_argument(
         "--data", action="append", default=None, metavar="FILE",
         help="labelled .tsv/.csv/.jsonl, or .txt for causal-LM perplexity; several files comma-separated or repeated (results keyed by file name)",
@@ -39,6 +39,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from ..evaluation.evaluate import EvalConfig, check_result_names, evaluate, evaluate_files, merge_named, split_list
     from ..evaluation.zeroshot import evaluate_zeroshot, resolve_tasks, unique_names
     from ..device import StageMemory, place, resolve_device
+    from ..export.onnx import is_export_folder, load_onnx
     from ..storage.loading import load_model
 
     stages = StageMemory(resolve_device(args.device))  # a GPU this machine lacks fails before any work
@@ -51,8 +52,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tasks = resolve_tasks(task_specs, args.task_data, limit=args.limit) if task_specs else []
     check_result_names([*(unique_names(files, "data file") if len(files) > 1 else []), *(t.name for t in tasks)])
     with stages.stage("load"):
-        loaded = load_model(args.model, args.task, need_tokenizer=True, allow_pickle=args.allow_pickle)
-        place(loaded.model, stages.device)
+        if is_export_folder(args.model):  # a `fwsvd export` folder: scored through onnxruntime, on the CPU
+            loaded = load_onnx(args.model, args.task)
+        else:
+            loaded = load_model(args.model, args.task, need_tokenizer=True, allow_pickle=args.allow_pickle)
+            place(loaded.model, stages.device)
     if tasks and loaded.task != "causal-lm":
         raise ModelError(f"--tasks scores causal language models; {args.model} is a {loaded.task} model: evaluate it with --data")
     config = EvalConfig(

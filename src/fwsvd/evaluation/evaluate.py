@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from .. import data as d
 from . import metrics as m
 from ..errors import DataError, ModelError
+from ..device import model_device
 from ..storage.loading import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ def _perplexity(loaded: LoadedModel, config: EvalConfig, progress: bool) -> dict
     blocks = d.causal_blocks_from_file(loaded.tokenizer, config.data, length, limit=config.limit)
     total_nll = 0.0
     n_tokens = 0
-    device = next(loaded.model.parameters()).device  # the tokens go where the model is
+    device = model_device(loaded.model)  # the tokens go where the model is
     for chunk in tqdm(blocks.split(max(1, config.batch_size // 8)), desc="perplexity", unit="batch", disable=not progress, leave=False):
         chunk = chunk.to(device)
         logits = loaded.model(input_ids=chunk).logits.float()
@@ -98,7 +99,7 @@ def _perplexity(loaded: LoadedModel, config: EvalConfig, progress: bool) -> dict
 
 def _logits(loaded: LoadedModel, items: list[dict[str, list[int]]], batch_size: int, progress: bool) -> list[torch.Tensor]:
     out = []
-    device = next(loaded.model.parameters()).device  # the batches go where the model is, the logits come back
+    device = model_device(loaded.model)  # the batches go where the model is, the logits come back
     for batch in tqdm(
         d.batches(items, batch_size, loaded.tokenizer.pad_token_id),
         total=math.ceil(len(items) / batch_size),
