@@ -164,12 +164,21 @@ class CalibrationConfig:
         "batches default to 1 example",
         default=False,
     )
+    fisher_labels: str = help_field(
+        "where Fisher's labels come from: 'data' (the empirical Fisher: the calibration data's labels) or 'model' (the true Fisher: "
+        "the expectation over the model's own predictions, one backward pass per class; classifiers and regressors only)",
+        default="data",
+    )
 
     def __post_init__(self) -> None:
         for name in ("samples", "batch_size", "max_length"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise FwsvdError(f"--{name.replace('_', '-')} {value!r} must be a positive integer")
+        if self.fisher_labels not in ("data", "model"):
+            raise FwsvdError(f"--fisher-labels {self.fisher_labels!r} must be 'data' or 'model'")
+        if self.fisher_labels == "model" and self.low_memory:
+            raise FwsvdError("--fisher-labels model needs the whole model's outputs in one pass: drop --low-memory, or use --fisher-labels data")
 
     def resolved(self, task: str) -> CalibrationConfig:
         causal = task == "causal-lm"
@@ -185,6 +194,7 @@ class CalibrationConfig:
             pair_column=self.pair_column,
             label_column=self.label_column,
             low_memory=self.low_memory,
+            fisher_labels=self.fisher_labels,
         )
 
 

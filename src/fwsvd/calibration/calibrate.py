@@ -73,4 +73,5 @@ def calibrate(
         start=start,
         checkpoint=save,
         reduce=distributed.reduce_sums,
+        fisher_labels=config.fisher_labels,
     )

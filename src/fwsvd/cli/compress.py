@@ -13,7 +13,7 @@ from .common import add_data_options, add_output_options, check_out, field_help,
 
 def add_parser(sub: Any) -> None:
     """Add the ``compress`` command to the subparsers ``sub``."""
-    from ..config import ALLOCATIONS, DEFAULT_ALLOCATION, DEFAULT_RANK_FLOOR, STORAGE_DTYPES, CompressConfig
+    from ..config import ALLOCATIONS, DEFAULT_ALLOCATION, DEFAULT_RANK_FLOOR, STORAGE_DTYPES, CalibrationConfig, CompressConfig
     from ..methods import METHODS
     from ..storage.int8 import QUANTIZED_FORMATS
     from ..storage.loading import TASKS
@@ -68,6 +68,7 @@ def add_parser(sub: Any) -> None:
         "unless it lowers their loss (training-free in ZS-SVD's sense: no optimizer, one gradient). With --stats, --data "
         "and --samples name the correction's text",
     )
+    c.add_argument("--fisher-labels", choices=("data", "model"), default="data", help=field_help(CalibrationConfig, "fisher_labels"))
     c.add_argument("--refit", action=argparse.BooleanOptionalAction, default=False, help="with --sequential: " + field_help(CompressConfig, "refit"))
     c.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     _add_quantize_options(c)
@@ -177,6 +178,7 @@ def build_configs(args: argparse.Namespace) -> tuple[Any, Any]:
         data=args.data if args.data is not None else args.finetune_data,
         samples=args.samples, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
         text_column=args.text_column, pair_column=args.pair_column, label_column=args.label_column, low_memory=args.low_memory,
+        fisher_labels=args.fisher_labels,
     )
     return config, calibration
 
