@@ -19,7 +19,7 @@ split (train 80 % / test 20 % of the articles; pairs are drawn within each side)
 the fine-tuned models are cached in ``benchmarks/.cache/encoder-tasks`` (a second run reuses them).
 Calibration statistics (512 training rows, seed 0) are calibrated once per task and Fisher variant,
 and reused for every keep ratio. Writes ``encoder-tasks.json`` (command, machine, date, every row)
-and ``encoder-tasks.md`` (the table) into ``--out``. Not a test: nothing here asserts a number.
+and ``encoder-tasks.md`` (the table) into ``--out`` (``--name`` changes the stem). Not a test: nothing here asserts a number.
 """
 
 from __future__ import annotations
@@ -57,6 +57,8 @@ TASKS = {
 VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "default": ({}, {}),
     "fisher-model": ({"fisher_labels": "model"}, {}),
+    "samples-2048": ({"samples": 2048}, {}),
+    "fisher-model-2048": ({"fisher_labels": "model", "samples": 2048}, {}),
 }
 
 logger = logging.getLogger("benchmarks.encoder_tasks")
@@ -203,13 +205,14 @@ def _statistics(dense: Any, task: str, train: Path, variant: str, calib_options:
     from fwsvd import api
     from fwsvd.calibration.statistics import Statistics
 
-    key = json.dumps({"samples": args.samples, "seed": args.seed, **calib_options}, sort_keys=True)
+    options = {"samples": args.samples, "seed": args.seed, **calib_options}
+    key = json.dumps(options, sort_keys=True)
     same = [v for v, (c, _) in VARIANTS.items() if json.dumps({"samples": args.samples, "seed": args.seed, **c}, sort_keys=True) == key]
-    path = CACHE / "stats" / f"{task}-{same[0]}-{args.samples}.safetensors"
+    path = CACHE / "stats" / f"{task}-{same[0]}-{options['samples']}-{args.seed}.safetensors"
     if path.is_file() and not args.recalibrate:
         stats = Statistics.load(path)
         return stats, float(stats.summary["seconds"])
-    config = api.CalibrationConfig(data=str(train), samples=args.samples, seed=args.seed, max_length=TASKS[task][1], **calib_options)
+    config = api.CalibrationConfig(data=str(train), max_length=TASKS[task][1], **options)
     stats = api.calibrate(dense, config, {"fisher", "cov"}, progress=not args.quiet)
     path.parent.mkdir(parents=True, exist_ok=True)
     stats.save(path)
@@ -281,13 +284,14 @@ def markdown(record: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shared", default=str(DEFAULT_SHARED), help="the shared folder with models/minilm-l6-sst2 and data/sst2")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for encoder-tasks.{json,md}")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for <name>.{json,md}")
     p.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS), help="tasks to run")
-    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), help="fwsvd variants to run")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["default", "fisher-model"], help="fwsvd variants to run")
     p.add_argument("--keep", type=float, nargs="+", default=[0.3, 0.5], help="keep ratios")
     p.add_argument("--samples", type=int, default=512, help="calibration rows")
     p.add_argument("--seed", type=int, default=0, help="calibration seed")
     p.add_argument("--recalibrate", action="store_true", help="ignore cached statistics")
+    p.add_argument("--name", default=NAME, help="stem of the results files (another name keeps a partial run beside the main table)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -318,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for suffix, text in (("json", json.dumps(record, indent=2) + "\n"), ("md", markdown(record))):
-        atomic_write_text(out / f"{NAME}.{suffix}", text)
+        atomic_write_text(out / f"{args.name}.{suffix}", text)
     print(markdown(record))
     return 0
 
