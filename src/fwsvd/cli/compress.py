@@ -207,6 +207,9 @@ def check_options(args: argparse.Namespace, config: Any, calibration: Any, ctx: 
         raise FwsvdError(f"--checkpoint-every {args.checkpoint_every} must be a number of batches (0: no checkpoints)")
     if args.stats and args.save_stats:
         raise FwsvdError("--stats and --save-stats together make no sense: --stats reuses a file, --save-stats writes one")
+    if args.fisher_labels != "data" and (args.stats or not any("fisher" in config.needs(task) for task in TASKS)):
+        why = "--stats reuses statistics calibrated before" if args.stats else f"method {args.method} uses no Fisher"
+        raise FwsvdError(f"--fisher-labels chooses the labels of a Fisher calibration, but {why}: drop --fisher-labels")
     if args.low_memory and args.quantize_factors:
         raise FwsvdError("--quantize-factors rounds the factors of the whole model before saving: drop --low-memory, or drop --quantize-factors")
     if args.low_memory and (args.sequential or args.stats or args.save_stats or args.finetune_data):
