@@ -257,7 +257,7 @@ def markdown(record: dict[str, Any]) -> str:
         f"torch {m['torch']}, transformers {m['transformers']}, fwsvd {m['fwsvd']}; {record['date']}.",
         "",
         f"Each cell: the task's headline metric after fwsvd at that keep (targeted layers), no recovery, and in brackets its ratio "
-        f"to the dense model. Calibration: {record['samples']} training rows (seed {record['seed']}), Fisher and input covariances. "
+        f"to the dense model. Calibration: {record['samples']} training rows unless a variant says otherwise (seed {record['seed']}), Fisher and input covariances. "
         + "; ".join(f"`{v}`: calibration {c or 'default'}, compress {k or 'default'}" for v, (c, k) in record["variant_options"].items()) + ".",
         "",
         "| task | metric | dense | " + " | ".join(f"{v} {k:g}" for v, k in cols) + " |",
