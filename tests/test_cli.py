@@ -214,6 +214,17 @@ def test_fisher_whitening_flag_is_recorded_and_changes_the_factors(capsys, tmp_p
     assert not torch.allclose(outs["on"][name], outs["off"][name])
 
 
+def test_fisher_labels_flag_is_recorded(capsys, tmp_path, bert_dir, sst2_tsv):
+    out = tmp_path / "model-labels"
+    status, text, err = run(capsys, "compress", bert_dir, "--out", out, "--method", "fwsvd", "--fisher-labels", "model",
+                            "--keep", "0.5", "--data", sst2_tsv, "--samples", "16", "--json", *SMALL)
+    assert status == 0, err
+    assert json.loads(text)["calibration"]["fisher_labels"] == "model"
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["calibration"]["fisher_labels"] == "model"
+    status, _, err = run(capsys, "compress", bert_dir, "--out", tmp_path / "x", "--fisher-labels", "true", *SMALL)
+    assert status != 0 and "invalid choice" in err
+
+
 def test_dead_neuron_compresses_to_finite_weights(capsys, tmp_path, sst2_tsv):
     model = make_bert()
     layer = model.bert.encoder.layer[1]

@@ -103,6 +103,8 @@ def test_out_in_proc_says_why_in_words(capsys, tmp_path, bert_dir):
         (["--method", "svd", "--dense-above", "0.7"], ["--dense-above", "global"]),
         (["--method", "svd", "--rank-floor", "0.3"], ["--rank-floor", "global"]),
         (["--method", "svd", "--refit"], ["--refit", "--sequential"]),
+        (["--method", "svd-llm", "--fisher-labels", "model"], ["--fisher-labels", "svd-llm"]),
+        (["--method", "fwsvd", "--fisher-labels", "model", "--stats", "{tmp}/s.safetensors"], ["--fisher-labels", "--stats"]),
     ],
 )
 def test_options_that_do_not_apply_are_refused(capsys, tmp_path, bert_dir, sst2_tsv, extra, needles):

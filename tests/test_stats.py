@@ -242,3 +242,41 @@ def test_load_rejects_missing_and_foreign_files(tmp_path):
     save_file({"x": torch.zeros(2)}, str(foreign))
     with pytest.raises(FwsvdError, match="not an fwsvd statistics file"):
         Statistics.load(foreign)
+
+
+def test_fisher_with_model_labels_is_the_expected_squared_gradient(bert_dir, sst2_tsv, fresh):
+    """``fisher_labels="model"``: the sum over examples and classes of ``p_c`` times the squared gradient
+    of the example's loss for class ``c``, checked against autograd on each example alone; it differs
+    from the empirical Fisher and is recorded in the summary."""
+    loaded = fresh(bert_dir)
+    name = "bert.encoder.layer.1.output.dense"
+    batches = batches_for(loaded, sst2_tsv, samples=8)
+    stats = collect_statistics(loaded.model, [name], batches, {"fisher"}, keep_full_fisher=True, progress=False, fisher_labels="model")
+    empirical = collect_statistics(loaded.model, [name], batches, {"fisher"}, progress=False)
+    weight = loaded.model.get_submodule(name).weight
+    expected = torch.zeros_like(weight)
+    loaded.model.eval()
+    for batch in batches:
+        for i in range(len(batch["input_ids"])):
+            length = int(batch["attention_mask"][i].sum())
+            one = {k: v[i : i + 1, :length] for k, v in batch.items() if k != "labels"}
+            logits = loaded.model(**one).logits
+            p = logits.detach().softmax(-1)[0]
+            for c in range(logits.shape[-1]):
+                (grad,) = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, torch.tensor([c])), weight, retain_graph=True)
+                expected += p[c] * grad.square()
+    # Same float32 quantities by another route (padded batch vs unpadded example): rel 1e-4.
+    torch.testing.assert_close(stats.tensors[name]["fisher_full"], expected, rtol=1e-4, atol=1e-10)
+    # An untrained binary head predicts p ~ 0.5, where the two agree to first order: they still differ.
+    assert not torch.allclose(stats.tensors[name]["fisher_out"], empirical.tensors[name]["fisher_out"], rtol=1e-5, atol=0)
+    assert stats.summary["fisher_labels"] == "model" and empirical.summary["fisher_labels"] == "data"
+    with pytest.raises(FwsvdError, match="must be one of data, model"):
+        collect_statistics(loaded.model, [name], batches, {"fisher"}, progress=False, fisher_labels="true")
+
+
+def test_calibration_config_checks_fisher_labels():
+    with pytest.raises(FwsvdError, match="--fisher-labels 'sampled' must be"):
+        api.CalibrationConfig(fisher_labels="sampled")
+    with pytest.raises(FwsvdError, match="drop --low-memory"):
+        api.CalibrationConfig(fisher_labels="model", low_memory=True)
+    assert api.CalibrationConfig(fisher_labels="model").resolved("sequence-classification").fisher_labels == "model"

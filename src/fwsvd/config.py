@@ -176,6 +176,10 @@ class CalibrationConfig:
         "and time for the forward and backward passes while the statistics still accumulate in float32/float64 and the "
         "factorization uses the float32 weights (docs/gpu.md measures the cost)",
         default="float32",
+    fisher_labels: str = help_field(
+        "where Fisher's labels come from: 'data' (the empirical Fisher: the calibration data's labels) or 'model' (the true Fisher: "
+        "the expectation over the model's own predictions, one backward pass per class; classifiers and regressors only)",
+        default="data",
     )
 
     def __post_init__(self) -> None:
@@ -187,6 +191,10 @@ class CalibrationConfig:
                 raise FwsvdError(f"--{name.replace('_', '-')} {value!r} must be a positive integer")
         self.device = str(self.device) if self.device is not None else "auto"
         resolve_device(self.device)  # a GPU asked for where there is none fails here, before any work
+        if self.fisher_labels not in ("data", "model"):
+            raise FwsvdError(f"--fisher-labels {self.fisher_labels!r} must be 'data' or 'model'")
+        if self.fisher_labels == "model" and self.low_memory:
+            raise FwsvdError("--fisher-labels model needs the whole model's outputs in one pass: drop --low-memory, or use --fisher-labels data")
 
     def resolved(self, task: str) -> CalibrationConfig:
         causal = task == "causal-lm"
@@ -204,6 +212,7 @@ class CalibrationConfig:
             low_memory=self.low_memory,
             device=self.device,
             compute_dtype=self.compute_dtype,
+            fisher_labels=self.fisher_labels,
         )
 
 

@@ -89,7 +89,7 @@ def calibrate(
         statistics = collect_statistics(
             loaded.model, names, mine[start.batches if start is not None else 0 :], kinds, keep_full_fisher=keep_full_fisher,
             task=loaded.task, total=len(mine), progress=progress, summary=summary, start=start, checkpoint=save,
-            reduce=distributed.reduce_sums,
+            reduce=distributed.reduce_sums, fisher_labels=config.fisher_labels,
         )
     # The model stays on the device (in its own dtype), so that factorization runs there too.
     place(loaded.model, device)

@@ -38,7 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import FwsvdError
-from ..training.losses import example_losses
+from ..training.losses import FISHER_LABELS, example_losses, fisher_terms
 from ..nn import linear_weight
 
 logger = logging.getLogger(__name__)
@@ -469,6 +469,7 @@ def collect_statistics(
     start: RunningSums | None = None,
     checkpoint: Callable[[RunningSums], None] | None = None,
     reduce: Callable[[RunningSums], RunningSums] | None = None,
+    fisher_labels: str = "data",
 ) -> Statistics:
     """Run the calibration batches once and collect every statistic asked for.
 
@@ -487,6 +488,9 @@ def collect_statistics(
         checkpoint: called with the running sums after every batch (it decides whether to save).
         reduce: applied to the running sums once all batches are seen, before they become
             statistics (the sum over the processes of a distributed run).
+        fisher_labels: ``"data"`` (the empirical Fisher, the data's labels) or ``"model"`` (the
+            expectation over the model's own predictive distribution; see
+            :func:`fwsvd.training.losses.fisher_terms`).
 
     Returns:
         The collected :class:`Statistics`.
@@ -506,10 +510,15 @@ def collect_statistics(
         _weight_param(m)
     if want_fisher and task is None:
         task = task_of(model)
+    if fisher_labels not in FISHER_LABELS:
+        raise FwsvdError(f"Fisher labels {fisher_labels!r} must be one of {', '.join(FISHER_LABELS)}")
 
     sums = RunningSums() if start is None else start
     start_time = time.perf_counter()
-    sums = _run_batches(model, names, batches, kinds, sums, task=task, keep_full_fisher=keep_full_fisher, total=total, progress=progress, checkpoint=checkpoint)
+    sums = _run_batches(
+        model, names, batches, kinds, sums, task=task, keep_full_fisher=keep_full_fisher, total=total, progress=progress, checkpoint=checkpoint,
+        fisher_labels=fisher_labels,
+    )
     if reduce is not None:
         sums = reduce(sums)
     if sums.batches == 0:
@@ -531,6 +540,7 @@ def collect_statistics(
         # Per example, so the figure and the statistics do not depend on the batch size.
         stats.summary["mean_loss"] = sums.loss_sum / sums.samples
         stats.summary["fisher_granularity"] = FISHER_GRANULARITY
+        stats.summary["fisher_labels"] = fisher_labels
     logger.info("calibrated %s on %d samples (%d tokens) in %.1f s", sorted(kinds), sums.samples, sums.tokens, stats.summary["seconds"])
     return stats
 
@@ -547,6 +557,7 @@ def _run_batches(
     total: int | None,
     progress: bool,
     checkpoint: Callable[[RunningSums], None] | None,
+    fisher_labels: str = "data",
 ) -> RunningSums:
     """Run every batch through the hooked model, starting from ``sums``: the sums after the last one."""
     want_fisher = "fisher" in kinds
@@ -567,7 +578,7 @@ def _run_batches(
             bar = tqdm(batches, total=total, initial=counts["batches"], desc="calibrating", unit="batch", disable=not progress, leave=False)
             for batch in bar:
                 batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-                _run_batch(model, batch, hooks, fisher if want_fisher else None, task, counts, bar)
+                _run_batch(model, batch, hooks, fisher if want_fisher else None, task, counts, bar, fisher_labels)
                 if checkpoint is not None:
                     checkpoint(_running_sums(names, hooks, fisher, counts))
             return _running_sums(names, hooks, fisher, counts)
@@ -581,6 +592,7 @@ def _run_batch(
     task: str | None,
     counts: dict[str, Any],
     bar: Any,
+    fisher_labels: str = "data",
 ) -> None:
     """One batch through the model (with the backward pass of its losses when ``fisher``), counted in ``counts``."""
     mask = batch.get("attention_mask")
@@ -593,12 +605,16 @@ def _run_batch(
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         with torch.enable_grad():
             logits = model(**inputs).logits
-            losses = example_losses(task, logits, batch["labels"], getattr(model, "config", None))
+            config = getattr(model, "config", None)
+            losses = example_losses(task, logits, batch["labels"], config)
+            terms = [losses] if fisher_labels == "data" else fisher_terms(task, logits, batch["labels"], config, fisher_labels)
             del logits
             if not torch.isfinite(losses).all():
                 raise FwsvdError(f"calibration loss is {losses.tolist()}: check the labels and the model weights for NaN/inf")
-            # The sum's gradient for each example is that of its own loss.
-            losses.sum().backward()
+            # The sum's gradient for each example is that of its own term; the Fisher hooks add up
+            # the squared per-example gradients of every term (one per class for the true Fisher).
+            for i, term in enumerate(terms):
+                term.sum().backward(retain_graph=i < len(terms) - 1)
         counts["loss_sum"] += float(losses.detach().sum())
         bar.set_postfix(loss=f"{counts['loss_sum'] / (counts['samples'] + rows):.4f}")
     else:

@@ -75,6 +75,7 @@ def add_parser(sub: Any) -> None:
         help="with --correct: up to N gradient steps instead of one, each with a fresh gradient and line search, stopping at "
         "the first that does not lower the held-out loss (default 1)",
     )
+    c.add_argument("--fisher-labels", choices=("data", "model"), default="data", help=field_help(CalibrationConfig, "fisher_labels"))
     c.add_argument("--refit", action=argparse.BooleanOptionalAction, default=False, help="with --sequential: " + field_help(CompressConfig, "refit"))
     c.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     add_device_option(
@@ -192,6 +193,7 @@ def build_configs(args: argparse.Namespace) -> tuple[Any, Any]:
         # --sequential runs on the CPU only: auto takes the CPU for it.
         device="cpu" if args.device == "auto" and args.sequential else args.device,
         compute_dtype=args.calibration_dtype,
+        fisher_labels=args.fisher_labels,
     )
     return config, calibration
 
@@ -220,6 +222,9 @@ def check_options(args: argparse.Namespace, config: Any, calibration: Any, ctx: 
         raise FwsvdError(f"--checkpoint-every {args.checkpoint_every} must be a number of batches (0: no checkpoints)")
     if args.stats and args.save_stats:
         raise FwsvdError("--stats and --save-stats together make no sense: --stats reuses a file, --save-stats writes one")
+    if args.fisher_labels != "data" and (args.stats or not any("fisher" in config.needs(task) for task in TASKS)):
+        why = "--stats reuses statistics calibrated before" if args.stats else f"method {args.method} uses no Fisher"
+        raise FwsvdError(f"--fisher-labels chooses the labels of a Fisher calibration, but {why}: drop --fisher-labels")
     if args.low_memory and args.quantize_factors:
         raise FwsvdError("--quantize-factors rounds the factors of the whole model before saving: drop --low-memory, or drop --quantize-factors")
     if args.low_memory and (args.sequential or args.stats or args.save_stats or args.finetune_data):

@@ -416,5 +416,6 @@ def _complete_summary(
     )
     if statistics is not None and "fisher_granularity" in statistics.summary:
         summary["fisher_granularity"] = statistics.summary["fisher_granularity"]
+        summary["fisher_labels"] = statistics.summary.get("fisher_labels", "data")
     if refit is not None:
         summary["refit"] = refit.summary(len(held))

@@ -16,10 +16,13 @@ from torch.nn import functional as F
 
 from ..errors import FwsvdError
 
-__all__ = ["IGNORE_INDEX", "block_nll", "example_losses", "next_token_labels"]
+__all__ = ["FISHER_LABELS", "IGNORE_INDEX", "block_nll", "example_losses", "fisher_terms", "next_token_labels"]
 
 #: Label value that marks a token without a target (transformers' convention).
 IGNORE_INDEX = -100
+#: Where the labels of the Fisher come from: ``data`` (the empirical Fisher: the data's own labels)
+#: or ``model`` (the true Fisher: the expectation over labels drawn from the model's own prediction).
+FISHER_LABELS = ("data", "model")
 
 
 def example_losses(task: str, logits: torch.Tensor, labels: torch.Tensor, config: Any = None) -> torch.Tensor:
@@ -44,22 +47,62 @@ def example_losses(task: str, logits: torch.Tensor, labels: torch.Tensor, config
     if task == "token-classification":
         return _token_mean(logits, labels)
     if task == "sequence-classification":
-        problem = getattr(config, "problem_type", None)
+        problem = _sequence_problem(logits, labels, config)
         num_labels = logits.shape[-1]
-        if problem is None:
-            # transformers' rule (BertForSequenceClassification and peers).
-            if num_labels == 1:
-                problem = "regression"
-            elif labels.dtype in (torch.long, torch.int):
-                problem = "single_label_classification"
-            else:
-                problem = "multi_label_classification"
         if problem == "regression":
             return (logits.reshape(len(logits), -1) - labels.reshape(len(labels), -1).float()).square().mean(dim=1)
         if problem == "single_label_classification":
             return F.cross_entropy(logits.reshape(-1, num_labels), labels.reshape(-1), reduction="none")
         return F.binary_cross_entropy_with_logits(logits, labels.float(), reduction="none").mean(dim=1)
     raise FwsvdError(f"no per-example loss for task {task!r}: choose causal-lm, token-classification or sequence-classification")
+
+
+def _sequence_problem(logits: torch.Tensor, labels: torch.Tensor, config: Any) -> str:
+    problem = getattr(config, "problem_type", None)
+    if problem is not None:
+        return problem
+    # transformers' rule (BertForSequenceClassification and peers).
+    if logits.shape[-1] == 1:
+        return "regression"
+    return "single_label_classification" if labels.dtype in (torch.long, torch.int) else "multi_label_classification"
+
+
+def fisher_terms(task: str, logits: torch.Tensor, labels: torch.Tensor, config: Any = None, source: str = "data") -> list[torch.Tensor]:
+    """Per-example terms, ``[batch]`` each, whose squared gradients summed over the terms make the Fisher.
+
+    With ``source="data"`` this is the one term :func:`example_losses` (the empirical Fisher). With
+    ``"model"`` the labels are not the data's but the model's own predictive distribution, and the
+    expectation over it is taken exactly (the true Fisher): for single-label classification one term
+    per class ``c``, ``sqrt(p_c) * CE(logits, c)`` with ``p`` held constant, so that the squared
+    gradients add up to ``sum_c p_c (grad CE_c)^2``; for multi-label classification one term per label
+    ``l``, ``sqrt(p_l (1 - p_l)) * logit_l / L``; for regression (the mean squared error, read as a
+    Gaussian likelihood of unit variance) one term per output ``j``, ``2 * prediction_j / J``. A
+    confidently right example then counts as much as its uncertainty says, where the empirical
+    Fisher gives it almost nothing and lets the few misclassified examples decide.
+
+    Raises:
+        FwsvdError: for an unknown ``source``, or ``"model"`` on a task other than sequence classification.
+    """
+    if source not in FISHER_LABELS:
+        raise FwsvdError(f"Fisher labels {source!r} must be one of {', '.join(FISHER_LABELS)}")
+    if source == "data":
+        return [example_losses(task, logits, labels, config)]
+    if task != "sequence-classification":
+        raise FwsvdError(f"--fisher-labels model takes the expectation over a classifier's or regressor's outputs, not a {task} model's: use --fisher-labels data")
+    logits = logits.float()
+    problem = _sequence_problem(logits, labels, config)
+    if problem == "regression":
+        flat = logits.reshape(len(logits), -1)
+        return [2 * flat[:, j] / flat.shape[1] for j in range(flat.shape[1])]
+    if problem == "single_label_classification":
+        weights = logits.detach().softmax(dim=-1).sqrt()
+        return [
+            weights[:, c] * F.cross_entropy(logits, torch.full((len(logits),), c, dtype=torch.long, device=logits.device), reduction="none")
+            for c in range(logits.shape[-1])
+        ]
+    p = logits.detach().sigmoid()
+    scale = (p * (1 - p)).sqrt() / logits.shape[-1]
+    return [scale[:, j] * logits[:, j] for j in range(logits.shape[-1])]
 
 
 @torch.no_grad()
