@@ -176,6 +176,7 @@ class CalibrationConfig:
         "and time for the forward and backward passes while the statistics still accumulate in float32/float64 and the "
         "factorization uses the float32 weights (docs/gpu.md measures the cost)",
         default="float32",
+    )
     fisher_labels: str = help_field(
         "where Fisher's labels come from: 'data' (the empirical Fisher: the calibration data's labels) or 'model' (the true Fisher: "
         "the expectation over the model's own predictions, one backward pass per class; classifiers and regressors only)",
