@@ -83,7 +83,7 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("svd-llm sequential + refit", "svd-llm", {"refit": True}, sequential=True),
     Variant("fwsvd uniform ranks", "fwsvd", {"allocation": "uniform"}),
     Variant("fwsvd (default)", "fwsvd"),
-    # The speed rule (--dense-above, benchmarks/kernels.py): what it costs in perplexity.
+    # The speed rule (--dense-above, benchmarks/layer_kernels.py): what it costs in perplexity.
     Variant("fwsvd, dense above 0.8", "fwsvd", {"dense_above": 0.8}),
     Variant("fwsvd, dense above 0.7", "fwsvd", {"dense_above": 0.7}),
     Variant("fwsvd global, sequential", "fwsvd", {"allocation": "global"}, sequential=True),

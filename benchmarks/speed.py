@@ -20,7 +20,7 @@ compressed time within one repetition, at each thread count (``torch.set_num_thr
   one input (q/k/v, gate/up) run as one stacked product (``fwsvd.nn.stack_shared_inputs``;
   ``--no-stacked`` skips them).
 - ``keep K fast`` rows (keeps 0.9, 0.8, 0.5): global allocation with the speed rule
-  ``--dense-above`` at the speed break-even that ``benchmarks/kernels.py`` measured
+  ``--dense-above`` at the speed break-even that ``benchmarks/layer_kernels.py`` measured
   (``results/kernels.json``; ``--dense-above`` overrides it), ranks from plain SVD spectra;
   with ``--rank-multiple N`` their ranks are rounded to multiples of N, and ``keep K rounded``
   rows (keeps 0.8, 0.5) are the uniform models with ranks rounded so.

@@ -77,12 +77,12 @@ class CompressConfig:
     dense_above: float = help_field(
         "global allocation: a layer whose rank would pass this fraction of its break-even rank out*in/(out+in) stays dense "
         "and the others share its budget; near break-even two thin products save few parameters and run slower than one "
-        "dense product (benchmarks/kernels.py measures where on a CPU); 1 keeps dense only layers that would save nothing",
+        "dense product (benchmarks/layer_kernels.py measures where on a CPU); 1 keeps dense only layers that would save nothing",
         default=1.0,
     )
     rank_multiple: int = help_field(
         "round every rank to a multiple of this (matrix kernels run fastest on widths that fill their vector registers and "
-        "blocks; benchmarks/kernels.py measures which) without holding more parameters in total than unrounded ranks; "
+        "blocks; benchmarks/layer_kernels.py measures which) without holding more parameters in total than unrounded ranks; "
         "with any allocation; 1: off",
         default=1,
     )

@@ -486,7 +486,7 @@ def allocate_ranks(
 
     With ``dense_above < 1`` a matrix stays dense as soon as its rank would pass ``dense_above``
     times its break-even rank ``out * in / (out + in)``: near break-even the two thin products
-    hold almost the dense parameters yet run slower than the one dense product (benchmarks/kernels.py
+    hold almost the dense parameters yet run slower than the one dense product (benchmarks/layer_kernels.py
     measures where on a given CPU), so the few parameters such a matrix would save are better
     taken from the others.
 

@@ -1,7 +1,7 @@
 """Kernel benchmark: at which rank a low-rank layer stops being faster than its dense form, on this CPU.
 
-    python benchmarks/kernels.py            # SmolLM2-135M and MiniLM-L6 layer shapes (about 5 min on 2 cores)
-    python benchmarks/kernels.py --quick    # fewer repetitions
+    python benchmarks/layer_kernels.py            # SmolLM2-135M and MiniLM-L6 layer shapes (about 5 min on 2 cores)
+    python benchmarks/layer_kernels.py --quick    # fewer repetitions
 
 For every layer shape of the benchmark models and every workload (tokens per call: 1 and 8 for
 decoding at batch 1 and 8, 512 for a prefill, 4096 for the encoder's 32 x 128 batch), the dense
