@@ -63,7 +63,6 @@ def gradient_correction(
     *,
     steps: Sequence[float] = STEPS,
     rounds: int = 1,
-    teacher: nn.Module | None = None,
     batch_size: int = 4,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -79,9 +78,6 @@ def gradient_correction(
         rounds: gradient steps at most, each from where the one before left the factors (a new
             gradient, a new line search); they stop at the first round that finds no step lowering
             the held-out loss.
-        teacher: the dense model: the gradient is then that of ``KL(dense || model)`` per token on
-            the blocks (the dense model's next-token distribution as the target) instead of the
-            next-token loss; the line search still scores the held-out next-token loss.
         batch_size: blocks per forward pass when scoring (memory only).
         progress: show a progress bar over the gradient's blocks.
 
@@ -110,14 +106,14 @@ def gradient_correction(
     at = len(grid) // 2
     done: list[dict[str, Any]] = []
     for _ in range(rounds):
-        direction = _sign_gradient(model, params, blocks, progress, teacher)
+        direction = _sign_gradient(model, params, blocks, progress)
         step, nll, tried = _line_search(model, params, direction, heldout, grid, at, best, batch_size)
         done.append({"step": step, "heldout_perplexity": _ppl(nll), "tried": tried})
         if step == 0.0:
             break
         best, at = nll, grid.index(step)
     return {
-        "direction": "sign of the mean " + ("KL(dense || model)" if teacher is not None else "next-token-loss") + " gradient",
+        "direction": "sign of the mean next-token-loss gradient",
         "step": done[0]["step"],
         "heldout_perplexity_before": _ppl(before),
         "heldout_perplexity_after": _ppl(best),
@@ -177,12 +173,9 @@ def _line_search(
     return best_step, best, tried
 
 
-def _sign_gradient(
-    model: nn.Module, params: list[torch.Tensor], blocks: torch.Tensor, progress: bool, teacher: nn.Module | None = None
-) -> list[torch.Tensor]:
-    """The sign of the mean next-token loss's gradient (with ``teacher``: of the mean per-token
-    ``KL(teacher || model)``) for each of ``params`` (the model's other parameters frozen meanwhile,
-    its train mode and requires-grad flags given back)."""
+def _sign_gradient(model: nn.Module, params: list[torch.Tensor], blocks: torch.Tensor, progress: bool) -> list[torch.Tensor]:
+    """The sign of the mean next-token loss's gradient for each of ``params`` (the model's other
+    parameters frozen meanwhile, its train mode and requires-grad flags given back)."""
     was_training = model.training
     requires = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in requires:
@@ -194,25 +187,13 @@ def _sign_gradient(
     try:
         for block in tqdm(blocks.split(1), desc="correction gradient", unit="block", disable=not progress, leave=False):
             logits = model(input_ids=block, use_cache=False).logits
-            if teacher is None:
-                loss = example_losses("causal-lm", logits, block).sum()
-            else:
-                loss = _kl_to(teacher, block, logits)
-            (loss / len(blocks)).backward()
+            (example_losses("causal-lm", logits, block).sum() / len(blocks)).backward()
         return [p.grad.sign() for p in params]  # type: ignore[union-attr]
     finally:
         for p, flag in requires:
             p.grad = None
             p.requires_grad_(flag)
         model.train(was_training)
-
-
-def _kl_to(teacher: nn.Module, block: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """``KL(teacher || model)`` summed over the vocabulary, averaged over the block's tokens (float32)."""
-    with torch.no_grad():
-        target = torch.log_softmax(teacher(input_ids=block, use_cache=False).logits.float(), dim=-1).flatten(0, 1)
-    logp = torch.log_softmax(logits.float(), dim=-1).flatten(0, 1)
-    return torch.nn.functional.kl_div(logp, target, log_target=True, reduction="batchmean")
 
 
 def _ppl(nll: float) -> float:
