@@ -201,7 +201,9 @@ def test_cli_correct_steps(llama_dir, text, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
     out = tmp_path / "y"
     assert main([*base, "--out", str(out), "--correct", "--correct-steps", "3", "--json"]) == 0
-    corr = json.loads(capsys.readouterr().out)["correction"]
+    result = json.loads(capsys.readouterr().out)
+    corr = result["correction"]
+    assert "correction" in result["memory"]["stages"]  # timed and measured as its own stage
     assert 1 <= len(corr["rounds"]) <= 3 and corr["rounds"][0]["step"] == corr["step"]
     record = json.loads((out / "config.json").read_text())["quantization_config"]
     assert record["correction"]["rounds"] == corr["rounds"]

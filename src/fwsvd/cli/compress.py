@@ -294,7 +294,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     needs = config.needs(loaded.task)
     checkpointing = _checkpointing(args, out)
     report = _factorize(args, loaded, config, calibration, needs, statistics, checkpointing, ctx, stages)
-    corrected = _correct(args, loaded, calibration) if args.correct else None
+    corrected = None
+    if args.correct:
+        with stages.stage("correction"):
+            corrected = _correct(args, loaded, calibration)
     finetuned = None
     if recovery is not None:
         from ..training.finetune import finetune
