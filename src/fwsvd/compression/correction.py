@@ -9,6 +9,9 @@ is chosen by a line search on held-out blocks of the same text that the gradient
 step that does not lower their loss is not taken, so the correction never leaves the model worse on
 held-out text than it found it.
 
+With ``rounds`` (``--correct-steps N``) the step is repeated from where it left the factors, each
+round with a fresh gradient and its own line search, until a round finds no step that helps.
+
 ZS-SVD (Zero Sum SVD) follows its truncation with one gradient step on the calibration data too;
 this module is fwsvd's own version of that idea.
 """
@@ -207,7 +210,7 @@ def correct_causal(
 
     The gradient comes from the same ``samples`` blocks of ``max_length`` tokens that calibration
     draws from ``data`` with ``seed``; the line search scores up to :data:`MAX_HELDOUT` of the
-    text's other blocks. The summary (with ``data``) goes into the compression record as
+    text's other blocks; ``rounds`` as in :func:`gradient_correction`. The summary (with ``data``) goes into the compression record as
     ``correction``, so ``config.json`` says the factors were moved.
 
     Raises:
