@@ -20,7 +20,7 @@ import torch
 from .errors import FwsvdError
 
 __all__ = [
-    "COMPUTE_DTYPES", "DEVICE_CHOICES", "DEVICE_HELP", "StageMemory", "check_device", "computing_in", "memory_report", "place",
+    "COMPUTE_DTYPES", "DEVICE_CHOICES", "DEVICE_HELP", "StageMemory", "check_device", "computing_in", "memory_report", "model_device", "place",
     "reset_peak_memory", "resolve_device",
 ]
 

@@ -7,7 +7,7 @@ from dataclasses import asdict
 
 import torch
 
-from ..device import computing_in, place, resolve_device
+from ..device import computing_in, model_device, place, resolve_device
 from ..storage.loading import LoadedModel
 from ..nn import find_targets
 from .resume import Checkpointing
@@ -63,7 +63,7 @@ def calibrate(
         from .streaming import stream_statistics_in_scratch
 
         # The copies stay where the weights are: the stream moves one block at a time to the device.
-        home = next(loaded.model.parameters()).device
+        home = model_device(loaded.model)
         with computing_in(loaded.model, home, dtype) if half else contextlib.nullcontext():
             # Under torchrun each process streams its share of the batches; each block's sums are added up.
             return stream_statistics_in_scratch(

@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..device import model_device
 from ..errors import FwsvdError
 from ..training.losses import FISHER_LABELS, example_losses, fisher_terms
 from ..nn import linear_weight
@@ -571,7 +572,7 @@ def _run_batches(
             model, names if want_fisher else [], keep_full_fisher
         ) as fisher:
             # The batches and any resumed sums go where the model is (on the CPU they stay as they are).
-            device = next(model.parameters()).device
+            device = model_device(model)
             resumed = RunningSums({n: {k: t.to(device) for k, t in e.items()} for n, e in sums.tensors.items()}, sums.shared)
             hooks.restore(resumed)
             fisher.restore(resumed)

@@ -43,6 +43,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..device import model_device
 from ..errors import FwsvdError
 from ..training.losses import IGNORE_INDEX, example_losses, next_token_labels
 from ..nn import find_blocks
@@ -120,7 +121,7 @@ class _Resident:
     def load(self, prefix: str) -> None:
         if self.model is not None and self.device is not None:
             block = self.model.get_submodule(prefix)
-            home = next(block.parameters()).device
+            home = model_device(block)
             if home != self.device:  # a block already there (a CPU run) is left untouched
                 self._home[prefix] = home
                 block.to(self.device)

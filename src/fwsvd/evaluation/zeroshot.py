@@ -48,6 +48,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..device import model_device
 from ..errors import DataError, ModelError
 
 logger = logging.getLogger(__name__)
@@ -474,7 +475,7 @@ def loglikelihoods(
                 groups.setdefault(tuple(ctx), []).append(i)
     shared = [members for members in groups.values() if _worth_sharing(pairs, members)]
     results: list[tuple[float, bool] | None] = [None] * len(pairs)
-    device = next(model.parameters()).device
+    device = model_device(model)
     was_training = model.training
     model.eval()
     bar = tqdm(total=len(pairs), desc=desc, unit="req", disable=not progress, leave=False)
