@@ -25,9 +25,6 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-# Run as a script, this folder comes first on sys.path and a file named like a package that transformers probes (kernels.py did, before it became layer_kernels.py) would shadow the
-# ``kernels`` package that transformers probes for: drop it.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import fwsvd  # noqa: E402
 from fwsvd.compression.any_size import compress_any_size  # noqa: E402

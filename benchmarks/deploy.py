@@ -41,9 +41,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-# Run as a script, this folder comes first on sys.path, and a file named like a package that transformers probes (kernels.py did, before it became layer_kernels.py) would shadow the
-# module of that name that transformers probes for: drop it.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 # Passive OpenMP waiting on a machine shared with other jobs (see speed.py); before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

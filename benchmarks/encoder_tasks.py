@@ -27,10 +27,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# Running this file puts benchmarks/ on sys.path, a file named like a module that
-# transformers probes for: take the script's own folder off the path before importing anything.
-_HERE = str(Path(__file__).resolve().parent)
-sys.path[:] = [p for p in sys.path if p and str(Path(p).resolve()) != _HERE]
 
 import argparse  # noqa: E402
 import copy  # noqa: E402

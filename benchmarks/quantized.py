@@ -40,9 +40,6 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-# Run as a script, this folder comes first on sys.path, and a file named like a package that transformers probes (kernels.py did, before it became layer_kernels.py) would shadow the
-# ``kernels`` package that transformers probes for: drop it (nothing here imports a sibling).
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import fwsvd  # noqa: E402
 from fwsvd.compression.quantized import compress_quantized, model_bytes  # noqa: E402
