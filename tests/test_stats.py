@@ -20,6 +20,14 @@ def batches_for(loaded, data, *, labels=True, samples=16):
     return batches
 
 
+def single_examples(batches):
+    """Each example of ``batches`` alone, as a batch of one without its padding (labels kept)."""
+    for batch in batches:
+        for i in range(len(batch["input_ids"])):
+            length = int(batch["attention_mask"][i].sum())
+            yield {k: v[i : i + 1, :length] if v.dim() == 2 else v[i : i + 1] for k, v in batch.items()}
+
+
 def hook_counts(model) -> int:
     return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) + len(m._backward_hooks) for m in model.modules())
 
@@ -62,12 +70,9 @@ def test_fisher_equals_squared_gradients(bert_dir, sst2_tsv, fresh):
     weight = loaded.model.get_submodule(name).weight
     expected = torch.zeros_like(weight)
     loaded.model.eval()
-    for batch in batches:
-        for i in range(len(batch["input_ids"])):
-            length = int(batch["attention_mask"][i].sum())
-            one = {k: v[i : i + 1, :length] if v.dim() == 2 else v[i : i + 1] for k, v in batch.items()}
-            (grad,) = torch.autograd.grad(loaded.model(**one).loss, weight)
-            expected += grad.square()
+    for one in single_examples(batches):
+        (grad,) = torch.autograd.grad(loaded.model(**one).loss, weight)
+        expected += grad.square()
     # Same float32 quantities by another route (padded batch vs unpadded example): rel 1e-4.
     torch.testing.assert_close(stats.tensors[name]["fisher_full"], expected, rtol=1e-4, atol=1e-10)
     torch.testing.assert_close(stats.tensors[name]["fisher_out"], expected.sum(1), rtol=1e-4, atol=1e-10)
@@ -256,15 +261,13 @@ def test_fisher_with_model_labels_is_the_expected_squared_gradient(bert_dir, sst
     weight = loaded.model.get_submodule(name).weight
     expected = torch.zeros_like(weight)
     loaded.model.eval()
-    for batch in batches:
-        for i in range(len(batch["input_ids"])):
-            length = int(batch["attention_mask"][i].sum())
-            one = {k: v[i : i + 1, :length] for k, v in batch.items() if k != "labels"}
-            logits = loaded.model(**one).logits
-            p = logits.detach().softmax(-1)[0]
-            for c in range(logits.shape[-1]):
-                (grad,) = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, torch.tensor([c])), weight, retain_graph=True)
-                expected += p[c] * grad.square()
+    for example in single_examples(batches):
+        one = {k: v for k, v in example.items() if k != "labels"}
+        logits = loaded.model(**one).logits
+        p = logits.detach().softmax(-1)[0]
+        for c in range(logits.shape[-1]):
+            (grad,) = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, torch.tensor([c])), weight, retain_graph=True)
+            expected += p[c] * grad.square()
     # Same float32 quantities by another route (padded batch vs unpadded example): rel 1e-4.
     torch.testing.assert_close(stats.tensors[name]["fisher_full"], expected, rtol=1e-4, atol=1e-10)
     # An untrained binary head predicts p ~ 0.5, where the two agree to first order: they still differ.
