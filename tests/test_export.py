@@ -2,7 +2,7 @@
 
 Tolerances: float32 ONNX Runtime logits equal PyTorch's within ``FLOAT_TOLERANCE`` (1e-4) on every
 input shape tried; dynamic int8 logits are within 0.05 of PyTorch's on the tiny BERT (|logit| ~ 0.1-1)
-and predict the same class on at least 95 % of MiniLM SST-2 dev sentences.
+and, on MiniLM SST-2 dev, score within 0.01 of PyTorch's accuracy and predict the same class on at least 93 % of sentences.
 """
 
 from __future__ import annotations
@@ -89,6 +89,15 @@ def test_low_rank_layers_are_two_matmuls_and_int8_quantizes_both(compressed_bert
         assert (m.in_features, m.rank) in quantized and (m.rank, m.out_features) in quantized
     marker = read_marker(exported["int8"])
     assert marker["int8"] is True and marker["low_rank_layers"] == len(low_rank) and marker["compressed"]["method"] == "fwsvd"
+
+
+def test_attention_exports_without_sdpa_guards(compressed_bert, exported):
+    # The eager attention: no IsNaN/Where guard per layer over the attention probabilities (SDPA's
+    # exported form has one of each per layer); one Where at most, building the padding mask.
+    layers = fwsvd.load_model(compressed_bert).model.config.num_hidden_layers
+    ops = [n.op_type for n in onnx.load(str(exported["float"] / "model.onnx")).graph.node]
+    assert ops.count("IsNaN") == 0 and ops.count("Where") <= 1
+    assert ops.count("Softmax") == layers
 
 
 def test_int8_within_its_tolerance(compressed_bert, exported):
@@ -186,8 +195,9 @@ def test_minilm_compressed_exports_equal_and_int8_agrees(tmp_path):
     loaded = fwsvd.load_model(MINILM)
     compress(loaded.model, CompressConfig(method="svd", keep=0.5, allocation="uniform"), None, task=loaded.task, progress=False)
     fwsvd.save(loaded.model, tmp_path / "svd", loaded.tokenizer)
-    texts = read_labelled(SST2_DEV, limit=64).texts
-    batch = loaded.tokenizer(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
+    dev = read_labelled(SST2_DEV)
+    labels = torch.tensor(dev.labels)
+    batch = loaded.tokenizer(dev.texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
     with torch.no_grad():
         expected = loaded.model(**batch).logits
     for int8 in (False, True):
@@ -195,7 +205,12 @@ def test_minilm_compressed_exports_equal_and_int8_agrees(tmp_path):
         export_onnx(tmp_path / "svd", out, int8=int8)
         got = load_onnx(out).model(**batch).logits
         if int8:
-            assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.95
+            # Dynamic int8 on plain SVD at keep 0.5 (a model with many borderline sentences): the
+            # issue's criterion, accuracy within 0.01 of PyTorch float32, on all 872 dev sentences
+            # (measured +0.003), and the same prediction on nearly all of them (measured 0.955).
+            accuracy = lambda logits: float((logits.argmax(-1) == labels).float().mean())  # noqa: E731
+            assert abs(accuracy(got) - accuracy(expected)) <= 0.01
+            assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.93
         else:
             assert (got - expected).abs().max() <= FLOAT_TOLERANCE
 
