@@ -24,18 +24,16 @@ and ``encoder-tasks.md`` (the table) into ``--out`` (``--name`` changes the stem
 
 from __future__ import annotations
 
+import argparse
+import copy
+import datetime as dt
+import json
+import logging
+import random
 import sys
+import time
 from pathlib import Path
-
-
-import argparse  # noqa: E402
-import copy  # noqa: E402
-import datetime as dt  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import random  # noqa: E402
-import time  # noqa: E402
-from typing import Any  # noqa: E402
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SHARED = ROOT.parent / "shared"

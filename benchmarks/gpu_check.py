@@ -37,14 +37,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 
-import torch  # noqa: E402
-
-from fwsvd import api  # noqa: E402
-from fwsvd import data as d  # noqa: E402
-from fwsvd.compression.lowmem import compress_low_memory  # noqa: E402
-from fwsvd.device import memory_report, reset_peak_memory, resolve_device  # noqa: E402
-from fwsvd.evaluation.evaluate import EvalConfig, evaluate  # noqa: E402
+from fwsvd import api
+from fwsvd import data as d
+from fwsvd.compression.lowmem import compress_low_memory
+from fwsvd.device import memory_report, reset_peak_memory, resolve_device
+from fwsvd.evaluation.evaluate import EvalConfig, evaluate
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared"
