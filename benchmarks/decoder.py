@@ -88,6 +88,8 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("fwsvd, dense above 0.7", "fwsvd", {"dense_above": 0.7}),
     # Found while closing issue 24: 0.9 (and 0.95) beat both the default and 0.8 on this model.
     Variant("fwsvd, dense above 0.9", "fwsvd", {"dense_above": 0.9}),
+    # `--dense-choice loss`: staying dense priced like every component, at any rank (no threshold).
+    Variant("fwsvd, dense by loss", "fwsvd", {"dense_choice": "loss"}),
     Variant("fwsvd global, sequential", "fwsvd", {"allocation": "global"}, sequential=True),
     Variant("fwsvd global, sequential + refit", "fwsvd", {"allocation": "global", "refit": True}, sequential=True),
     # One sign-gradient step on the calibration blocks (`fwsvd compress --correct`): training-free
@@ -96,6 +98,7 @@ VARIANTS: tuple[Variant, ...] = (
     # `--correct --correct-steps 3`: up to three such steps, each with a fresh gradient and line search.
     Variant("fwsvd (default) + 3 correction steps", "fwsvd", correction=True, correction_steps=3),
     Variant("fwsvd, dense above 0.9 + 3 correction steps", "fwsvd", {"dense_above": 0.9}, correction=True, correction_steps=3),
+    Variant("fwsvd, dense by loss + 3 correction steps", "fwsvd", {"dense_choice": "loss"}, correction=True, correction_steps=3),
     Variant("fwsvd (default) + recovery", "fwsvd", recovery=True),
 )
 # What a plain run compares (svd and asvd are orders of magnitude worse here; --methods adds them).

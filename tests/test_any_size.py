@@ -47,6 +47,21 @@ def test_resize_equals_a_direct_compression(any_size, keep):
     assert (a - b).abs().max() <= 1e-3 * b.abs().max(), "only float16 rounding of the factors differs"
 
 
+def test_resize_follows_the_recorded_dense_choice(any_size, tmp_path):
+    dense, _, stats = any_size
+    config = CompressConfig(method="fwsvd", dense_choice="loss")
+    lm = fwsvd.load_model(dense)
+    compress_any_size(lm.model, config, stats, task=lm.task, progress=False)
+    folder = fwsvd.save(lm.model, tmp_path / "any", lm.tokenizer)
+    for keep in (0.8, 0.4):
+        resized = fwsvd.load(folder, keep=keep)
+        direct = fwsvd.load_model(dense)
+        report = fwsvd.compress(direct.model, CompressConfig(method="fwsvd", keep=keep, dense_choice="loss"), stats, task=direct.task, progress=False)
+        ranks = {name: m.rank for name, m in resized.named_modules() if isinstance(m, LowRankLinear)}
+        assert ranks == {r.name: r.rank for r in report.layers if r.rank is not None}
+        assert fwsvd.inspect(resized)["allocation"]["dense_choice"] == "loss"
+
+
 def test_resized_folder_reloads_the_same(any_size, tmp_path):
     _, folder, _ = any_size
     model = fwsvd.load(folder, keep=0.97)  # some layers turn dense again, in their own type (GPT-2's Conv1D)

@@ -385,3 +385,17 @@ def test_dense_above_is_recorded_and_inspected(capsys, tmp_path, llama_dir, corp
     assert "dense above 0.6 of break-even" in stdout
     status, _, err = run(capsys, "compress", llama_dir, "--out", tmp_path / "bad", "--keep", "0.5", "--dense-above", "0", *CAUSAL)
     assert status == 2 and "--dense-above 0.0 must be a fraction in (0, 1]" in err
+
+
+def test_dense_choice_is_recorded_inspected_and_refused_without_global_allocation(capsys, tmp_path, llama_dir, corpus_txt):
+    out = tmp_path / "priced"
+    status, _, err = run(capsys, "compress", llama_dir, "--out", out, "--method", "fwsvd", "--keep", "0.6", "--data", corpus_txt,
+                         "--dense-choice", "loss", "--quiet", *CAUSAL)
+    assert status == 0, err
+    status, stdout, err = run(capsys, "inspect", out, "--json")
+    assert json.loads(stdout)["allocation"] == {"mode": "global", "rank_floor": 0.5, "dense_choice": "loss"}
+    status, stdout, err = run(capsys, "inspect", out)
+    assert "dense where the loss estimate pays for it" in stdout
+    status, _, err = run(capsys, "compress", llama_dir, "--out", tmp_path / "bad", "--keep", "0.5", "--method", "svd",
+                         "--dense-choice", "loss", *CAUSAL)
+    assert status == 2 and "--dense-choice loss applies to global allocation" in err and not (tmp_path / "bad").exists()

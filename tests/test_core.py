@@ -482,6 +482,60 @@ def test_allocate_ranks_dense_above_moves_rank_from_a_near_break_even_matrix():
         allocate_ranks(losses, shapes, 0.6, dense_above=0.0)
 
 
+@pytest.mark.parametrize("keep", [0.2, 0.5, 0.8])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_allocate_ranks_dense_by_loss_respects_budget_and_floor(keep, seed):
+    from fwsvd.core import allocate_ranks
+
+    shapes, losses = _shapes_and_losses(seed)
+    ranks = allocate_ranks(losses, shapes, keep, floor=0.25, dense_choice="loss")
+    total = sum(dense_parameters(o, i, b) for o, i, b in shapes)
+    kept = _kept(shapes, ranks)
+    assert kept <= keep * total + 1e-9
+    # Below the budget by less than one matrix turning dense (the price's last step) plus a component.
+    assert keep * total - kept <= max(dense_parameters(o, i, b) for o, i, b in shapes) + max(o + i for o, i, _ in shapes)
+    for (o, i, b), r in zip(shapes, ranks):
+        if r is not None:
+            assert r >= max(1, math.ceil(0.25 * (rank_for_kept_fraction(o, i, keep, bias=b) or 1)))
+            assert factorized_parameters(o, i, r, b) < dense_parameters(o, i, b)
+
+
+def _estimated_loss(losses, ranks):
+    return sum(0.0 if r is None else float(v[r:].sum()) for v, r in zip(losses, ranks))
+
+
+def test_allocate_ranks_dense_by_loss_keeps_a_flat_spectrum_dense():
+    from fwsvd.core import allocate_ranks
+
+    # Matrix 0's 64 components are worth 1 each (flat); matrix 1's first 10 are worth 2, the rest
+    # almost nothing. Per component matrix 1 comes first, so the default takes its 10 and cuts
+    # matrix 0 to rank 25 (estimated loss 39); kept dense, matrix 0 loses nothing and matrix 1 at
+    # rank 3 loses 14.
+    shapes = [(64, 64, False), (64, 64, False)]
+    losses = [torch.ones(64), torch.cat([torch.full((10,), 2.0), torch.full((54,), 1e-3)])]
+    default = allocate_ranks(losses, shapes, 0.55, floor=0.0)
+    priced = allocate_ranks(losses, shapes, 0.55, floor=0.0, dense_choice="loss")
+    assert default == [25, 10]
+    assert priced == [None, 3]
+    assert _estimated_loss(losses, priced) < _estimated_loss(losses, default)
+    total = sum(dense_parameters(o, i, b) for o, i, b in shapes)
+    assert _kept(shapes, priced) <= 0.55 * total
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_allocate_ranks_dense_by_loss_never_loses_more_than_break_even(seed):
+    from fwsvd.core import allocate_ranks
+
+    # The price weighs staying dense at every rank, so where both fit the same budget it never
+    # ends with a larger estimated loss than the default (up to the last components' rounding).
+    shapes, losses = _shapes_and_losses(seed)
+    for keep in (0.3, 0.6, 0.85):
+        default = allocate_ranks(losses, shapes, keep, floor=0.25)
+        priced = allocate_ranks(losses, shapes, keep, floor=0.25, dense_choice="loss")
+        slack = max(float(v.max()) for v in losses)
+        assert _estimated_loss(losses, priced) <= _estimated_loss(losses, default) + slack
+
+
 def test_allocate_ranks_rejects_bad_input():
     from fwsvd.core import allocate_ranks
 
@@ -492,6 +546,8 @@ def test_allocate_ranks_rejects_bad_input():
     with pytest.raises(ValueError, match="shape"):
         allocate_ranks([torch.ones(3)], [(4, 4, False)], 0.5)
     assert allocate_ranks([torch.ones(4)], [(4, 4, False)], 1.0) == [None]
+    with pytest.raises(ValueError, match="dense_choice"):
+        allocate_ranks([torch.ones(4)], [(4, 4, False)], 0.5, dense_choice="always")
 
 
 def test_refit_left_factor_is_the_least_squares_optimum_and_error_is_exact():

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 
+from .core import DENSE_CHOICES
 from .device import COMPUTE_DTYPES, DEVICE_HELP, resolve_device
 from .errors import FwsvdError
 from .methods import METHODS, Method, get_method
@@ -80,6 +81,12 @@ class CompressConfig:
         "dense product (benchmarks/layer_kernels.py measures where on a CPU); 1 keeps dense only layers that would save nothing",
         default=1.0,
     )
+    dense_choice: str = help_field(
+        "global allocation: when a layer may stay dense: 'break-even' (only once its rank would pass break-even) or 'loss' "
+        "(at any rank, when the estimated loss of its discarded components is worth the parameters staying dense costs, "
+        "priced like every other component)",
+        default="break-even",
+    )
     rank_multiple: int = help_field(
         "round every rank to a multiple of this (matrix kernels run fastest on widths that fill their vector registers and "
         "blocks; benchmarks/layer_kernels.py measures which) without holding more parameters in total than unrounded ranks; "
@@ -117,6 +124,13 @@ class CompressConfig:
             raise FwsvdError(f"--rank-floor {self.rank_floor!r} must be a fraction in [0, 1] of each layer's uniform rank")
         if isinstance(self.dense_above, bool) or not isinstance(self.dense_above, (int, float)) or not 0 < self.dense_above <= 1:
             raise FwsvdError(f"--dense-above {self.dense_above!r} must be a fraction in (0, 1] of each layer's break-even rank (1: off)")
+        if self.dense_choice not in DENSE_CHOICES:
+            raise FwsvdError(f"--dense-choice {self.dense_choice!r} must be one of {', '.join(DENSE_CHOICES)}")
+        if self.dense_choice != "break-even" and self.resolved_allocation() != "global":
+            raise FwsvdError(
+                f"--dense-choice {self.dense_choice} applies to global allocation, but {self.method} allocates "
+                f"{self.resolved_allocation()}: pass --allocation global, or drop --dense-choice"
+            )
         if isinstance(self.rank_multiple, bool) or not isinstance(self.rank_multiple, int) or not 1 <= self.rank_multiple <= 4096:
             raise FwsvdError(f"--rank-multiple {self.rank_multiple!r} must be a whole number from 1 (off) to 4096, e.g. 8 or 16")
         if self.dense_above < 1 and self.resolved_allocation() != "global":

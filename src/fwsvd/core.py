@@ -7,6 +7,7 @@ layout ``[out_features, in_features]`` and a factorization ``W ≈ A @ B`` has `
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,6 +47,9 @@ EIGENVALUE_FLOOR = 1e-10
 #: A covariance whose smallest eigenvalue lies below minus this fraction of its largest is not one
 #: (float32 sums of x xᵀ stray a few 1e-7 below zero at most) and is refused, not clamped.
 INDEFINITE_TOLERANCE = 1e-4
+#: When global allocation may keep a matrix dense (:func:`allocate_ranks`): once its rank passes
+#: break-even, or at any rank where the loss estimate says so.
+DENSE_CHOICES = ("break-even", "loss")
 
 
 def floor_relative(values: torch.Tensor, fraction: float = IMPORTANCE_FLOOR) -> torch.Tensor:
@@ -472,6 +476,7 @@ def allocate_ranks(
     keep: float,
     floor: float = 0.5,
     dense_above: float = 1.0,
+    dense_choice: str = "break-even",
 ) -> list[int | None]:
     """Ranks per matrix that keep ``keep`` of all their parameters and lose the least estimated loss.
 
@@ -490,6 +495,15 @@ def allocate_ranks(
     measures where on a given CPU), so the few parameters such a matrix would save are better
     taken from the others.
 
+    With ``dense_choice="loss"`` staying dense is an option at every rank, priced like the rest: a
+    matrix at rank ``r`` that turns dense pays ``out * in - r * (out + in)`` parameters for the
+    estimated loss of all its discarded components. One price per parameter (a Lagrange multiplier,
+    found by bisection so that the budget is met) picks, per matrix, the rank or dense form that
+    minimises its estimated loss plus the price times its parameters; the parameters left under the
+    budget then buy single components, most worth per parameter first. A matrix whose spectrum is
+    flat stays dense where the default would cut it everywhere a little, and the rank goes where it
+    falls off fast.
+
     Args:
         losses: per matrix, ``[min(out, in)]`` non-negative estimates, in decreasing order.
         shapes: per matrix, ``(out_features, in_features, has_bias)``.
@@ -497,6 +511,8 @@ def allocate_ranks(
         floor: minimum rank as a fraction of the uniform rank, in ``[0, 1]``.
         dense_above: fraction of the break-even rank above which a matrix stays dense, in ``(0, 1]``
             (1: only where factorizing would save no parameters).
+        dense_choice: ``"break-even"`` (a matrix turns dense only when its rank passes break-even)
+            or ``"loss"`` (at any rank, when the loss estimate says so; see above).
 
     Returns:
         Per matrix, its rank, or ``None`` for a matrix that stays dense. The parameters kept land
@@ -513,6 +529,8 @@ def allocate_ranks(
         raise ValueError(f"rank floor {floor} must lie in [0, 1] (a fraction of the uniform rank)")
     if not 0 < dense_above <= 1:
         raise ValueError(f"dense_above={dense_above} must lie in (0, 1] (a fraction of the break-even rank)")
+    if dense_choice not in DENSE_CHOICES:
+        raise ValueError(f"dense_choice={dense_choice!r} must be one of {', '.join(DENSE_CHOICES)}")
     if len(losses) != len(shapes):
         raise ValueError(f"{len(losses)} loss vectors for {len(shapes)} matrices")
     n = len(shapes)
@@ -532,6 +550,8 @@ def allocate_ranks(
             raise ValueError(f"losses of matrix {k} have shape {tuple(vec.shape)}, expected ({min(o, i)},)")
         uniform = rank_for_kept_fraction(o, i, keep, bias=b) or even[k]
         low.append(min(even[k], max(1, math.ceil(floor * uniform))) if even[k] >= 1 else 0)
+    if dense_choice == "loss":
+        return _allocate_priced(losses, shapes, budget, dense, low, even)
     stays_dense = [e < 1 for e in even]
     # Matrices held at ``even`` because turning them dense would not fit the budget (only with
     # ``dense_above < 1``: at break-even, dense never costs more than the next component).
@@ -576,6 +596,75 @@ def allocate_ranks(
                 fixed += jump[k]
             else:
                 capped[k] = True
+
+
+def _allocate_priced(
+    losses: Sequence[torch.Tensor],
+    shapes: Sequence[tuple[int, int, bool]],
+    budget: float,
+    dense: Sequence[int],
+    low: Sequence[int],
+    even: Sequence[int],
+) -> list[int | None]:
+    """:func:`allocate_ranks` with ``dense_choice="loss"``: every matrix's options (each rank from its
+    floor ``low`` to ``even``, or dense) under one price per parameter, then single components."""
+    n = len(shapes)
+    width = max(e - lo + 2 if e >= 1 else 1 for lo, e in zip(low, even))
+    # Options per matrix, padded: columns 0 .. even-low are the ranks low .. even, the next is dense.
+    costs = torch.full((n, width), math.inf, dtype=torch.float64)
+    loss = torch.full((n, width), math.inf, dtype=torch.float64)
+    for k, ((o, i, b), vec) in enumerate(zip(shapes, losses)):
+        bias = o if b else 0
+        if even[k] < 1:
+            costs[k, 0], loss[k, 0] = dense[k], 0.0
+            continue
+        values = vec.double().clamp_min(0)
+        # tail[r]: the estimated loss of discarding components r, r+1, ...
+        tail = torch.cat([values.flip(0).cumsum(0).flip(0), values.new_zeros(1)])
+        ranks = torch.arange(low[k], even[k] + 1)
+        m = ranks.numel()
+        costs[k, :m] = (ranks * (o + i) + bias).double()
+        loss[k, :m] = tail[ranks]
+        costs[k, m], loss[k, m] = dense[k], 0.0
+    rows = torch.arange(n)
+
+    def choose(price: float) -> tuple[torch.Tensor, float]:
+        # inf - inf never arises: padded cells have infinite loss and cost, a price is finite and >= 0.
+        pick = torch.argmin(loss + price * costs, dim=1)
+        return pick, float(costs[rows, pick].sum())
+
+    low_price, high_price = 0.0, 1.0
+    while choose(high_price)[1] > budget and high_price < 1e300:
+        high_price *= 4
+    for _ in range(200):
+        mid = math.sqrt(low_price * high_price) if low_price > 0 else high_price / 1e6
+        if choose(mid)[1] > budget:
+            low_price = mid
+        else:
+            high_price = mid
+        if low_price > 0 and high_price / low_price < 1 + 1e-12:
+            break
+    pick, spent = choose(high_price)
+    ranks_out: list[int | None] = []
+    for k in range(n):
+        j = int(pick[k])
+        dense_column = even[k] - low[k] + 1 if even[k] >= 1 else 0
+        ranks_out.append(None if j == dense_column else low[k] + j)
+    # What the price left under the budget buys single components, most worth per parameter first.
+    spare = budget - spent
+    heap = [(-float(losses[k][r].clamp_min(0)) / (shapes[k][0] + shapes[k][1]), k) for k, r in enumerate(ranks_out) if r is not None and r < even[k]]
+    heapq.heapify(heap)
+    while heap:
+        _, k = heapq.heappop(heap)
+        price = shapes[k][0] + shapes[k][1]
+        if price > spare:
+            continue
+        spare -= price
+        r = ranks_out[k] + 1
+        ranks_out[k] = r
+        if r < even[k]:
+            heapq.heappush(heap, (-float(losses[k][r].clamp_min(0)) / price, k))
+    return ranks_out
 
 
 def round_ranks(ranks: Sequence[int | None], shapes: Sequence[tuple[int, int, bool]], multiple: int) -> list[int | None]:

@@ -15,6 +15,7 @@ from .common import add_data_options, add_device_option, add_output_options, che
 def add_parser(sub: Any) -> None:
     """Add the ``compress`` command to the subparsers ``sub``."""
     from ..config import ALLOCATIONS, DEFAULT_ALLOCATION, DEFAULT_RANK_FLOOR, STORAGE_DTYPES, CalibrationConfig, CompressConfig
+    from ..core import DENSE_CHOICES
     from ..device import COMPUTE_DTYPES
     from ..methods import METHODS
     from ..storage.int8 import QUANTIZED_FORMATS
@@ -34,6 +35,7 @@ def add_parser(sub: Any) -> None:
     c.add_argument("--allocation", choices=list(ALLOCATIONS), default=DEFAULT_ALLOCATION, help=field_help(CompressConfig, "allocation"))
     c.add_argument("--rank-floor", type=float, default=None, help=field_help(CompressConfig, "rank_floor") + f" (default {DEFAULT_RANK_FLOOR:g})")
     c.add_argument("--dense-above", type=float, default=1.0, metavar="FRACTION", help=field_help(CompressConfig, "dense_above"))
+    c.add_argument("--dense-choice", choices=list(DENSE_CHOICES), default="break-even", help=field_help(CompressConfig, "dense_choice"))
     c.add_argument("--rank-multiple", type=int, default=1, metavar="N", help=field_help(CompressConfig, "rank_multiple"))
     c.add_argument("--asvd-alpha", type=float, default=0.5, help=field_help(CompressConfig, "asvd_alpha"))
     c.add_argument("--damping", type=float, default=0.01, help=field_help(CompressConfig, "damping"))
@@ -91,7 +93,7 @@ def add_parser(sub: Any) -> None:
 #: The options of --quantize, and those that apply only to factorization (refused with --quantize).
 QUANTIZE_OPTIONS = ("group_size", "correction_rank", "budget_bytes", "correction_share")
 FACTORIZE_ONLY = {
-    "keep": None, "allocation": "auto", "rank_floor": None, "dense_above": 1.0, "rank_multiple": 1, "sequential": False, "refit": False,
+    "keep": None, "allocation": "auto", "rank_floor": None, "dense_above": 1.0, "dense_choice": "break-even", "rank_multiple": 1, "sequential": False, "refit": False,
     "low_memory": False, "correct": False, "correct_steps": None, "quantize_factors": None, "dtype": None, "finetune_data": None,
 }
 
@@ -128,7 +130,7 @@ def quantize_config(args: argparse.Namespace) -> Any:
             raise FwsvdError(f"{'/'.join(given)} size the correction of --quantize: add --quantize int4 (or int8/int3), or drop them")
         if args.any_size:
             clash = [f"--{name.replace('_', '-')}" for name, default in FACTORIZE_ONLY.items()
-                     if name not in ("allocation", "rank_floor", "dense_above") and getattr(args, name) != default]
+                     if name not in ("allocation", "rank_floor", "dense_above", "dense_choice") and getattr(args, name) != default]
             if clash:
                 raise FwsvdError(f"{'/'.join(clash)} {'applies' if len(clash) == 1 else 'apply'} to one size, not to --any-size: drop {'it' if len(clash) == 1 else 'them'} (resize the folder to a --keep later)")
             return None
@@ -181,7 +183,7 @@ def build_configs(args: argparse.Namespace) -> tuple[Any, Any]:
         method=args.method, keep=0.5 if args.keep is None else args.keep, include=tuple(args.include), exclude=tuple(args.exclude),
         fisher_reduction=args.fisher_reduction, fisher_whiten=args.fisher_whiten, asvd_alpha=args.asvd_alpha, damping=args.damping,
         allocation=args.allocation, rank_floor=DEFAULT_RANK_FLOOR if args.rank_floor is None else args.rank_floor, dense_above=args.dense_above,
-        rank_multiple=args.rank_multiple, refit=args.refit,
+        dense_choice=args.dense_choice, rank_multiple=args.rank_multiple, refit=args.refit,
         # With recovery fine-tuning, correction or int8 factors the model is cast last, before saving.
         dtype=None if args.finetune_data is not None or args.correct or args.quantize_factors else args.dtype,
     )

@@ -46,6 +46,8 @@ def format_result(result: dict[str, Any]) -> str:
         rules = [f"rank floor {alloc['rank_floor']:g}"] if number("rank_floor") else []
         if number("dense_above"):
             rules.append(f"dense above {alloc['dense_above']:g} of break-even")
+        if alloc.get("dense_choice") == "loss":
+            rules.append("dense where the loss estimate pays for it")
         if number("rank_multiple"):
             rules.append(f"ranks in multiples of {alloc['rank_multiple']:g}")
         lines.append(f"allocation        {alloc.get('mode')}" + (f" ({', '.join(rules)})" if rules else ""))

@@ -35,13 +35,24 @@ def decomposition_cost(info: LinearInfo) -> float:
     return float(out_f * in_f * min(out_f, in_f) + in_f**3)
 
 
+def allocation_rules(config: CompressConfig) -> dict[str, Any]:
+    """The keyword arguments of :func:`allocate` and :func:`fwsvd.core.allocate_ranks` that ``config`` sets."""
+    return {"floor": config.rank_floor, "dense_above": config.dense_above, "dense_choice": config.dense_choice}
+
+
 def allocation_record(config: CompressConfig) -> dict[str, Any]:
     """The allocation as the compression record keeps it: the mode, for global its rules, and the rank multiple."""
     mode = config.resolved_allocation()
     rounding = {"rank_multiple": config.rank_multiple} if config.rank_multiple > 1 else {}
     if mode != "global":
         return {"mode": mode, **rounding}
-    return {"mode": mode, "rank_floor": config.rank_floor, **({"dense_above": config.dense_above} if config.dense_above < 1 else {}), **rounding}
+    return {
+        "mode": mode,
+        "rank_floor": config.rank_floor,
+        **({"dense_above": config.dense_above} if config.dense_above < 1 else {}),
+        **({"dense_choice": config.dense_choice} if config.dense_choice != "break-even" else {}),
+        **rounding,
+    }
 
 
 def allocate(
@@ -53,6 +64,7 @@ def allocate(
     *,
     floor: float = DEFAULT_RANK_FLOOR,
     dense_above: float = 1.0,
+    dense_choice: str = "break-even",
     progress: bool = True,
 ) -> tuple[dict[str, int | None], dict[str, Decomposition]]:
     """Global rank allocation: decompose every target once, then share one parameter budget.
@@ -89,5 +101,5 @@ def allocate(
         for _, (loss,) in tqdm(spread(targets, decompose, like, decomposition_cost), total=len(targets), desc=f"{method.name} allocate", unit="layer", disable=not progress, leave=False)
     ]
     shapes = [(info.out_features, info.in_features, info.bias) for info in targets]
-    ranks = allocate_ranks(losses, shapes, keep, floor=floor, dense_above=dense_above)
+    ranks = allocate_ranks(losses, shapes, keep, floor=floor, dense_above=dense_above, dense_choice=dense_choice)
     return {info.name: rank for info, rank in zip(targets, ranks)}, decompositions

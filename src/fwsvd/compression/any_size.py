@@ -28,7 +28,7 @@ from ..nn import LINEAR_TYPES, LinearInfo, LowRankLinear, check_finite_weights, 
 from ..storage.loading import TASKS
 from ..storage.record import FwsvdQuantizationConfig, compression_record
 from ..version import __version__
-from .allocation import layer_errors
+from .allocation import allocation_rules, layer_errors
 from .factorize import record_compression, refuse_compressed
 from .report import CompressionReport, LayerReport
 
@@ -93,7 +93,7 @@ def compress_any_size(
         calibration=dict(statistics.summary) if statistics is not None else {},
         any_size={
             "losses": losses,
-            "allocation": {"mode": mode, **({"rank_floor": config.rank_floor, "dense_above": config.dense_above} if mode == "global" else {})},
+            "allocation": {"mode": mode, **({"rank_floor": config.rank_floor, "dense_above": config.dense_above, "dense_choice": config.dense_choice} if mode == "global" else {})},
             "factor_dtype": "float16",
         },
     )
@@ -147,14 +147,14 @@ def resize(model: nn.Module, keep: float, *, skeleton: nn.Module | None = None) 
     config = CompressConfig(
         method=record["method"], keep=keep, include=tuple(record.get("include", ())), exclude=tuple(record.get("exclude", ())),
         allocation=alloc["mode"], rank_floor=alloc.get("rank_floor", 0.5), dense_above=alloc.get("dense_above", 1.0),
+        dense_choice=alloc.get("dense_choice", "break-even"),
     )
     start = time.perf_counter()
     names = list(grid["losses"])
     infos = [_info(model, name) for name in names]
     if alloc["mode"] == "global":
         chosen = allocate_ranks([torch.tensor(grid["losses"][n], dtype=torch.float64) for n in names],
-                                [(i.out_features, i.in_features, i.bias) for i in infos], keep,
-                                floor=config.rank_floor, dense_above=config.dense_above)
+                                [(i.out_features, i.in_features, i.bias) for i in infos], keep, **allocation_rules(config))
     else:
         chosen = [rank_for_kept_fraction(i.out_features, i.in_features, keep, bias=i.bias) for i in infos]
     if skeleton is None and any(rank is None for rank in chosen):

@@ -21,7 +21,7 @@ from ..nn import LinearInfo, LowRankLinear, check_finite_weights, find_targets, 
 from ..calibration.statistics import Statistics
 from ..config import CompressConfig
 from .report import CompressionReport, LayerReport
-from .allocation import allocate, allocation_record, decomposition_cost, layer_errors
+from .allocation import allocate, allocation_record, allocation_rules, decomposition_cost, layer_errors
 from ..storage.folders import cast_weights
 from ..calibration.files import check_statistics
 from ..nn import count_parameters
@@ -84,7 +84,7 @@ def compress(
     start = time.perf_counter()
     ranks = decompositions = None
     if config.resolved_allocation() == "global":
-        ranks, decompositions = allocate(model, targets, method, config.keep, statistics, floor=config.rank_floor, dense_above=config.dense_above, progress=progress)
+        ranks, decompositions = allocate(model, targets, method, config.keep, statistics, **allocation_rules(config), progress=progress)
     ranks = rounded_ranks(targets, config, ranks)
     rows = factorize_targets(model, targets, method, config.keep, statistics, ranks=ranks, decompositions=decompositions, progress=progress)
     return record_compression(

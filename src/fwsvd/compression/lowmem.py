@@ -42,7 +42,7 @@ from .report import CompressionReport, LayerReport
 from ..calibration.batches import calibration_batches
 from ..nn import count_parameters
 from .factorize import factorize_targets, record_compression, rounded_ranks
-from .allocation import decomposition_cost, layer_errors
+from .allocation import allocation_rules, decomposition_cost, layer_errors
 from ..calibration import distributed
 from ..calibration.distributed import spread
 from ..core import allocate_ranks
@@ -550,5 +550,5 @@ def _global_ranks(
         finally:
             weights.unload(block)
             release_freed_memory()
-    chosen = allocate_ranks(losses, shapes, config.keep, floor=config.rank_floor, dense_above=config.dense_above)
+    chosen = allocate_ranks(losses, shapes, config.keep, **allocation_rules(config))
     return dict(zip(names, chosen))

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from ..config import CalibrationConfig, CompressConfig
 from .report import CompressionReport, LayerReport
-from .allocation import allocate
+from .allocation import allocate, allocation_rules
 from ..calibration.calibrate import calibrate
 from ..calibration.batches import calibration_batches
 from .factorize import compress, factorize_targets, record_compression, refuse_compressed, rounded_ranks
@@ -292,7 +292,7 @@ def _whole_model_statistics(
     ranks: dict[str, int | None] | None = None
     if allocation == "global":
         t0 = time.perf_counter()
-        ranks, _ = allocate(model, targets, method, config.keep, statistics, floor=config.rank_floor, dense_above=config.dense_above, progress=progress)
+        ranks, _ = allocate(model, targets, method, config.keep, statistics, **allocation_rules(config), progress=progress)
         seconds_global += time.perf_counter() - t0
     return global_kinds, statistics, rounded_ranks(targets, config, ranks), seconds_global
 

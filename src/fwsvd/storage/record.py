@@ -152,6 +152,7 @@ _ALLOCATION_KEYS: dict[str, tuple[str, Any]] = {
     "mode": ("'uniform' or 'global'", lambda v: v in ("uniform", "global")),
     "rank_floor": ("a number in [0, 1]", lambda v: _is_number(v) and 0 <= v <= 1),
     "dense_above": ("a number in (0, 1]", _is_fraction),
+    "dense_choice": ("'break-even' or 'loss'", lambda v: v in ("break-even", "loss")),
     "rank_multiple": ("a whole number from 1 to 4096", lambda v: _is_int(v) and 1 <= v <= 4096),
 }
 
