@@ -283,3 +283,85 @@ def test_calibration_config_checks_fisher_labels():
     with pytest.raises(FwsvdError, match="drop --low-memory"):
         api.CalibrationConfig(fisher_labels="model", low_memory=True)
     assert api.CalibrationConfig(fisher_labels="model").resolved("sequence-classification").fisher_labels == "model"
+
+
+def _cov_of(loaded, names, batches):
+    stats = collect_statistics(loaded.model, names, batches, {"cov"}, task=loaded.task, progress=False)
+    return {n: e["cov"] for n, e in stats.tensors.items() if "cov" in e}
+
+
+def _expected_rows(n, samples, cov_samples, seed=0):
+    """What --cov-samples promises: the ``samples`` draw, plus rows of the wider draw it lacks, up to ``cov_samples`` in all."""
+    import random
+
+    def draw(k):
+        return sorted(random.Random(seed).sample(range(n), k)) if k < n else list(range(n))
+
+    taken = draw(samples)
+    return taken, [i for i in draw(cov_samples) if i not in set(taken)][: cov_samples - samples]
+
+
+def test_cov_samples_widen_the_covariance_and_leave_fisher_alone(llama_dir, corpus_txt):
+    from fwsvd import data as d
+    from fwsvd.calibration.calibrate import calibrate
+
+    loaded = load_model(llama_dir)
+    names = [t.name for t in find_targets(loaded.model)]
+    narrow = calibrate(loaded, api.CalibrationConfig(data=str(corpus_txt), samples=4, batch_size=4, max_length=16), {"fisher", "cov"}, progress=False)
+    wide = calibrate(loaded, api.CalibrationConfig(data=str(corpus_txt), samples=4, cov_samples=9, batch_size=4, max_length=16), {"fisher", "cov"}, progress=False)
+    blocks = d.causal_blocks_from_file(loaded.tokenizer, corpus_txt, 16)
+    taken, extra = _expected_rows(len(blocks), 4, 9)
+    assert len(extra) == 5
+    rows = blocks[sorted(taken + extra)]
+    expected = _cov_of(loaded, names, [{"input_ids": c, "attention_mask": torch.ones_like(c)} for c in rows.split(4)])
+    for name in names:
+        for key in ("fisher_out", "fisher_in"):
+            torch.testing.assert_close(wide.tensors[name][key], narrow.tensors[name][key], rtol=0, atol=0)
+        if name in expected:
+            torch.testing.assert_close(wide.tensors[name]["cov"], expected[name], rtol=1e-9, atol=1e-9)
+            assert not torch.allclose(wide.tensors[name]["cov"], narrow.tensors[name]["cov"])
+    assert wide.shared == narrow.shared
+    assert wide.summary["samples"] == 4 and wide.summary["cov_samples"] == 9 and wide.summary["cov_tokens"] == 9 * 16
+    assert "cov_samples" not in narrow.summary
+
+
+def test_cov_samples_on_labelled_rows(bert_dir, sst2_tsv):
+    from fwsvd import data as d
+    from fwsvd.calibration.calibrate import calibrate
+
+    loaded = load_model(bert_dir)
+    names = [t.name for t in find_targets(loaded.model)]
+    wide = calibrate(loaded, api.CalibrationConfig(data=str(sst2_tsv), samples=8, cov_samples=20, batch_size=8, max_length=16), {"fisher", "cov"}, progress=False)
+    examples = d.read_labelled(sst2_tsv)
+    taken, extra = _expected_rows(len(examples), 8, 20)
+    # The same rows through the plain calibration path: the covariance of the union, in one pass.
+    cfg = api.CalibrationConfig(data=str(sst2_tsv), samples=len(examples), batch_size=8, max_length=16)
+    every, _ = calibration_batches(loaded, cfg, labels=False)
+    single = list(single_examples(every))
+    union = [single[i] for i in sorted(taken + extra)]
+    expected = _cov_of(loaded, names, union)
+    for name, cov in expected.items():
+        torch.testing.assert_close(wide.tensors[name]["cov"], cov, rtol=1e-6, atol=1e-6)
+    assert wide.summary["cov_samples"] == 20
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--stats", "S"], "--stats reuses"),
+        (["--method", "svd"], "uses no input covariance"),
+        (["--sequential"], "--sequential collects"),
+        (["--low-memory"], "--low-memory"),
+    ],
+)
+def test_cov_samples_refused_where_it_does_nothing(capsys, tmp_path, llama_dir, corpus_txt, argv, needle):
+    from fwsvd.cli import main
+
+    argv = [a if a != "S" else str(tmp_path / "s.safetensors") for a in argv]
+    if "--stats" in argv:
+        (tmp_path / "s.safetensors").write_bytes(b"")
+    data = [] if "--stats" in argv else ["--data", str(corpus_txt)]
+    status = main(["compress", str(llama_dir), "--out", str(tmp_path / "o"), "--keep", "0.5", *data, "--cov-samples", "8", "--max-length", "16", *argv, "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "o").exists()

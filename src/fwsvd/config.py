@@ -163,6 +163,12 @@ class CalibrationConfig:
 
     data: str | None = help_field("calibration data: .tsv/.csv/.jsonl with labels, .txt for causal LMs, or a datasets hub name", default=None)
     samples: int | None = help_field("calibration rows (classification, default 512) or token blocks (causal LM, default 32)", default=None)
+    cov_samples: int | None = help_field(
+        "rows or blocks the input covariance (whitening) is taken over, when more than --samples: the extra ones, drawn with "
+        "the same --seed, run forward only (no backward pass: a fraction of the Fisher's cost), while Fisher stays on --samples "
+        "(default: --samples)",
+        default=None,
+    )
     batch_size: int | None = help_field(
         "calibration batch size: memory and speed only, the statistics do not depend on it "
         "(default 16 rows; 4 blocks for causal LMs, whose Fisher backward through the vocabulary is large)",
@@ -200,7 +206,7 @@ class CalibrationConfig:
     def __post_init__(self) -> None:
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise FwsvdError(f"--calibration-dtype {self.compute_dtype!r} must be one of {', '.join(COMPUTE_DTYPES)}")
-        for name in ("samples", "batch_size", "max_length"):
+        for name in ("samples", "cov_samples", "batch_size", "max_length"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise FwsvdError(f"--{name.replace('_', '-')} {value!r} must be a positive integer")
@@ -208,6 +214,8 @@ class CalibrationConfig:
         resolve_device(self.device)  # a GPU asked for where there is none fails here, before any work
         if self.fisher_labels not in ("data", "model"):
             raise FwsvdError(f"--fisher-labels {self.fisher_labels!r} must be 'data' or 'model'")
+        if self.cov_samples is not None and self.low_memory:
+            raise FwsvdError("--cov-samples adds a forward-only pass over the whole model: drop --low-memory, or drop --cov-samples")
         if self.fisher_labels == "model" and self.low_memory:
             raise FwsvdError("--fisher-labels model needs the whole model's outputs in one pass: drop --low-memory, or use --fisher-labels data")
 
@@ -216,6 +224,7 @@ class CalibrationConfig:
         return CalibrationConfig(
             data=self.data,
             samples=self.samples or (32 if causal else 512),
+            cov_samples=self.cov_samples,
             # With low_memory, blocks run one example at a time unless asked otherwise: a block's
             # working set grows with the batch, and there is no whole-model pass to amortize.
             batch_size=self.batch_size or (1 if self.low_memory else 4 if causal else 16),

@@ -13,7 +13,7 @@ from ..nn import find_targets
 from .resume import Checkpointing
 from .statistics import Statistics, collect_statistics
 from ..config import CalibrationConfig
-from .batches import calibration_batches
+from .batches import calibration_batches, covariance_batches
 
 
 def calibrate(
@@ -77,9 +77,10 @@ def calibrate(
 
         resolved = asdict(config.resolved(loaded.task))
         # Where the sums are made does not change them; float32 is what checkpoints always assumed.
+        # The --cov-samples pass runs after the checkpointed one and is not part of its sums.
         facts = fingerprint(
             model=loaded.model, source=loaded.source, task=loaded.task,
-            calibration={k: v for k, v in resolved.items() if k != "device" and (k != "compute_dtype" or half)},
+            calibration={k: v for k, v in resolved.items() if k not in ("device", "cov_samples") and (k != "compute_dtype" or half)},
             kinds=kinds, targets=names, keep_full_fisher=keep_full_fisher, ctx=ctx,
         )
         start, save = checkpoint.begin(facts, ctx, total=len(mine))
@@ -91,6 +92,24 @@ def calibrate(
             task=loaded.task, total=len(mine), progress=progress, summary=summary, start=start, checkpoint=save,
             reduce=distributed.reduce_sums, fisher_labels=config.fisher_labels,
         )
+        extra = covariance_batches(loaded, config) if "cov" in kinds else []
+        if extra:
+            add_covariance(statistics, collect_statistics(
+                loaded.model, names, distributed.shard(extra), {"cov"}, task=loaded.task, total=len(distributed.shard(extra)),
+                progress=progress, reduce=distributed.reduce_sums,
+            ))
     # The model stays on the device (in its own dtype), so that factorization runs there too.
     place(loaded.model, device)
     return statistics
+
+
+def add_covariance(statistics: Statistics, extra: Statistics) -> None:
+    """Add the input covariances of a forward-only pass (``--cov-samples``) to ``statistics``, in place,
+    and record what they were taken over (``cov_samples``, ``cov_tokens``)."""
+    for name, entry in extra.tensors.items():
+        if "cov" in entry and "cov" in statistics.tensors.get(name, {}):
+            statistics.tensors[name]["cov"] = statistics.tensors[name]["cov"] + entry["cov"]
+    summary = statistics.summary
+    summary["cov_samples"] = summary.get("samples", 0) + extra.summary.get("samples", 0)
+    summary["cov_tokens"] = summary.get("tokens", 0) + extra.summary.get("tokens", 0)
+    summary["seconds"] = round(summary.get("seconds", 0.0) + extra.summary.get("seconds", 0.0), 3)

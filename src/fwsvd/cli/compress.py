@@ -84,6 +84,7 @@ def add_parser(sub: Any) -> None:
         c, "; calibration and factorization run there, with --low-memory one block at a time (the weights wait on disk); "
         "--sequential runs on the CPU (auto picks it there)",
     )
+    c.add_argument("--cov-samples", type=positive_int, default=None, metavar="N", help=field_help(CalibrationConfig, "cov_samples"))
     c.add_argument("--calibration-dtype", choices=list(COMPUTE_DTYPES), default="float32", help=field_help(CalibrationConfig, "compute_dtype"))
     _add_quantize_options(c)
     _add_recovery_options(c)
@@ -190,7 +191,7 @@ def build_configs(args: argparse.Namespace) -> tuple[Any, Any]:
     # Without --data, a recovery run's labelled training file also serves as calibration data.
     calibration = api.CalibrationConfig(
         data=args.data if args.data is not None else args.finetune_data,
-        samples=args.samples, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
+        samples=args.samples, cov_samples=args.cov_samples, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
         text_column=args.text_column, pair_column=args.pair_column, label_column=args.label_column, low_memory=args.low_memory,
         # --sequential runs on the CPU only: auto takes the CPU for it.
         device="cpu" if args.device == "auto" and args.sequential else args.device,
@@ -245,6 +246,10 @@ def check_options(args: argparse.Namespace, config: Any, calibration: Any, ctx: 
         raise FwsvdError(f"--correct-steps {args.correct_steps} must be at least 1")
     if args.correct and calibration.data is None:
         raise FwsvdError("--correct takes its gradient on calibration text: pass --data TEXT.txt")
+    if args.cov_samples is not None and (args.stats or args.sequential or not any("cov" in config.needs(task) for task in TASKS)):
+        why = ("--stats reuses statistics calibrated before" if args.stats else "--sequential collects each block's covariance on the fly"
+               if args.sequential else f"method {args.method} uses no input covariance")
+        raise FwsvdError(f"--cov-samples sizes the input covariance of a one-pass calibration, but {why}: drop --cov-samples")
     if args.stats and not args.correct and (args.data is not None or args.samples is not None):
         raise FwsvdError("--stats reuses saved statistics, so --data/--samples would be ignored: drop them, or drop --stats to recalibrate")
     if args.rank_floor is not None and config.resolved_allocation() != "global":
