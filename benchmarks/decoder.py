@@ -321,7 +321,8 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     # domain's perplexity and the mean zero-shot accuracy, where the rows have them.
     fig, ((ax, zoom), (held, shots)) = plt.subplots(2, 2, figsize=(11, 8.4))
     labels = list(dict.fromkeys(r["label"] for r in result["runs"]))
-    markers = dict(zip(labels, "osD^vPX*<>ph"))
+    # Markers repeat (with other colours) once the rows outnumber them.
+    markers = {label: "osD^vPX*<>phHd8"[k % 15] for k, label in enumerate(labels)}
     dense = result["dense"]
     limit = (dense.get("zeroshot") or {}).get("limit")
     for label in labels:
