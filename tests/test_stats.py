@@ -352,6 +352,7 @@ def test_cov_samples_on_labelled_rows(bert_dir, sst2_tsv):
         (["--method", "svd"], "uses no input covariance"),
         (["--sequential"], "--sequential collects"),
         (["--low-memory"], "--low-memory"),
+        (["--samples", "16"], "--cov-samples 8 is below the 16 calibration samples"),
     ],
 )
 def test_cov_samples_refused_where_it_does_nothing(capsys, tmp_path, llama_dir, corpus_txt, argv, needle):

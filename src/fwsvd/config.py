@@ -221,9 +221,15 @@ class CalibrationConfig:
 
     def resolved(self, task: str) -> CalibrationConfig:
         causal = task == "causal-lm"
+        samples = self.samples or (32 if causal else 512)
+        if self.cov_samples is not None and self.cov_samples < samples:
+            raise FwsvdError(
+                f"--cov-samples {self.cov_samples} is below the {samples} calibration samples the covariance already takes: "
+                f"pass at least {samples}, or drop --cov-samples"
+            )
         return CalibrationConfig(
             data=self.data,
-            samples=self.samples or (32 if causal else 512),
+            samples=samples,
             cov_samples=self.cov_samples,
             # With low_memory, blocks run one example at a time unless asked otherwise: a block's
             # working set grows with the batch, and there is no whole-model pass to amortize.
