@@ -518,7 +518,8 @@ def allocate_ranks(
         Per matrix, its rank, or ``None`` for a matrix that stays dense. The parameters kept land
         at most one component's worth below ``keep`` of the total (never above, unless the floors
         alone exceed it); with ``dense_above < 1``, at most what turning one more matrix dense
-        would cost below it.
+        would cost below it; with ``dense_choice="loss"``, at most one matrix's dense form plus one
+        component below it.
 
     Raises:
         ValueError: on ``keep``, ``floor`` or ``dense_above`` out of range, or mismatched lengths or shapes.

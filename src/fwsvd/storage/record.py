@@ -16,6 +16,7 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from ..core import DENSE_CHOICES
 from ..errors import ModelError
 from ..methods import METHODS, check_options
 from ..nn import LINEAR_TYPES, LowRankLinear, linear_weight
@@ -152,7 +153,7 @@ _ALLOCATION_KEYS: dict[str, tuple[str, Any]] = {
     "mode": ("'uniform' or 'global'", lambda v: v in ("uniform", "global")),
     "rank_floor": ("a number in [0, 1]", lambda v: _is_number(v) and 0 <= v <= 1),
     "dense_above": ("a number in (0, 1]", _is_fraction),
-    "dense_choice": ("'break-even' or 'loss'", lambda v: v in ("break-even", "loss")),
+    "dense_choice": (" or ".join(repr(c) for c in DENSE_CHOICES), lambda v: v in DENSE_CHOICES),
     "rank_multiple": ("a whole number from 1 to 4096", lambda v: _is_int(v) and 1 <= v <= 4096),
 }
 
