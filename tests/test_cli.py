@@ -348,14 +348,19 @@ def test_subprocess_error_is_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_inspect_shows_ranks_by_layer_type_and_depth(capsys, tmp_path, llama_dir, corpus_txt):
-    out = tmp_path / "global"
-    status, _, err = run(capsys, "compress", llama_dir, "--out", out, "--method", "fwsvd", "--keep", "0.5", "--data", corpus_txt,
-                         "--allocation", "global", "--quiet", *CAUSAL)
+def compress_and_inspect(capsys, out, llama_dir, corpus_txt, keep, *options):
+    """``fwsvd compress`` of the tiny Llama with fwsvd at ``keep`` and ``options``, then ``fwsvd inspect --json`` of it."""
+    status, _, err = run(capsys, "compress", llama_dir, "--out", out, "--method", "fwsvd", "--keep", keep, "--data", corpus_txt,
+                         *options, "--quiet", *CAUSAL)
     assert status == 0, err
     status, stdout, err = run(capsys, "inspect", out, "--json")
     assert status == 0, err
-    info = json.loads(stdout)
+    return json.loads(stdout)
+
+
+def test_inspect_shows_ranks_by_layer_type_and_depth(capsys, tmp_path, llama_dir, corpus_txt):
+    out = tmp_path / "global"
+    info = compress_and_inspect(capsys, out, llama_dir, corpus_txt, "0.5", "--allocation", "global")
     assert info["allocation"]["mode"] == "global"
     table = info["rank_table"]
     assert set(table) == {f"self_attn.{p}_proj" for p in "qkvo"} | {f"mlp.{p}_proj" for p in ("gate", "up", "down")}
@@ -370,12 +375,7 @@ def test_inspect_shows_ranks_by_layer_type_and_depth(capsys, tmp_path, llama_dir
 
 def test_dense_above_is_recorded_and_inspected(capsys, tmp_path, llama_dir, corpus_txt):
     out = tmp_path / "fast"
-    status, _, err = run(capsys, "compress", llama_dir, "--out", out, "--method", "fwsvd", "--keep", "0.7", "--data", corpus_txt,
-                         "--allocation", "global", "--dense-above", "0.6", "--quiet", *CAUSAL)
-    assert status == 0, err
-    status, stdout, err = run(capsys, "inspect", out, "--json")
-    assert status == 0, err
-    info = json.loads(stdout)
+    info = compress_and_inspect(capsys, out, llama_dir, corpus_txt, "0.7", "--allocation", "global", "--dense-above", "0.6")
     assert info["allocation"] == {"mode": "global", "rank_floor": 0.5, "dense_above": 0.6}
     model = load_model(out).model
     for name, rank in info["ranks"].items():
@@ -389,11 +389,8 @@ def test_dense_above_is_recorded_and_inspected(capsys, tmp_path, llama_dir, corp
 
 def test_dense_choice_is_recorded_inspected_and_refused_without_global_allocation(capsys, tmp_path, llama_dir, corpus_txt):
     out = tmp_path / "priced"
-    status, _, err = run(capsys, "compress", llama_dir, "--out", out, "--method", "fwsvd", "--keep", "0.6", "--data", corpus_txt,
-                         "--dense-choice", "loss", "--quiet", *CAUSAL)
-    assert status == 0, err
-    status, stdout, err = run(capsys, "inspect", out, "--json")
-    assert json.loads(stdout)["allocation"] == {"mode": "global", "rank_floor": 0.5, "dense_choice": "loss"}
+    info = compress_and_inspect(capsys, out, llama_dir, corpus_txt, "0.6", "--dense-choice", "loss")
+    assert info["allocation"] == {"mode": "global", "rank_floor": 0.5, "dense_choice": "loss"}
     status, stdout, err = run(capsys, "inspect", out)
     assert "dense where the loss estimate pays for it" in stdout
     status, _, err = run(capsys, "compress", llama_dir, "--out", tmp_path / "bad", "--keep", "0.5", "--method", "svd",

@@ -54,11 +54,14 @@ def calibration_batches(loaded: LoadedModel, config: CalibrationConfig, *, label
     return list(d.batches(items, cfg.batch_size, tok.pad_token_id, labels=targets)), summary
 
 
-def covariance_batches(loaded: LoadedModel, config: CalibrationConfig) -> list[dict[str, torch.Tensor]]:
+def covariance_batches(
+    loaded: LoadedModel, config: CalibrationConfig, taken: list[dict[str, torch.Tensor]]
+) -> list[dict[str, torch.Tensor]]:
     """The forward-only batches that ``config.cov_samples`` adds to the input covariance: examples (or
     blocks) of ``cov_samples`` drawn with the same seed that the ``samples`` of
-    :func:`calibration_batches` do not already hold, up to ``cov_samples - samples`` of them, without
-    labels. Empty when ``cov_samples`` is unset or not above ``samples``.
+    :func:`calibration_batches` (``taken``, what it returned) do not already hold, up to
+    ``cov_samples - samples`` of them, without labels. Empty when ``cov_samples`` is unset or not
+    above ``samples``.
 
     Raises:
         DataError: for missing, empty or unusable data.
@@ -72,11 +75,10 @@ def covariance_batches(loaded: LoadedModel, config: CalibrationConfig) -> list[d
     tok = loaded.tokenizer
     room = cfg.cov_samples - cfg.samples
     if loaded.task == "causal-lm":
-        taken = d.causal_blocks_from_file(tok, cfg.data, cfg.max_length, samples=cfg.samples, seed=cfg.seed)
         wider = d.causal_blocks_from_file(tok, cfg.data, cfg.max_length, samples=cfg.cov_samples, seed=cfg.seed)
         # The draw keeps the file's order, so blocks are told apart by their tokens (two equal blocks
         # of text carry the same statistics anyway).
-        seen = {tuple(row.tolist()) for row in taken}
+        seen = {tuple(row.tolist()) for batch in taken for row in batch["input_ids"]}
         extra = [row for row in wider if tuple(row.tolist()) not in seen][:room]
         if not extra:
             return []

@@ -92,11 +92,11 @@ def calibrate(
             task=loaded.task, total=len(mine), progress=progress, summary=summary, start=start, checkpoint=save,
             reduce=distributed.reduce_sums, fisher_labels=config.fisher_labels,
         )
-        extra = covariance_batches(loaded, config) if "cov" in kinds else []
+        extra = covariance_batches(loaded, config, batches) if "cov" in kinds else []
         if extra:
+            share = distributed.shard(extra)
             add_covariance(statistics, collect_statistics(
-                loaded.model, names, distributed.shard(extra), {"cov"}, task=loaded.task, total=len(distributed.shard(extra)),
-                progress=progress, reduce=distributed.reduce_sums,
+                loaded.model, names, share, {"cov"}, task=loaded.task, total=len(share), progress=progress, reduce=distributed.reduce_sums,
             ))
     # The model stays on the device (in its own dtype), so that factorization runs there too.
     place(loaded.model, device)
