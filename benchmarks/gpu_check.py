@@ -56,11 +56,13 @@ SIZES: dict[str, dict[str, Any]] = {
         "tiny_samples": 16, "tiny_length": 64, "minilm_samples": 512, "minilm_dev": None, "minilm_length": 128,
         "stack": {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000},
         "stack_samples": 32, "stack_length": 512,
+        "kernel_tokens": (1, 16, 512, 4096), "kernel_rounds": 25, "kernel_bytes": 512 * 2**20,
     },
     "tiny": {
         "tiny_samples": 8, "tiny_length": 32, "minilm_samples": 8, "minilm_dev": 32, "minilm_length": 32,
         "stack": {"hidden_size": 64, "intermediate_size": 172, "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 1000},
         "stack_samples": 4, "stack_length": 32,
+        "kernel_tokens": (1, 8), "kernel_rounds": 3, "kernel_bytes": 2**20,
     },
 }
 
@@ -219,6 +221,78 @@ def check_stack(device: torch.device, tmp: Path, size: dict[str, Any], blocks: i
     }
 
 
+#: Ranks timed by ``kernels``, as fractions of a shape's break-even rank ``out * in / (out + in)``:
+#: 0.5 is the rank at which the two factors hold half the dense parameters (keep 0.5, uniform).
+KERNEL_FRACTIONS = (0.25, 0.5, 0.75)
+
+
+def _elapsed(fn: Any, device: torch.device) -> float:
+    """Seconds one call of ``fn`` takes on ``device`` (CUDA events on a GPU, which time the queued kernels)."""
+    if device.type == "cuda":
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return begin.elapsed_time(end) / 1000
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def check_kernels(device: torch.device, size: dict[str, Any]) -> dict[str, Any]:
+    """Dense ``x W^T`` against the two thin products ``(x B^T) A^T`` at the stack's layer shapes, on ``device``.
+
+    The compute dtype is bfloat16 on a GPU (how LLMs are served there) and float32 on the CPU. Many copies
+    of each layer's weights are cycled through (``kernel_bytes`` of them, more than the GPU's L2 cache), as
+    in a model whose weights stream from memory at every token; times are interleaved (dense, then each
+    rank, round after round) and a speed-up is the median over the rounds of dense time / low-rank time.
+    """
+    import statistics
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    hidden, mlp = size["stack"]["hidden_size"], size["stack"]["intermediate_size"]
+    shapes = {"attention (q, k, v, o)": (hidden, hidden), "mlp gate, up": (mlp, hidden), "mlp down": (hidden, mlp)}
+    g = torch.Generator(device=device).manual_seed(6)
+    start = time.perf_counter()
+    results = []
+    for label, (out_f, in_f) in shapes.items():
+        even = out_f * in_f / (out_f + in_f)
+        ranks = {f: max(1, round(f * even)) for f in KERNEL_FRACTIONS}
+        copies = max(2, size["kernel_bytes"] // (out_f * in_f * torch.finfo(dtype).bits // 8))
+        dense = [torch.randn(out_f, in_f, generator=g, device=device, dtype=dtype) for _ in range(copies)]
+        factors = {
+            f: [(torch.randn(r, in_f, generator=g, device=device, dtype=dtype), torch.randn(out_f, r, generator=g, device=device, dtype=dtype))
+                for _ in range(copies)]
+            for f, r in ranks.items()
+        }
+        for tokens in size["kernel_tokens"]:
+            x = torch.randn(tokens, in_f, generator=g, device=device, dtype=dtype)
+            runs = {"dense": lambda: [x @ w.T for w in dense]}
+            runs.update({f: (lambda pairs=pairs: [(x @ b.T) @ a.T for b, a in pairs]) for f, pairs in factors.items()})
+            times: dict[Any, list[float]] = {k: [] for k in runs}
+            with torch.inference_mode():
+                for fn in runs.values():  # warm-up: kernels chosen, caches and clocks settled
+                    fn()
+                for _ in range(size["kernel_rounds"]):
+                    for k, fn in runs.items():
+                        times[k].append(_elapsed(fn, device) / copies)
+            dense_s = statistics.median(times["dense"])
+            for f, r in ranks.items():
+                speedups = [d / t for d, t in zip(times["dense"], times[f])]
+                results.append({"shape": label, "out": out_f, "in": in_f, "tokens": tokens, "fraction_of_break_even": f, "rank": r,
+                                "dense_us": round(dense_s * 1e6, 2), "low_rank_us": round(statistics.median(times[f]) * 1e6, 2),
+                                "speedup": round(statistics.median(speedups), 3)})
+        del dense, factors
+    half = [r["speedup"] for r in results if r["fraction_of_break_even"] == 0.5]
+    return {
+        "check": "kernels", "ok": True, "dtype": str(dtype).removeprefix("torch."), "rounds": size["kernel_rounds"], "results": results,
+        "seconds": round(time.perf_counter() - start, 3),
+        "result": f"{str(dtype).removeprefix('torch.')} products at half the parameters (0.5 of break-even rank): "
+        f"{min(half):.2f}-{max(half):.2f} x dense over {len(shapes)} shapes x tokens {', '.join(map(str, size['kernel_tokens']))}",
+    }
+
+
 def machine(device: torch.device) -> dict[str, Any]:
     info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
             "load_average_at_start": round(os.getloadavg()[0], 2)}
@@ -245,9 +319,16 @@ def render(headers: list[str], rows: list[list[str]]) -> str:
 def render_markdown(record: dict[str, Any], out: Path) -> None:
     """The ``.md`` beside ``out`` (a JSON record): the command, machine, date and the table."""
     machine_text = ", ".join(f"{k} {v}" for k, v in record["machine"].items())
+    partial = "" if record.get("complete", True) else " (cut short: the checks after the last row did not finish)"
     text = render(["check", "ok", "seconds", "peak GPU GiB", "result"], table(record["rows"]))
+    for row in record["rows"]:
+        if row["check"] == "kernels":
+            kernels = [[r["shape"], f"{r['out']} x {r['in']}", str(r["tokens"]), f"{r['fraction_of_break_even']:g}", str(r["rank"]),
+                        f"{r['dense_us']:.1f}", f"{r['low_rank_us']:.1f}", f"{r['speedup']:.2f}"] for r in row["results"]]
+            text += f"\n\nkernels ({row['dtype']}, median of {row['rounds']} interleaved rounds; speed-up = dense / low rank):\n\n" + render(
+                ["shape", "out x in", "tokens", "of break-even", "rank", "dense us", "low-rank us", "speed-up"], kernels)
     out.with_suffix(".md").write_text(
-        f"# {out.stem}\n\n`{record['command']}` on {machine_text}; {record['date']}, {record['wall_seconds']} s in all\n\n```\n{text}\n```\n",
+        f"# {out.stem}\n\n`{record['command']}` on {machine_text}; {record['date']}, {record['wall_seconds']} s in all{partial}\n\n```\n{text}\n```\n",
         encoding="utf-8",
     )
 
@@ -259,7 +340,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--blocks", type=int, default=4, help="blocks of the Llama-2-7B-shaped stack")
     p.add_argument("--minilm", type=Path, default=SHARED / "models" / "minilm-l6-sst2", help="MiniLM-L6 SST-2 model folder")
     p.add_argument("--sst2", type=Path, default=SHARED / "data" / "sst2", help="folder with train.tsv and dev.tsv")
-    p.add_argument("--checks", default="equality,minilm,stack", help="comma-separated subset of equality, minilm, stack")
+    p.add_argument("--checks", default="equality,minilm,stack,kernels", help="comma-separated subset of equality, minilm, stack, kernels")
     p.add_argument("--out", type=Path, default=None, help="JSON output (default benchmarks/results/gpu-check-<device>[-tiny].json)")
     p.add_argument("--render", type=Path, default=None, metavar="JSON", help="only rewrite the .md table of a results file")
     args = p.parse_args(argv)
@@ -276,6 +357,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.manual_seed(0)
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
+    name = f"gpu-check-{device.type}{'-tiny' if args.size == 'tiny' else ''}"
+    out = args.out or RESULTS / f"{name}.json"
+    record = {
+        "command": " ".join([Path(sys.argv[0]).name if argv is None else "gpu_check.py", *(sys.argv[1:] if argv is None else argv)]),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "device": str(device), "size": args.size,
+        "machine": machine(device), "complete": False, "wall_seconds": 0.0, "rows": rows,
+    }
     with tempfile.TemporaryDirectory(prefix="fwsvd-gpu-check-") as scratch:
         tmp = Path(scratch)
         for check in args.checks.split(","):
@@ -285,23 +373,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 rows.append(check_minilm(device, args.minilm, args.sst2, size))
             elif check == "stack":
                 rows.append(check_stack(device, tmp, size, args.blocks, progress=args.size == "full"))
+            elif check == "kernels":
+                rows.append(check_kernels(device, size))
             else:
-                p.error(f"unknown check {check!r}: choose from equality, minilm, stack")
+                p.error(f"unknown check {check!r}: choose from equality, minilm, stack, kernels")
             print(render(["check", "ok", "seconds", "peak GPU GiB", "result"], table(rows[-1:])).splitlines()[-1], file=sys.stderr, flush=True)
-    headers = ["check", "ok", "seconds", "peak GPU GiB", "result"]
-    text = render(headers, table(rows))
-    print(text)
-    record = {
-        "command": " ".join([Path(sys.argv[0]).name if argv is None else "gpu_check.py", *(sys.argv[1:] if argv is None else argv)]),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "device": str(device), "size": args.size,
-        "machine": machine(device), "wall_seconds": round(time.perf_counter() - started, 1), "rows": rows,
-    }
-    name = f"gpu-check-{device.type}{'-tiny' if args.size == 'tiny' else ''}"
-    out = args.out or RESULTS / f"{name}.json"
+            # Written after every check: a run cut short by the machine's time limit keeps what it measured.
+            record["wall_seconds"] = round(time.perf_counter() - started, 1)
+            write_record(record, out)
+    record["complete"] = True
+    write_record(record, out)
+    print(render(["check", "ok", "seconds", "peak GPU GiB", "result"], table(rows)))
+    return record
+
+
+def write_record(record: dict[str, Any], out: Path) -> None:
+    """The JSON record and its ``.md`` table (rewritten whole, so a partial run leaves a readable file)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
     render_markdown(json.loads(json.dumps(record, default=str)), out)
-    return record
 
 
 if __name__ == "__main__":

@@ -23,10 +23,17 @@ def test_gpu_check_tiny_on_cpu(tmp_path, capsys):
     assert out.with_suffix(".md").read_text().count("equality") == 1
     assert record["device"] == "cpu" and record["command"].startswith("gpu_check.py --device cpu") and record["machine"]["torch"] == torch.__version__
     rows = {r["check"]: r for r in record["rows"]}
-    assert set(rows) == {"equality", "minilm", "stack"} and all(name in printed for name in rows)
+    assert set(rows) == {"equality", "minilm", "stack", "kernels"} and all(name in printed for name in rows)
+    assert record["complete"] is True
     # CPU against CPU: the very same computation.
     assert rows["equality"]["ok"] and rows["equality"]["ranks_equal"] and rows["equality"]["relative_gap"] == 0.0
     assert rows["minilm"]["ok"] is None and "not available" in rows["minilm"]["result"]
     stack = rows["stack"]
     assert stack["blocks"] == 4 and stack["calibration_seconds_per_block"] > 0 and stack["factorization_seconds_per_block"] > 0
     assert stack["extrapolated_llama2_7b_seconds"] > 0 and stack["peak_gpu_bytes"] is None
+    kernels = rows["kernels"]["results"]
+    # Every shape x workload x rank is timed, at the ranks the fractions of break-even name.
+    assert len(kernels) == 3 * 2 * 3 and all(k["dense_us"] > 0 and k["low_rank_us"] > 0 and k["speedup"] > 0 for k in kernels)
+    assert {(k["out"], k["in"]) for k in kernels} == {(64, 64), (172, 64), (64, 172)}
+    assert all(k["rank"] == max(1, round(k["fraction_of_break_even"] * k["out"] * k["in"] / (k["out"] + k["in"]))) for k in kernels)
+    assert "speed-up" in out.with_suffix(".md").read_text()
