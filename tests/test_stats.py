@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -323,6 +325,35 @@ def test_cov_samples_widen_the_covariance_and_leave_fisher_alone(llama_dir, corp
     assert wide.shared == narrow.shared
     assert wide.summary["samples"] == 4 and wide.summary["cov_samples"] == 9 and wide.summary["cov_tokens"] == 9 * 16
     assert "cov_samples" not in narrow.summary
+
+
+def test_forward_only_pass_skips_the_heads_logits_and_gives_the_same_covariance(llama_dir, corpus_txt, monkeypatch):
+    from fwsvd import data as d
+    from fwsvd.calibration import statistics as st
+
+    loaded = load_model(llama_dir)
+    names = [t.name for t in find_targets(loaded.model)]
+    blocks = d.causal_blocks_from_file(loaded.tokenizer, corpus_txt, 16)[:8]
+    batches = [{"input_ids": c, "attention_mask": torch.ones_like(c)} for c in blocks.split(4)]
+    assert st.forward_only_options(loaded.model, names, "causal-lm") == {"logits_to_keep": 1}
+    # A head that is a target, or another task, keeps every position's logits.
+    assert st.forward_only_options(loaded.model, [*names, "lm_head"], "causal-lm") == {}
+    assert st.forward_only_options(loaded.model, names, "sequence-classification") == {}
+    seen = []
+    forward = loaded.model.forward
+    @functools.wraps(forward)  # keeps forward's signature, which the option is looked up in
+    def spy(*a, **k):
+        seen.append(k.get("logits_to_keep"))
+        return forward(*a, **k)
+
+    monkeypatch.setattr(loaded.model, "forward", spy)
+    trimmed = _cov_of(loaded, names, batches)
+    assert seen == [1, 1]
+    monkeypatch.setattr(st, "forward_only_options", lambda *a: {})
+    full = _cov_of(loaded, names, batches)
+    assert seen == [1, 1, None, None] and trimmed.keys() == full.keys() and trimmed
+    for name in full:
+        torch.testing.assert_close(trimmed[name], full[name], rtol=0, atol=0)
 
 
 def test_cov_samples_on_labelled_rows(bert_dir, sst2_tsv):
