@@ -9,6 +9,9 @@ from typing import Any
 
 
 from .core import DENSE_CHOICES
+
+#: ``--dense-choice``: a rule of :func:`fwsvd.core.allocate_ranks`, or ``auto`` (both, the better on held-out text).
+DENSE_CHOICE_OPTIONS = (*DENSE_CHOICES, "auto")
 from .device import COMPUTE_DTYPES, DEVICE_HELP, resolve_device
 from .errors import FwsvdError
 from .methods import METHODS, Method, get_method
@@ -84,7 +87,8 @@ class CompressConfig:
     dense_choice: str = help_field(
         "global allocation: when a layer may stay dense: 'break-even' (only once its rank would pass break-even) or 'loss' "
         "(at any rank, when the estimated loss of its discarded components is worth the parameters staying dense costs, "
-        "priced like every other component)",
+        "priced like every other component), or 'auto' (a causal LM compressed in one process with calibration text: both "
+        "rules applied to the same decompositions and the one whose model has the lower loss on held-out blocks of the text kept)",
         default="break-even",
     )
     rank_multiple: int = help_field(
@@ -124,8 +128,8 @@ class CompressConfig:
             raise FwsvdError(f"--rank-floor {self.rank_floor!r} must be a fraction in [0, 1] of each layer's uniform rank")
         if isinstance(self.dense_above, bool) or not isinstance(self.dense_above, (int, float)) or not 0 < self.dense_above <= 1:
             raise FwsvdError(f"--dense-above {self.dense_above!r} must be a fraction in (0, 1] of each layer's break-even rank (1: off)")
-        if self.dense_choice not in DENSE_CHOICES:
-            raise FwsvdError(f"--dense-choice {self.dense_choice!r} must be one of {', '.join(DENSE_CHOICES)}")
+        if self.dense_choice not in DENSE_CHOICE_OPTIONS:
+            raise FwsvdError(f"--dense-choice {self.dense_choice!r} must be one of {', '.join(DENSE_CHOICE_OPTIONS)}")
         if self.dense_choice != "break-even" and self.resolved_allocation() != "global":
             raise FwsvdError(
                 f"--dense-choice {self.dense_choice} applies to global allocation, but {self.method} allocates "

@@ -15,7 +15,7 @@ from .common import add_data_options, add_device_option, add_output_options, che
 def add_parser(sub: Any) -> None:
     """Add the ``compress`` command to the subparsers ``sub``."""
     from ..config import ALLOCATIONS, DEFAULT_ALLOCATION, DEFAULT_RANK_FLOOR, STORAGE_DTYPES, CalibrationConfig, CompressConfig
-    from ..core import DENSE_CHOICES
+    from ..config import DENSE_CHOICE_OPTIONS
     from ..device import COMPUTE_DTYPES
     from ..methods import METHODS
     from ..storage.int8 import QUANTIZED_FORMATS
@@ -35,7 +35,7 @@ def add_parser(sub: Any) -> None:
     c.add_argument("--allocation", choices=list(ALLOCATIONS), default=DEFAULT_ALLOCATION, help=field_help(CompressConfig, "allocation"))
     c.add_argument("--rank-floor", type=float, default=None, help=field_help(CompressConfig, "rank_floor") + f" (default {DEFAULT_RANK_FLOOR:g})")
     c.add_argument("--dense-above", type=float, default=1.0, metavar="FRACTION", help=field_help(CompressConfig, "dense_above"))
-    c.add_argument("--dense-choice", choices=list(DENSE_CHOICES), default="break-even", help=field_help(CompressConfig, "dense_choice"))
+    c.add_argument("--dense-choice", choices=list(DENSE_CHOICE_OPTIONS), default="break-even", help=field_help(CompressConfig, "dense_choice"))
     c.add_argument("--rank-multiple", type=int, default=1, metavar="N", help=field_help(CompressConfig, "rank_multiple"))
     c.add_argument("--asvd-alpha", type=float, default=0.5, help=field_help(CompressConfig, "asvd_alpha"))
     c.add_argument("--damping", type=float, default=0.01, help=field_help(CompressConfig, "damping"))
@@ -250,8 +250,13 @@ def check_options(args: argparse.Namespace, config: Any, calibration: Any, ctx: 
         why = ("--stats reuses statistics calibrated before" if args.stats else "--sequential collects each block's covariance on the fly"
                if args.sequential else f"method {args.method} uses no input covariance")
         raise FwsvdError(f"--cov-samples sizes the input covariance of a one-pass calibration, but {why}: drop --cov-samples")
-    if args.stats and not args.correct and (args.data is not None or args.samples is not None):
+    if args.stats and not args.correct and args.dense_choice != "auto" and (args.data is not None or args.samples is not None):
         raise FwsvdError("--stats reuses saved statistics, so --data/--samples would be ignored: drop them, or drop --stats to recalibrate")
+    if args.dense_choice == "auto" and (args.low_memory or args.sequential or args.any_size or ctx.active):
+        raise FwsvdError(
+            "--dense-choice auto scores whole compressed models on held-out text, which --low-memory, --sequential, --any-size and "
+            "torchrun do not build: pass --dense-choice break-even or loss"
+        )
     if args.rank_floor is not None and config.resolved_allocation() != "global":
         raise FwsvdError(f"--rank-floor applies to global allocation, but {args.method} allocates {config.resolved_allocation()}: drop --rank-floor or pass --allocation global")
     if args.refit and not args.sequential:
@@ -400,8 +405,26 @@ def _factorize(
     if statistics is None and needs:  # a stage only when a calibration runs (not with --stats, nor for svd)
         with stages.stage("calibration"):
             statistics = _calibrate(args, loaded, config, calibration, needs, statistics, checkpointing, ctx)
+    heldout = _heldout(loaded, config, calibration, statistics) if config.dense_choice == "auto" else None
     with stages.stage("factorization"):
-        return api.compress(loaded.model, config, statistics, task=loaded.task, progress=not args.quiet)
+        return api.compress(loaded.model, config, statistics, task=loaded.task, heldout=heldout, progress=not args.quiet)
+
+
+def _heldout(loaded: Any, config: Any, calibration: Any, statistics: Any) -> Any:
+    """--dense-choice auto: blocks of the calibration text that the statistics' draws (those of --stats's file, else
+    this command's) did not take."""
+    from ..compression.selection import heldout_blocks
+
+    if loaded.task != "causal-lm" or config.resolved_allocation() != "global":
+        return None  # compress() refuses auto here with its own line
+    if calibration.data is None or loaded.tokenizer is None:
+        raise FwsvdError("--dense-choice auto scores each allocation on held-out blocks of the calibration text: pass --data TEXT.txt")
+    made = dict(statistics.summary) if statistics is not None else {}
+    cal = calibration.resolved(loaded.task)
+    samples, seed = made.get("samples", cal.samples), made.get("seed", cal.seed)
+    length = made.get("max_length", cal.max_length)
+    drawn = (samples, made.get("cov_samples", cal.cov_samples or samples))
+    return heldout_blocks(loaded.tokenizer, calibration.data, int(length), int(seed), tuple(int(k) for k in drawn))
 
 
 def _checkpointing(args: argparse.Namespace, out: Path) -> Any:

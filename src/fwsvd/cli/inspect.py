@@ -48,6 +48,11 @@ def format_result(result: dict[str, Any]) -> str:
             rules.append(f"dense above {alloc['dense_above']:g} of break-even")
         if alloc.get("dense_choice") == "loss":
             rules.append("dense where the loss estimate pays for it")
+        auto = alloc.get("dense_choice_auto")
+        if isinstance(auto, dict):
+            scores = auto.get("heldout_perplexity") if isinstance(auto.get("heldout_perplexity"), dict) else {}
+            shown = ", ".join(f"{rule} {ppl:.4g}" for rule, ppl in scores.items() if isinstance(ppl, (int, float)) and not isinstance(ppl, bool))
+            rules.append(f"dense choice {alloc.get('dense_choice', 'break-even')} chosen on held-out text" + (f": perplexity {shown}" if shown else ": both rules agreed"))
         if number("rank_multiple"):
             rules.append(f"ranks in multiples of {alloc['rank_multiple']:g}")
         lines.append(f"allocation        {alloc.get('mode')}" + (f" ({', '.join(rules)})" if rules else ""))

@@ -12,7 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..version import __version__
-from ..core import Decomposition, dense_parameters, factorized_parameters, rank_for_kept_fraction, round_ranks
+from ..core import DENSE_CHOICES, Decomposition, allocate_ranks, dense_parameters, factorized_parameters, rank_for_kept_fraction, round_ranks
 from ..errors import FwsvdError
 from ..storage.record import FwsvdQuantizationConfig, compression_record
 from ..methods import Method
@@ -21,7 +21,8 @@ from ..nn import LinearInfo, LowRankLinear, check_finite_weights, find_targets, 
 from ..calibration.statistics import Statistics
 from ..config import CompressConfig
 from .report import CompressionReport, LayerReport
-from .allocation import allocate, allocation_record, allocation_rules, decomposition_cost, layer_errors
+from .allocation import allocate, allocation_record, allocation_rules, component_losses, decomposition_cost, layer_errors
+from .selection import select_dense_choice
 from ..storage.folders import cast_weights
 from ..calibration.files import check_statistics
 from ..nn import count_parameters
@@ -35,6 +36,7 @@ def compress(
     statistics: Statistics | None = None,
     *,
     task: str = "sequence-classification",
+    heldout: torch.Tensor | None = None,
     progress: bool = True,
 ) -> CompressionReport:
     """Factorize the targeted linear layers of ``model`` in place.
@@ -49,16 +51,26 @@ def compress(
         config: method and budget.
         statistics: calibration statistics, required when the method needs any.
         task: model task (resolves ``auto`` method options).
+        heldout: ``[n, length]`` token blocks of text the calibration did not see, for a causal LM with
+            ``config.dense_choice="auto"`` (see :mod:`fwsvd.compression.selection`).
         progress: show a progress bar over layers.
 
     Returns:
         A :class:`CompressionReport`.
 
     Raises:
-        FwsvdError: on an already-compressed model, missing statistics, or non-finite weights.
+        FwsvdError: on an already-compressed model, missing statistics, non-finite weights, or
+            ``dense_choice="auto"`` without ``heldout`` blocks of a causal LM.
     """
     if task not in TASKS:
         raise FwsvdError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
+    auto = config.dense_choice == "auto" and config.resolved_allocation() == "global"
+    if auto and (task != "causal-lm" or heldout is None or len(heldout) == 0):
+        raise FwsvdError(
+            "--dense-choice auto keeps the allocation rule whose model has the lower next-token loss on held-out text: "
+            + ("pass heldout= token blocks (the command line takes them from --data)" if task == "causal-lm" else
+               f"a {task} model has no next-token loss; pass --dense-choice break-even or loss")
+        )
     refuse_compressed(model)
     method = config.build_method(task)
     needs = method.needs_for(task)
@@ -82,10 +94,27 @@ def compress(
         )
     before = count_parameters(model)
     start = time.perf_counter()
-    ranks = decompositions = None
-    if config.resolved_allocation() == "global":
-        ranks, decompositions = allocate(model, targets, method, config.keep, statistics, **allocation_rules(config), progress=progress)
-    ranks = rounded_ranks(targets, config, ranks)
+    ranks = decompositions = selection = None
+    if auto:
+        assert heldout is not None
+        losses, decompositions = component_losses(model, targets, method, statistics, progress=progress)
+        shapes = [(t.out_features, t.in_features, t.bias) for t in targets]
+        candidates = {
+            rule: rounded_ranks(targets, config, dict(zip([t.name for t in targets], allocate_ranks(
+                losses, shapes, config.keep, floor=config.rank_floor, dense_above=config.dense_above, dense_choice=rule))))
+            for rule in DENSE_CHOICES
+        }
+        made = decompositions
+        rule, selection = select_dense_choice(
+            model, targets, candidates,
+            lambda r: factorize_targets(model, targets, method, config.keep, statistics, ranks=r, decompositions=dict(made), progress=False),
+            heldout,
+        )
+        ranks = candidates[rule]
+    else:
+        if config.resolved_allocation() == "global":
+            ranks, decompositions = allocate(model, targets, method, config.keep, statistics, **allocation_rules(config), progress=progress)
+        ranks = rounded_ranks(targets, config, ranks)
     rows = factorize_targets(model, targets, method, config.keep, statistics, ranks=ranks, decompositions=decompositions, progress=progress)
     return record_compression(
         model,
@@ -95,6 +124,7 @@ def compress(
         parameters_before=before,
         calibration=dict(statistics.summary) if statistics is not None else {},
         seconds=time.perf_counter() - start,
+        selection=selection,
     )
 
 
@@ -214,8 +244,10 @@ def record_compression(
     parameters_before: int,
     calibration: dict[str, Any],
     seconds: float,
+    selection: dict[str, Any] | None = None,
 ) -> CompressionReport:
-    """Build the :class:`CompressionReport` and store the compression record in ``model.config``."""
+    """Build the :class:`CompressionReport` and store the compression record in ``model.config``
+    (``selection``: what ``--dense-choice auto`` chose, for the allocation record)."""
     report = CompressionReport(
         method=method.name,
         keep=config.keep,
@@ -242,7 +274,7 @@ def record_compression(
         target_dense_parameters=record["target_dense_parameters"],
         target_keep=record["target_keep"],
         calibration=record["calibration"],
-        allocation=allocation_record(config),
+        allocation=allocation_record(config, selection),
     )
     if config.dtype is not None:
         cast_weights(model, config.dtype)

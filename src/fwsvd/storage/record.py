@@ -155,6 +155,13 @@ _ALLOCATION_KEYS: dict[str, tuple[str, Any]] = {
     "dense_above": ("a number in (0, 1]", _is_fraction),
     "dense_choice": (" or ".join(repr(c) for c in DENSE_CHOICES), lambda v: v in DENSE_CHOICES),
     "rank_multiple": ("a whole number from 1 to 4096", lambda v: _is_int(v) and 1 <= v <= 4096),
+    # --dense-choice auto: what the rule in dense_choice was chosen by (held-out perplexity per rule).
+    "dense_choice_auto": (
+        "an object of heldout_blocks (a whole number) and heldout_perplexity (a number per rule)",
+        lambda v: isinstance(v, Mapping) and set(v) <= {"heldout_blocks", "heldout_perplexity"} and _is_int(v.get("heldout_blocks")) and v["heldout_blocks"] >= 1
+        and (isinstance(v.get("heldout_perplexity", {}), Mapping) and all(k in DENSE_CHOICES and isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0
+                                                                         for k, x in v.get("heldout_perplexity", {}).items())),
+    ),
 }
 
 
