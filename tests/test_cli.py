@@ -376,7 +376,10 @@ def test_inspect_shows_ranks_by_layer_type_and_depth(capsys, tmp_path, llama_dir
 def test_dense_above_is_recorded_and_inspected(capsys, tmp_path, llama_dir, corpus_txt):
     out = tmp_path / "fast"
     info = compress_and_inspect(capsys, out, llama_dir, corpus_txt, "0.7", "--allocation", "global", "--dense-above", "0.6")
+    # With --data the default dense choice is made on held-out text (tests/test_selection.py); the rules hold either way.
+    chosen = {k: info["allocation"].pop(k) for k in ("dense_choice", "dense_choice_auto")}
     assert info["allocation"] == {"mode": "global", "rank_floor": 0.5, "dense_above": 0.6}
+    assert chosen["dense_choice"] in ("break-even", "loss") and chosen["dense_choice_auto"]["heldout_blocks"] >= 1
     model = load_model(out).model
     for name, rank in info["ranks"].items():
         layer = model.get_submodule(name)

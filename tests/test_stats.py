@@ -309,7 +309,7 @@ def test_cov_samples_widen_the_covariance_and_leave_fisher_alone(llama_dir, corp
 
     loaded = load_model(llama_dir)
     names = [t.name for t in find_targets(loaded.model)]
-    narrow = calibrate(loaded, api.CalibrationConfig(data=str(corpus_txt), samples=4, batch_size=4, max_length=16), {"fisher", "cov"}, progress=False)
+    narrow = calibrate(loaded, api.CalibrationConfig(data=str(corpus_txt), samples=4, cov_samples=4, batch_size=4, max_length=16), {"fisher", "cov"}, progress=False)
     wide = calibrate(loaded, api.CalibrationConfig(data=str(corpus_txt), samples=4, cov_samples=9, batch_size=4, max_length=16), {"fisher", "cov"}, progress=False)
     blocks = d.causal_blocks_from_file(loaded.tokenizer, corpus_txt, 16)
     taken, extra = _expected_rows(len(blocks), 4, 9)
@@ -325,6 +325,12 @@ def test_cov_samples_widen_the_covariance_and_leave_fisher_alone(llama_dir, corp
     assert wide.shared == narrow.shared
     assert wide.summary["samples"] == 4 and wide.summary["cov_samples"] == 9 and wide.summary["cov_tokens"] == 9 * 16
     assert "cov_samples" not in narrow.summary
+    # Unnamed, a causal LM's covariance takes 8 x the Fisher's blocks (here all 37 of the text's); named
+    # equal to --samples, it is the Fisher's own.
+    default = calibrate(loaded, api.CalibrationConfig(data=str(corpus_txt), samples=4, batch_size=4, max_length=16), {"fisher", "cov"}, progress=False)
+    assert default.summary["cov_samples"] == 32 and default.summary["cov_tokens"] == 32 * 16
+    for name in names:
+        torch.testing.assert_close(default.tensors[name]["fisher_out"], narrow.tensors[name]["fisher_out"], rtol=0, atol=0)
 
 
 def test_forward_only_pass_skips_the_heads_logits_and_gives_the_same_covariance(llama_dir, corpus_txt, monkeypatch):

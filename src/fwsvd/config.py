@@ -84,12 +84,14 @@ class CompressConfig:
         "dense product (benchmarks/layer_kernels.py measures where on a CPU); 1 keeps dense only layers that would save nothing",
         default=1.0,
     )
-    dense_choice: str = help_field(
+    dense_choice: str | None = help_field(
         "global allocation: when a layer may stay dense: 'break-even' (only once its rank would pass break-even) or 'loss' "
         "(at any rank, when the estimated loss of its discarded components is worth the parameters staying dense costs, "
         "priced like every other component), or 'auto' (a causal LM compressed in one process with calibration text: both "
-        "rules applied to the same decompositions and the one whose model has the lower loss on held-out blocks of the text kept)",
-        default="break-even",
+        "rules applied to the same decompositions and the one whose model has the lower loss on held-out blocks of the text kept); "
+        "default: auto where compress is given held-out text (the command line: a causal LM compressed in one pass with --data), "
+        "else break-even",
+        default=None,
     )
     rank_multiple: int = help_field(
         "round every rank to a multiple of this (matrix kernels run fastest on widths that fill their vector registers and "
@@ -128,9 +130,9 @@ class CompressConfig:
             raise FwsvdError(f"--rank-floor {self.rank_floor!r} must be a fraction in [0, 1] of each layer's uniform rank")
         if isinstance(self.dense_above, bool) or not isinstance(self.dense_above, (int, float)) or not 0 < self.dense_above <= 1:
             raise FwsvdError(f"--dense-above {self.dense_above!r} must be a fraction in (0, 1] of each layer's break-even rank (1: off)")
-        if self.dense_choice not in DENSE_CHOICE_OPTIONS:
+        if self.dense_choice is not None and self.dense_choice not in DENSE_CHOICE_OPTIONS:
             raise FwsvdError(f"--dense-choice {self.dense_choice!r} must be one of {', '.join(DENSE_CHOICE_OPTIONS)}")
-        if self.dense_choice != "break-even" and self.resolved_allocation() != "global":
+        if self.dense_choice not in (None, "break-even") and self.resolved_allocation() != "global":
             raise FwsvdError(
                 f"--dense-choice {self.dense_choice} applies to global allocation, but {self.method} allocates "
                 f"{self.resolved_allocation()}: pass --allocation global, or drop --dense-choice"
@@ -161,6 +163,11 @@ class CompressConfig:
         return get_method(self.method, reduction=self.fisher_reduction, whiten=self.fisher_whiten, alpha=self.asvd_alpha, damping=self.damping).configure(task)
 
 
+#: A causal LM's default ``cov_samples`` (in one pass): this many times ``samples``. On SmolLM2-135M the
+#: input covariance of 16 blocks gains more from 64 or 128 blocks than the Fisher does (docs/decoders.md).
+COV_FACTOR = 8
+
+
 @dataclass
 class CalibrationConfig:
     """Which calibration data to use and how to batch it."""
@@ -170,7 +177,7 @@ class CalibrationConfig:
     cov_samples: int | None = help_field(
         "rows or blocks the input covariance (whitening) is taken over, when more than --samples: the extra ones, drawn with "
         "the same --seed, run forward only (no backward pass: a fraction of the Fisher's cost), while Fisher stays on --samples "
-        "(default: --samples)",
+        f"(default: {COV_FACTOR} x --samples for a causal LM calibrated in one pass, else --samples)",
         default=None,
     )
     batch_size: int | None = help_field(
@@ -218,7 +225,7 @@ class CalibrationConfig:
         resolve_device(self.device)  # a GPU asked for where there is none fails here, before any work
         if self.fisher_labels not in ("data", "model"):
             raise FwsvdError(f"--fisher-labels {self.fisher_labels!r} must be 'data' or 'model'")
-        if self.cov_samples is not None and self.low_memory:
+        if self.cov_samples is not None and self.low_memory and (self.samples is None or self.cov_samples > self.samples):
             raise FwsvdError("--cov-samples adds a forward-only pass over the whole model: drop --low-memory, or drop --cov-samples")
         if self.fisher_labels == "model" and self.low_memory:
             raise FwsvdError("--fisher-labels model needs the whole model's outputs in one pass: drop --low-memory, or use --fisher-labels data")
@@ -231,10 +238,15 @@ class CalibrationConfig:
                 f"--cov-samples {self.cov_samples} is below the {samples} calibration samples the covariance already takes: "
                 f"pass at least {samples}, or drop --cov-samples"
             )
+        cov_samples = self.cov_samples
+        if cov_samples is None and causal and not self.low_memory:
+            # The whitening's covariance is short of data long before the Fisher is (docs/decoders.md) and costs
+            # forward passes only: a causal LM's default takes it over COV_FACTOR times the Fisher's blocks.
+            cov_samples = COV_FACTOR * samples
         return CalibrationConfig(
             data=self.data,
             samples=samples,
-            cov_samples=self.cov_samples,
+            cov_samples=cov_samples,
             # With low_memory, blocks run one example at a time unless asked otherwise: a block's
             # working set grows with the batch, and there is no whole-model pass to amortize.
             batch_size=self.batch_size or (1 if self.low_memory else 4 if causal else 16),

@@ -35,7 +35,7 @@ def add_parser(sub: Any) -> None:
     c.add_argument("--allocation", choices=list(ALLOCATIONS), default=DEFAULT_ALLOCATION, help=field_help(CompressConfig, "allocation"))
     c.add_argument("--rank-floor", type=float, default=None, help=field_help(CompressConfig, "rank_floor") + f" (default {DEFAULT_RANK_FLOOR:g})")
     c.add_argument("--dense-above", type=float, default=1.0, metavar="FRACTION", help=field_help(CompressConfig, "dense_above"))
-    c.add_argument("--dense-choice", choices=list(DENSE_CHOICE_OPTIONS), default="break-even", help=field_help(CompressConfig, "dense_choice"))
+    c.add_argument("--dense-choice", choices=list(DENSE_CHOICE_OPTIONS), default=None, help=field_help(CompressConfig, "dense_choice"))
     c.add_argument("--rank-multiple", type=int, default=1, metavar="N", help=field_help(CompressConfig, "rank_multiple"))
     c.add_argument("--asvd-alpha", type=float, default=0.5, help=field_help(CompressConfig, "asvd_alpha"))
     c.add_argument("--damping", type=float, default=0.01, help=field_help(CompressConfig, "damping"))
@@ -94,7 +94,7 @@ def add_parser(sub: Any) -> None:
 #: The options of --quantize, and those that apply only to factorization (refused with --quantize).
 QUANTIZE_OPTIONS = ("group_size", "correction_rank", "budget_bytes", "correction_share")
 FACTORIZE_ONLY = {
-    "keep": None, "allocation": "auto", "rank_floor": None, "dense_above": 1.0, "dense_choice": "break-even", "rank_multiple": 1, "sequential": False, "refit": False,
+    "keep": None, "allocation": "auto", "rank_floor": None, "dense_above": 1.0, "dense_choice": None, "rank_multiple": 1, "sequential": False, "refit": False,
     "low_memory": False, "correct": False, "correct_steps": None, "quantize_factors": None, "dtype": None, "finetune_data": None,
 }
 
@@ -405,7 +405,15 @@ def _factorize(
     if statistics is None and needs:  # a stage only when a calibration runs (not with --stats, nor for svd)
         with stages.stage("calibration"):
             statistics = _calibrate(args, loaded, config, calibration, needs, statistics, checkpointing, ctx)
-    heldout = _heldout(loaded, config, calibration, statistics) if config.dense_choice == "auto" else None
+    heldout = None
+    if config.dense_choice == "auto":
+        heldout = _heldout(loaded, config, calibration, statistics)
+    elif config.dense_choice is None and statistics is not None and args.stats is None and not ctx.active:
+        # The default chooses on held-out text where this one-pass calibration had some; else break-even.
+        try:
+            heldout = _heldout(loaded, config, calibration, statistics)
+        except FwsvdError as err:
+            logging.getLogger("fwsvd").warning("the default dense choice falls back to break-even: %s", err)
     with stages.stage("factorization"):
         return api.compress(loaded.model, config, statistics, task=loaded.task, heldout=heldout, progress=not args.quiet)
 

@@ -42,6 +42,8 @@ def allocation_rules(config: CompressConfig) -> dict[str, Any]:
         FwsvdError: for ``dense_choice="auto"``, which only :func:`fwsvd.compression.factorize.compress`
             (a whole model in one process, with held-out text) can resolve.
     """
+    if config.dense_choice is None:  # the default, where no held-out text is at hand
+        return {"floor": config.rank_floor, "dense_above": config.dense_above, "dense_choice": "break-even"}
     if config.dense_choice not in DENSE_CHOICES:
         raise FwsvdError(
             f"--dense-choice {config.dense_choice} scores whole compressed models on held-out text, which this mode "
@@ -61,7 +63,7 @@ def allocation_record(config: CompressConfig, selection: dict[str, Any] | None =
         "mode": mode,
         "rank_floor": config.rank_floor,
         **({"dense_above": config.dense_above} if config.dense_above < 1 else {}),
-        **({"dense_choice": config.dense_choice} if config.dense_choice not in ("break-even", "auto") else {}),
+        **({"dense_choice": config.dense_choice} if config.dense_choice not in (None, "break-even", "auto") else {}),
         **({"dense_choice": selection["dense_choice"], "dense_choice_auto": {k: v for k, v in selection.items() if k != "dense_choice"}}
            if selection is not None else {}),
         **rounding,

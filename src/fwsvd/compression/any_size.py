@@ -93,7 +93,8 @@ def compress_any_size(
         calibration=dict(statistics.summary) if statistics is not None else {},
         any_size={
             "losses": losses,
-            "allocation": {"mode": mode, **({"rank_floor": config.rank_floor, "dense_above": config.dense_above, "dense_choice": config.dense_choice} if mode == "global" else {})},
+            # The rules as allocation_rules resolves them (the default dense choice: break-even).
+            "allocation": {"mode": mode, **({{"floor": "rank_floor"}.get(k, k): v for k, v in allocation_rules(config).items()} if mode == "global" else {})},
             "factor_dtype": "float16",
         },
     )

@@ -64,7 +64,9 @@ def compress(
     """
     if task not in TASKS:
         raise FwsvdError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
-    auto = config.dense_choice == "auto" and config.resolved_allocation() == "global"
+    glob = config.resolved_allocation() == "global"
+    # The default (None) chooses on held-out text where it is given; an explicit auto needs it.
+    auto = glob and (config.dense_choice == "auto" or (config.dense_choice is None and heldout is not None and task == "causal-lm"))
     if auto and (task != "causal-lm" or heldout is None or len(heldout) == 0):
         raise FwsvdError(
             "--dense-choice auto keeps the allocation rule whose model has the lower next-token loss on held-out text: "
