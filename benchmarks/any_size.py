@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     dense = fwsvd.load_model(MODEL)
     config = CompressConfig(method="fwsvd")
     t0 = time.perf_counter()
-    stats = fwsvd.calibrate(dense, fwsvd.CalibrationConfig(data=str(VALID), samples=16, max_length=512, batch_size=4, seed=0),
+    stats = fwsvd.calibrate(dense, fwsvd.CalibrationConfig(data=str(VALID), samples=16, cov_samples=16, max_length=512, batch_size=4, seed=0),
                             config.needs(dense.task), progress=False)
     calibration_s = time.perf_counter() - t0
     dense_ppl = _ppl(dense)

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.stats is not None:
         stats = fwsvd.api.load_statistics(args.stats)
     elif config.needs(lm.task):
-        cal = fwsvd.CalibrationConfig(data=str(DATA / "valid.txt"), samples=args.samples, max_length=512, seed=0)
+        cal = fwsvd.CalibrationConfig(data=str(DATA / "valid.txt"), samples=args.samples, cov_samples=args.samples, max_length=512, seed=0)
         stats = fwsvd.calibrate(lm, cal, config.needs(lm.task), progress=False)
     report = fwsvd.compress(lm.model, config, stats, task=lm.task, progress=False)
     del stats

@@ -56,7 +56,7 @@ log = logging.getLogger("quantized")
 MODELS = {
     "smollm2": {
         "folder": HERE / ".cache" / "smollm2-135m",
-        "calibration": {"data": str(SHARED / "data" / "wikitext-2" / "valid.txt"), "samples": 16, "max_length": 512, "batch_size": 4, "seed": 0},
+        "calibration": {"data": str(SHARED / "data" / "wikitext-2" / "valid.txt"), "samples": 16, "cov_samples": 16, "max_length": 512, "batch_size": 4, "seed": 0},
         "eval": {"data": str(SHARED / "data" / "wikitext-2" / "test.txt"), "limit": 24, "max_length": 512},
         "metric": "perplexity",
     },

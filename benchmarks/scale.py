@@ -58,7 +58,10 @@ RESULTS = HERE / "results"
 STEM = "scale"
 
 KEEP = 0.8
-CALIBRATION = ["--samples", "16", "--max-length", "512", "--batch-size", "4"]
+# The in-memory modes are compared with --low-memory like for like: the covariance on the 16 Fisher
+# blocks and the break-even rule, what --low-memory does (the one-pass defaults for causal LMs since
+# 2026-12-04 take the covariance on 8 x the blocks and choose the rule on held-out text).
+CALIBRATION = ["--samples", "16", "--max-length", "512", "--batch-size", "4", "--cov-samples", "16", "--dense-choice", "break-even"]
 #: --low-memory at its own default batch (1 example: the block working set grows with the batch).
 LOW_MEMORY_CALIBRATION = ["--samples", "16", "--max-length", "512"]
 EVAL = ["--limit", "24", "--max-length", "512"]

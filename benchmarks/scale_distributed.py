@@ -128,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     common = ["compress", args.model, "--method", args.method, "--keep", str(args.keep), "--data", args.data,
               "--samples", str(args.samples), "--max-length", str(args.max_length), "--overwrite", "--quiet", "--json"]
+    if args.method == "fwsvd":
+        # Like for like under torchrun, which keeps the break-even rule (no held-out choice) and, here, the
+        # covariance on the Fisher's blocks: what both modes did before the 2026-12-04 defaults.
+        common += ["--cov-samples", str(args.samples), "--dense-choice", "break-even"]
     modes = {
         "single process": [sys.executable, "-m", "fwsvd"],
         f"torchrun {args.procs} processes": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.procs), "-m", "fwsvd"],

@@ -62,7 +62,7 @@ PARTS: dict[str, dict[str, Any]] = {
     "decoder": {
         "model": HERE / ".cache" / "smollm2-135m",
         "label": "SmolLM2-135M, WikiText-2 test perplexity (24 × 512 tokens)",
-        "calibration": {"data": SHARED / "data" / "wikitext-2" / "valid.txt", "samples": 16, "max_length": 512, "batch_size": 4, "seed": 0},
+        "calibration": {"data": SHARED / "data" / "wikitext-2" / "valid.txt", "samples": 16, "cov_samples": 16, "max_length": 512, "batch_size": 4, "seed": 0},
         "evaluation": {"data": SHARED / "data" / "wikitext-2" / "test.txt", "limit": 24, "max_length": 512},
         "metric": "perplexity",
         "keeps": (0.8, 0.6),
