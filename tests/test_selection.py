@@ -141,6 +141,12 @@ def test_cli_auto_records_its_choice_and_refuses_modes_that_build_no_whole_model
         assert allocation.get("dense_choice", "break-even") == min(scores, key=scores.get)
     status, stdout, _ = _run(capsys, "inspect", out)
     assert "chosen on held-out text" in stdout
+    # The human report says which rule was kept and by what, and over how many blocks the covariance was taken.
+    status, stdout, err = _run(capsys, "compress", llama_dir, "--out", tmp_path / "shown", "--keep", "0.6", "--data", corpus_txt,
+                               "--max-length", "16", "--batch-size", "2", "--samples", "4")
+    assert status == 0, err
+    assert "dense choice " in stdout and "(5 blocks)" in stdout or "both rules gave the same ranks" in stdout
+    assert "covariance on 32" in stdout
     # --stats with --data: the text gives the held-out blocks only.
     stats = tmp_path / "s.safetensors"
     assert _run(capsys, "compress", llama_dir, "--out", tmp_path / "first", "--keep", "0.6", "--data", corpus_txt, "--save-stats", stats, *small)[0] == 0

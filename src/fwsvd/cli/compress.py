@@ -323,6 +323,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result = report.to_dict()
     result["memory"] = stages.to_dict()
     result.update(_dtype_result(args.dtype, args.quantize_factors))
+    allocation = getattr(getattr(loaded.model.config, "quantization_config", None), "allocation", None)
+    if allocation:
+        result["allocation"] = dict(allocation)
     if corrected is not None:
         result["correction"] = corrected
     if finetuned is not None:
@@ -559,7 +562,8 @@ def _statistics_text(report: dict[str, Any]) -> str:
     if report.get("statistics_file"):
         return f"statistics read from {report['statistics_file']} (saved by a calibration on {cal.get('samples')} samples, {cal.get('tokens')} tokens)"
     if cal:
-        return f"calibration {cal.get('seconds', 0):.2f} s on {cal.get('samples')} samples ({cal.get('tokens')} tokens)"
+        cov = f", covariance on {cal['cov_samples']}" if cal.get("cov_samples") else ""
+        return f"calibration {cal.get('seconds', 0):.2f} s on {cal.get('samples')} samples ({cal.get('tokens')} tokens{cov})"
     return ""
 
 
@@ -606,6 +610,11 @@ def format_result(report: dict[str, Any]) -> str:
     timing = f"method {report['method']}, keep {report['keep']:g}; factorization {report['seconds_factorize']:.2f} s"
     statistics = _statistics_text(report)
     out.append(timing + (f", {statistics}" if statistics else ""))
+    chosen = (report.get("allocation") or {}).get("dense_choice_auto")
+    if isinstance(chosen, dict):
+        scores = ", ".join(f"{rule} {ppl:.2f}" for rule, ppl in (chosen.get("heldout_perplexity") or {}).items())
+        out.append(f"dense choice {report['allocation'].get('dense_choice')}: "
+                   + (f"held-out perplexity {scores} ({chosen.get('heldout_blocks')} blocks)" if scores else "both rules gave the same ranks"))
     if report.get("correction"):
         c = report["correction"]
         out.append(
