@@ -268,8 +268,8 @@ def check_kernels(device: torch.device, size: dict[str, Any]) -> dict[str, Any]:
         }
         for tokens in size["kernel_tokens"]:
             x = torch.randn(tokens, in_f, generator=g, device=device, dtype=dtype)
-            runs = {"dense": lambda: [x @ w.T for w in dense]}
-            runs.update({f: (lambda pairs=pairs: [(x @ b.T) @ a.T for b, a in pairs]) for f, pairs in factors.items()})
+            runs = {"dense": lambda x=x, weights=dense: [x @ w.T for w in weights]}
+            runs.update({f: (lambda x=x, pairs=pairs: [(x @ b.T) @ a.T for b, a in pairs]) for f, pairs in factors.items()})
             times: dict[Any, list[float]] = {k: [] for k in runs}
             with torch.inference_mode():
                 for fn in runs.values():  # warm-up: kernels chosen, caches and clocks settled

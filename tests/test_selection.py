@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import low_rank_ranks
 
 import fwsvd
 from fwsvd import api
@@ -14,8 +15,6 @@ from fwsvd.cli import main
 from fwsvd.compression.selection import heldout_blocks, select_dense_choice
 from fwsvd.errors import DataError, FwsvdError
 from fwsvd.storage.record import validate_record
-
-from conftest import low_rank_ranks
 
 CAL = {"samples": 4, "batch_size": 2, "max_length": 16}
 
@@ -86,8 +85,8 @@ def test_scoring_leaves_the_dense_model_as_it_was(llama_dir, fresh):
     def apply(ranks):  # swaps one layer for another module, as a factorization would
         swap_module(loaded.model, targets[0].name, torch.nn.Linear(targets[0].in_features, targets[0].out_features, bias=False))
 
-    rule, selection = select_dense_choice(loaded.model, targets, {"break-even": {"x": 1}, "loss": {"x": 2}}, apply,
-                                          torch.randint(0, 100, (3, 8)))
+    _, selection = select_dense_choice(loaded.model, targets, {"break-even": {"x": 1}, "loss": {"x": 2}}, apply,
+                                       torch.randint(0, 100, (3, 8)))
     assert set(selection["heldout_perplexity"]) == {"break-even", "loss"} and loaded.model.training
     after = loaded.model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
@@ -161,3 +160,23 @@ def test_cli_auto_records_its_choice_and_refuses_modes_that_build_no_whole_model
         status, _, err = _run(capsys, "compress", llama_dir, "--out", tmp_path / "m", "--data", corpus_txt, "--dense-choice", "auto", *mode, *small)
         assert status == 2 and "--dense-choice break-even or loss" in err and len(err.strip().splitlines()) == 1, (mode, err)
         assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("bad", [
+    {"heldout_blocks": 0},
+    {"heldout_blocks": 8, "heldout_perplexity": {"sideways": 3.0}},
+    {"heldout_blocks": 8, "heldout_perplexity": {"loss": -1.0}},
+    {"heldout_blocks": 8, "extra": 1},
+    "loss",
+])
+def test_a_bad_dense_choice_auto_record_is_refused(llama_dir, fresh, corpus_txt, bad):
+    from fwsvd.errors import ModelError
+
+    loaded = fresh(llama_dir)
+    fwsvd.compress(loaded.model, api.CompressConfig(method="fwsvd", keep=0.5, dense_choice="auto"), _stats(loaded, corpus_txt), task=loaded.task,
+                   heldout=heldout_blocks(loaded.tokenizer, str(corpus_txt), 16, 0, (4,)), progress=False)
+    record = loaded.model.config.quantization_config.to_dict()
+    validate_record(record)
+    record["allocation"]["dense_choice_auto"] = bad
+    with pytest.raises(ModelError, match="allocation dense_choice_auto"):
+        validate_record(record)

@@ -9,12 +9,12 @@ from typing import Any
 
 
 from .core import DENSE_CHOICES
-
-#: ``--dense-choice``: a rule of :func:`fwsvd.core.allocate_ranks`, or ``auto`` (both, the better on held-out text).
-DENSE_CHOICE_OPTIONS = (*DENSE_CHOICES, "auto")
 from .device import COMPUTE_DTYPES, DEVICE_HELP, resolve_device
 from .errors import FwsvdError
 from .methods import METHODS, Method, get_method
+
+#: ``--dense-choice``: a rule of :func:`fwsvd.core.allocate_ranks`, or ``auto`` (both, the better on held-out text).
+DENSE_CHOICE_OPTIONS = (*DENSE_CHOICES, "auto")
 
 
 #: Rank allocation modes (see :func:`fwsvd.core.allocate_ranks`).
