@@ -129,6 +129,11 @@ def allocate(
         decompositions are those this process made (see :func:`fwsvd.calibration.distributed.spread`).
     """
     losses, decompositions = component_losses(model, targets, method, statistics, progress=progress)
+    return ranks_from_losses(targets, losses, keep, floor=floor, dense_above=dense_above, dense_choice=dense_choice), decompositions
+
+
+def ranks_from_losses(targets: list[LinearInfo], losses: list[torch.Tensor], keep: float, **rules: Any) -> dict[str, int | None]:
+    """``{target name: rank or None}`` that :func:`fwsvd.core.allocate_ranks` gives the targets' component
+    ``losses`` at ``keep`` under ``rules`` (``floor``, ``dense_above``, ``dense_choice``)."""
     shapes = [(info.out_features, info.in_features, info.bias) for info in targets]
-    ranks = allocate_ranks(losses, shapes, keep, floor=floor, dense_above=dense_above, dense_choice=dense_choice)
-    return {info.name: rank for info, rank in zip(targets, ranks)}, decompositions
+    return dict(zip([info.name for info in targets], allocate_ranks(losses, shapes, keep, **rules)))

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -49,13 +48,14 @@ def correction_blocks(all_blocks: torch.Tensor, gradient: Sequence[int], seed: i
     Raises:
         DataError: when every block is used for the gradient.
     """
-    rest = sorted(set(range(len(all_blocks))) - set(gradient))
-    if not rest:
+    from ..data import draw_outside
+
+    pick = draw_outside(len(all_blocks), gradient, heldout, seed + 1)
+    if not pick:
         raise DataError(
             f"the correction text gives {len(all_blocks)} blocks and the gradient uses all of them: the line search needs "
             "held-out blocks, so pass a longer text or fewer --samples"
         )
-    pick = sorted(random.Random(seed + 1).sample(rest, min(heldout, len(rest))))
     return all_blocks[torch.tensor(pick, dtype=torch.long)]
 
 

@@ -12,7 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..version import __version__
-from ..core import DENSE_CHOICES, Decomposition, allocate_ranks, dense_parameters, factorized_parameters, rank_for_kept_fraction, round_ranks
+from ..core import DENSE_CHOICES, Decomposition, dense_parameters, factorized_parameters, rank_for_kept_fraction, round_ranks
 from ..errors import FwsvdError
 from ..storage.record import FwsvdQuantizationConfig, compression_record
 from ..methods import Method
@@ -21,7 +21,7 @@ from ..nn import LinearInfo, LowRankLinear, check_finite_weights, find_targets, 
 from ..calibration.statistics import Statistics
 from ..config import CompressConfig
 from .report import CompressionReport, LayerReport
-from .allocation import allocate, allocation_record, allocation_rules, component_losses, decomposition_cost, layer_errors
+from .allocation import allocate, allocation_record, allocation_rules, component_losses, decomposition_cost, layer_errors, ranks_from_losses
 from .selection import select_dense_choice
 from ..storage.folders import cast_weights
 from ..calibration.files import check_statistics
@@ -100,16 +100,14 @@ def compress(
     if auto:
         assert heldout is not None
         losses, decompositions = component_losses(model, targets, method, statistics, progress=progress)
-        shapes = [(t.out_features, t.in_features, t.bias) for t in targets]
         candidates = {
-            rule: rounded_ranks(targets, config, dict(zip([t.name for t in targets], allocate_ranks(
-                losses, shapes, config.keep, floor=config.rank_floor, dense_above=config.dense_above, dense_choice=rule))))
+            rule: rounded_ranks(targets, config, ranks_from_losses(targets, losses, config.keep, floor=config.rank_floor, dense_above=config.dense_above, dense_choice=rule))
             for rule in DENSE_CHOICES
         }
-        made = decompositions
         rule, selection = select_dense_choice(
             model, targets, candidates,
-            lambda r: factorize_targets(model, targets, method, config.keep, statistics, ranks=r, decompositions=dict(made), progress=False),
+            # A copy each time: factorize_targets pops what it uses, and the final factorization below needs them all.
+            lambda r: factorize_targets(model, targets, method, config.keep, statistics, ranks=r, decompositions=dict(decompositions), progress=False),
             heldout,
         )
         ranks = candidates[rule]

@@ -20,7 +20,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core import DENSE_CHOICES
 from ..errors import DataError
 from ..nn import LinearInfo, swap_module
 from ..training.losses import block_nll
@@ -41,7 +40,8 @@ def select_dense_choice(
 
     Args:
         model: the dense causal LM; left dense (each candidate's low-rank layers are swapped out again).
-        candidates: each rule's ranks, ``{rule: {target name: rank or None}}``.
+        candidates: each rule's ranks, ``{rule: {target name: rank or None}}``; a tie goes to the first
+            (:func:`fwsvd.compression.factorize.compress` lists ``break-even`` first).
         apply: factorizes ``model``'s targets in place at the given ranks (from decompositions made once).
         heldout: ``[n, length]`` token blocks the calibration did not see.
 
@@ -68,8 +68,7 @@ def select_dense_choice(
                     swap_module(model, name, module)
     finally:
         model.train(training)
-    order = {rule: DENSE_CHOICES.index(rule) if rule in DENSE_CHOICES else len(DENSE_CHOICES) for rule in rules}
-    chosen = min(rules, key=lambda rule: (scores[rule], order[rule]))
+    chosen = min(rules, key=lambda rule: (scores[rule], rules.index(rule)))  # a tie goes to the first candidate
     return chosen, {
         "dense_choice": chosen,
         "heldout_perplexity": {rule: math.exp(nll) if nll < 700 else math.inf for rule, nll in scores.items()},
@@ -91,17 +90,14 @@ def heldout_blocks(tokenizer: Any, data: str, max_length: int, seed: int, drawn:
     Raises:
         DataError: when calibration drew every block of the text.
     """
-    import random
-
     from .. import data as d
 
     every = d.causal_blocks_from_file(tokenizer, data, max_length)
     taken = set().union(*(d.draw(len(every), k, seed) for k in drawn))
-    rest = [i for i in range(len(every)) if i not in taken]
-    if not rest:
+    pick = d.draw_outside(len(every), taken, count, seed + 1)
+    if not pick:
         raise DataError(
             f"{data} gives {len(every)} blocks of {max_length} tokens and calibration draws all of them, so none is left to "
             "score --dense-choice auto on: pass a longer text or fewer --samples/--cov-samples, or --dense-choice break-even or loss"
         )
-    pick = sorted(random.Random(seed + 1).sample(rest, min(count, len(rest))))
     return every[torch.tensor(pick, dtype=torch.long)]

@@ -16,7 +16,7 @@ The package is split by concern; imports point one way, from the top of this lis
 No model code lives here: tokenizers are passed in by the caller.
 """
 
-from .encoding import batches, causal_blocks, causal_blocks_from_file, draw, encode_examples, encode_token_examples
+from .encoding import batches, causal_blocks, causal_blocks_from_file, draw, draw_outside, encode_examples, encode_token_examples
 from .labels import label_mapping, model_label_mapping
 from .readers import read_text, text_chunks
 from .tasks import Examples, TokenExamples, read_labelled, read_token_labelled
@@ -28,6 +28,7 @@ __all__ = [
     "causal_blocks",
     "causal_blocks_from_file",
     "draw",
+    "draw_outside",
     "encode_examples",
     "label_mapping",
     "model_label_mapping",

@@ -11,7 +11,7 @@ import random
 import re
 from array import array
 from bisect import bisect_left
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import closing, nullcontext
 from typing import Any
 
@@ -98,6 +98,14 @@ def draw(n: int, k: int, seed: int) -> list[int]:
     if k >= n:
         return list(range(n))
     return sorted(random.Random(seed).sample(range(n), k))
+
+
+def draw_outside(n: int, taken: Iterable[int], k: int, seed: int) -> list[int]:
+    """Up to ``k`` of ``range(n)`` outside ``taken``, drawn without replacement with ``random.Random(seed)``, in
+    their original order (empty when ``taken`` holds every index): held-out blocks beside a calibration draw."""
+    skip = set(taken)
+    rest = [i for i in range(n) if i not in skip]
+    return sorted(random.Random(seed).sample(rest, min(k, len(rest))))
 
 
 def causal_blocks(
