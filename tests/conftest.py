@@ -247,6 +247,18 @@ def fresh() -> Callable[..., "fwsvd.LoadedModel"]:
     return load
 
 
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """``fwsvd.cli.main(argv)`` -> (exit status, stdout, stderr), argparse's own exits (--help, usage errors) included."""
+    from fwsvd.cli import main
+
+    try:
+        status = main([str(a) for a in argv])
+    except SystemExit as exc:
+        status = exc.code
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
 def low_rank_ranks(model: torch.nn.Module) -> dict[str, int]:
     """``{module name: rank}`` of every low-rank layer of ``model``."""
     from fwsvd.nn import LowRankLinear

@@ -12,25 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import folder_digest, make_bert, save_model
+from conftest import run_cli as run
 
 import fwsvd
-from fwsvd.cli import main
 from fwsvd.storage.loading import load_model
 from fwsvd.nn import LowRankLinear
 
 SMALL = ["--quiet", "--max-length", "16", "--batch-size", "8"]
 CAUSAL = ["--quiet", "--max-length", "16", "--batch-size", "2", "--samples", "4"]
 _BAR = re.compile(r"\d+%\|.*\|")  # a tqdm progress bar line
-
-
-def run(capsys, *argv: str | Path) -> tuple[int, str, str]:
-    """``main(argv)`` -> (exit status, stdout, stderr)."""
-    try:
-        status = main([str(a) for a in argv])
-    except SystemExit as exc:  # argparse's own exits (--help, usage errors)
-        status = exc.code
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 def error_lines(err: str) -> list[str]:

@@ -7,11 +7,10 @@ import math
 
 import pytest
 import torch
-from conftest import low_rank_ranks
+from conftest import low_rank_ranks, run_cli
 
 import fwsvd
 from fwsvd import api
-from fwsvd.cli import main
 from fwsvd.compression.selection import heldout_blocks, select_dense_choice
 from fwsvd.errors import DataError, FwsvdError
 from fwsvd.storage.record import validate_record
@@ -117,47 +116,38 @@ def test_auto_refuses_without_heldout_text_and_off_causal_lms(llama_dir, bert_di
         api.CompressConfig(method="fwsvd", keep=0.5, dense_choice="best")
 
 
-def _run(capsys, *argv):
-    try:
-        status = main([str(a) for a in argv])
-    except SystemExit as exc:
-        status = exc.code
-    out, err = capsys.readouterr()
-    return status, out, err
-
-
 def test_cli_auto_records_its_choice_and_refuses_modes_that_build_no_whole_model(capsys, tmp_path, llama_dir, corpus_txt):
     small = ["--quiet", "--max-length", "16", "--batch-size", "2", "--samples", "4"]
     out = tmp_path / "auto"
-    status, _, err = _run(capsys, "compress", llama_dir, "--out", out, "--keep", "0.6", "--data", corpus_txt, "--dense-choice", "auto", *small)
+    status, _, err = run_cli(capsys, "compress", llama_dir, "--out", out, "--keep", "0.6", "--data", corpus_txt, "--dense-choice", "auto", *small)
     assert status == 0, err
-    status, stdout, err = _run(capsys, "inspect", out, "--json")
+    status, stdout, err = run_cli(capsys, "inspect", out, "--json")
     allocation = json.loads(stdout)["allocation"]
     # 37 blocks in the text, 4 drawn for Fisher and 32 (8 x 4, the default) for the covariance: 5 left over.
     assert allocation["mode"] == "global" and allocation["dense_choice_auto"]["heldout_blocks"] == 5
     scores = allocation["dense_choice_auto"].get("heldout_perplexity")
     if scores:  # the rules differ at this keep: the recorded rule is the better scored
         assert allocation.get("dense_choice", "break-even") == min(scores, key=scores.get)
-    status, stdout, _ = _run(capsys, "inspect", out)
+    status, stdout, _ = run_cli(capsys, "inspect", out)
     assert "chosen on held-out text" in stdout
     # The human report says which rule was kept and by what, and over how many blocks the covariance was taken.
-    status, stdout, err = _run(capsys, "compress", llama_dir, "--out", tmp_path / "shown", "--keep", "0.6", "--data", corpus_txt,
+    status, stdout, err = run_cli(capsys, "compress", llama_dir, "--out", tmp_path / "shown", "--keep", "0.6", "--data", corpus_txt,
                                "--max-length", "16", "--batch-size", "2", "--samples", "4")
     assert status == 0, err
     assert "dense choice " in stdout and "(5 blocks)" in stdout or "both rules gave the same ranks" in stdout
     assert "covariance on 32" in stdout
     # --stats with --data: the text gives the held-out blocks only.
     stats = tmp_path / "s.safetensors"
-    assert _run(capsys, "compress", llama_dir, "--out", tmp_path / "first", "--keep", "0.6", "--data", corpus_txt, "--save-stats", stats, *small)[0] == 0
-    status, _, err = _run(capsys, "compress", llama_dir, "--out", tmp_path / "again", "--keep", "0.6", "--stats", stats, "--data", corpus_txt,
+    assert run_cli(capsys, "compress", llama_dir, "--out", tmp_path / "first", "--keep", "0.6", "--data", corpus_txt, "--save-stats", stats, *small)[0] == 0
+    status, _, err = run_cli(capsys, "compress", llama_dir, "--out", tmp_path / "again", "--keep", "0.6", "--stats", stats, "--data", corpus_txt,
                           "--dense-choice", "auto", "--quiet")
     assert status == 0, err
-    again = json.loads(_run(capsys, "inspect", tmp_path / "again", "--json")[1])
-    assert again["ranks"] == json.loads(_run(capsys, "inspect", out, "--json")[1])["ranks"]
-    status, _, err = _run(capsys, "compress", llama_dir, "--out", tmp_path / "nodata", "--keep", "0.6", "--stats", stats, "--dense-choice", "auto", "--quiet")
+    again = json.loads(run_cli(capsys, "inspect", tmp_path / "again", "--json")[1])
+    assert again["ranks"] == json.loads(run_cli(capsys, "inspect", out, "--json")[1])["ranks"]
+    status, _, err = run_cli(capsys, "compress", llama_dir, "--out", tmp_path / "nodata", "--keep", "0.6", "--stats", stats, "--dense-choice", "auto", "--quiet")
     assert status == 2 and "pass --data" in err and not (tmp_path / "nodata").exists()
     for mode in (["--keep", "0.6", "--low-memory"], ["--keep", "0.6", "--sequential"], ["--any-size"]):
-        status, _, err = _run(capsys, "compress", llama_dir, "--out", tmp_path / "m", "--data", corpus_txt, "--dense-choice", "auto", *mode, *small)
+        status, _, err = run_cli(capsys, "compress", llama_dir, "--out", tmp_path / "m", "--data", corpus_txt, "--dense-choice", "auto", *mode, *small)
         assert status == 2 and "--dense-choice break-even or loss" in err and len(err.strip().splitlines()) == 1, (mode, err)
         assert not (tmp_path / "m").exists()
 

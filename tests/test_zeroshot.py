@@ -19,10 +19,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import run_cli as run
 from conftest import seed_everything
 
 import fwsvd
-from fwsvd.cli import main
 from fwsvd.errors import DataError, FwsvdError
 from fwsvd.evaluation.evaluate import split_list
 from fwsvd.evaluation.zeroshot import encode_pair, evaluate_zeroshot, load_task, loglikelihoods, resolve_tasks, unique_names
@@ -416,15 +416,6 @@ def llama_bpe_dir(tmp_path_factory, bpe) -> Path:
     tiny_llama(len(bpe)).save_pretrained(folder)
     bpe.save_pretrained(folder)
     return folder
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    try:
-        status = main([str(a) for a in argv])
-    except SystemExit as exc:
-        status = exc.code
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 def one_line_error(status: int, err: str, *needles: str) -> None:
